@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create (or update) ./.venv with everything the bundle needs. Idempotent; runs offline from a
+# local wheel mirror as well as from PyPI.
+#   TORCH_SPEC   torch requirement installed first (default torch==2.13.0, the CPU wheel here;
+#                on a GPU machine install the CUDA build of torch into .venv before this script)
+#   PYTHON       interpreter used to create .venv (default python3)
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+# torch first: with torch present, later packages that depend on it install nothing more.
+.venv/bin/python -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
+pip install -r requirements.txt
+pip install --no-deps -r requirements-hdbet.txt
+.venv/bin/python -c "import torch, monai, ants, SimpleITK, HD_BET.hd_bet_prediction; print(f'ok: torch {torch.__version__}, monai {monai.__version__}')"

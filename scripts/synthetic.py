@@ -1,0 +1,960 @@
+"""Synthetic ageing-brain phantom: T1w brains whose appearance is driven by a known *brain age*.
+
+Real brain-age cohorts cannot be downloaded at run time, so this generator is the bundle's embedded
+default dataset, the data every test uses and the ground truth every benchmark is scored against.
+
+Generative model (one per subject, shared by both outputs):
+
+* **Anatomy** comes from nilearn's offline MNI152 ICBM 2009 template (grey/white-matter and brain
+  maps). Around the skull-stripped template the phantom adds extracerebral CSF, a skull with marrow
+  and a scalp, so that skull stripping has real work to do.
+* **Ageing.** Chronological age ``a``, brain age ``b = a + delta``, ``delta ~ N(shift, sigma)``. The
+  image depends on ``b`` only, through the effects in :class:`AgeingModel` (ventricular enlargement,
+  cortical thinning with sulcal CSF widening, reduced grey/white contrast, T1-hypointense white-matter
+  lesions); ``docs/phantom.md`` tabulates their sizes.
+* **Nuisance**: a smooth random deformation (brain shape), subject-level offsets of ventricle size
+  and cortical thickness, skull thickness, tissue intensities, noise.
+* **Acquisition** (:data:`GRADES`): ``research`` (~1 mm isotropic, high SNR, mild bias field) or
+  ``clinical`` (thick slices, low SNR, strong bias field, motion ghosting, contrast changes).
+
+Outputs: raw scanner-space NIfTI volumes (random pose, head size, voxel size, orientation code,
+int16 with ``scl_slope``), or the fast path: already-preprocessed 128x128 medial axial slices in MNI
+space, the same format the preprocessing chain writes. Everything is deterministic by seed, and a
+subject's anatomy does not depend on the acquisition grade, so ``--grade research`` and
+``--grade clinical`` with one seed render the same people on two kinds of scanner.
+
+Run ``python -m scripts.synthetic --help``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage, stats
+
+from scripts import cli
+from scripts.mni import GRID_SHAPE, axial_index, grid_affine, load_template, slice_affine, slice_points
+from scripts.transforms import finalise_slice
+
+PHANTOM_VERSION = "1"
+SPLITS = ("training", "validation", "test")
+
+
+# --------------------------------------------------------------------------------------------
+# Ageing model
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AgeingModel:
+    """How brain age ``b`` (years) changes the image. Sizes are at ``b = 90`` relative to ``b = 20``.
+
+    ``x(b) = (b - 20) / 70`` runs from 0 at 20 to 1 at 90 (extrapolated a little beyond).
+
+    * Ventricles: the lateral-ventricle boundary moves outwards by ``ventricle_mm * x**1.5`` mm
+      (accelerating with age; the septum stays), 2.6x the ventricle area of the medial slice at 90,
+      in line with the 2-4x lateral-ventricle volume increase over the adult lifespan.
+    * Cortex and global atrophy: tissue within ``cortex_mm * x`` mm of sulcal/extracerebral CSF
+      becomes CSF (cortical thinning, sulcal widening, the brain shrinking from the skull); the
+      slice's CSF fraction rises from 0.12 to 0.27, as brain parenchymal fraction falls with age.
+    * Grey/white contrast: white-matter intensity moves ``contrast_loss`` of the way towards grey
+      matter by 90 (T1w GM/WM contrast falls with age).
+    * White-matter hypointensities, growing from 40: a periventricular rim of
+      ``wmh_rim_mm * y**2`` mm and ``wmh_lesions * y**2`` deep lesions on average, ``y = (b-40)/50``.
+    """
+
+    ventricle_mm: float = 4.5
+    cortex_mm: float = 2.5
+    contrast_loss: float = 0.3
+    wmh_rim_mm: float = 3.0
+    wmh_lesions: float = 12.0
+
+    @staticmethod
+    def x(brain_age: float) -> float:
+        return float(np.clip((brain_age - 20.0) / 70.0, -0.25, 1.3))
+
+    def ventricle_dilation(self, brain_age: float) -> float:
+        x = self.x(brain_age)
+        return self.ventricle_mm * math.copysign(abs(x) ** 1.5, x)
+
+    def cortical_erosion(self, brain_age: float) -> float:
+        return self.cortex_mm * max(self.x(brain_age), 0.0)
+
+    def white_matter_contrast(self, brain_age: float) -> float:
+        """Fraction of the young GM/WM intensity gap that remains."""
+        return 1.0 - self.contrast_loss * max(self.x(brain_age), 0.0)
+
+    @staticmethod
+    def _wmh_y(brain_age: float) -> float:
+        return float(np.clip((brain_age - 40.0) / 50.0, 0.0, 1.4))
+
+    def wmh_rim(self, brain_age: float) -> float:
+        return self.wmh_rim_mm * self._wmh_y(brain_age) ** 2
+
+    def wmh_count(self, brain_age: float) -> float:
+        return self.wmh_lesions * self._wmh_y(brain_age) ** 2
+
+
+AGEING = AgeingModel()
+
+# T1w intensities (arbitrary units, white matter of a young brain = 0.88).
+TISSUE = {"csf": 0.22, "gm": 0.60, "wm": 0.88, "wmh": 0.50, "bone": 0.07, "marrow": 0.45, "scalp": 0.92}
+
+
+# --------------------------------------------------------------------------------------------
+# Acquisition grades
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grade:
+    """Scanner/protocol properties of an acquisition grade (noise and bias relative to WM)."""
+
+    name: str
+    noise: float  # Rician noise sigma / white-matter intensity
+    bias: float  # peak-to-mean amplitude of the multiplicative bias field in the raw scan
+    residual_bias: float  # what N4 leaves behind (fast path only)
+    voxel_mm: tuple[float, float]  # in-plane voxel size range
+    thickness_mm: tuple[float, float]  # slice thickness range
+    ghosting: float  # probability of motion ghosting
+    gamma: tuple[float, float]  # contrast (power-law) variation range
+    intensity_jitter: float  # relative sd of per-scan tissue intensities
+    registration_error: tuple[float, float, float]  # fast path: rotation deg, scale, shift mm (sd)
+
+
+GRADES = {
+    "research": Grade("research", 0.02, 0.06, 0.015, (0.9, 1.1), (0.9, 1.1), 0.0, (0.95, 1.05), 0.03, (1.0, 0.01, 0.7)),
+    "clinical": Grade("clinical", 0.06, 0.30, 0.06, (0.8, 1.0), (4.0, 6.0), 0.7, (0.75, 1.35), 0.08, (2.5, 0.025, 1.5)),
+}
+GRADE_CHOICES = (*GRADES, "mixed")
+
+
+# --------------------------------------------------------------------------------------------
+# Atlas: template maps plus the distance maps the ageing effects act on
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Atlas:
+    """Template-derived maps on the 1 mm MNI grid (with a margin of air), see :func:`_as_volume`."""
+
+    maps: torch.Tensor  # (1, C, Z, Y, X): gm, wm, brain, ventricle sdist, cortical depth, head distance
+    affine: np.ndarray
+    wm_points: np.ndarray  # (N, 3) MNI mm of deep white matter, where lesions are placed
+
+    CHANNELS = ("gm", "wm", "brain", "ventricle_sdist", "cortical_depth", "head_dist")
+
+
+# Atlas channel values of air (outside the head): no tissue, far from ventricles, cortex and head.
+AIR = (0.0, 0.0, 0.0, 40.0, 15.0, 40.0)
+
+
+def _signed_distance(mask: np.ndarray) -> np.ndarray:
+    """Euclidean distance (mm, 1 mm grid) to the mask boundary: negative inside, positive outside."""
+    return ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)
+
+
+@lru_cache(maxsize=1)
+def build_atlas() -> Atlas:
+    """Derive the phantom's maps from the template once per process (~5 s)."""
+    tpl = load_template(1)
+    gm, wm, brain = tpl.gm, tpl.wm, (tpl.mask > 0.5).astype(np.float32)
+    csf = np.clip(brain - gm - wm, 0, 1)
+    mm = [tpl.affine[d, 3] + np.arange(tpl.shape[d]) for d in range(3)]
+    # Lateral ventricles: large CSF components in a box around the midline at ventricle level.
+    box = (
+        (np.abs(mm[0]) < 30)[:, None, None]
+        & ((mm[1] > -50) & (mm[1] < 35))[None, :, None]
+        & ((mm[2] > -10) & (mm[2] < 40))[None, None, :]
+    )
+    labels, n = ndimage.label((csf > 0.5) & box)
+    sizes = ndimage.sum(np.ones_like(labels), labels, range(1, n + 1))
+    ventricles = np.isin(labels, np.flatnonzero(sizes > 1000) + 1)
+    # Depth below the CSF that surrounds the cortex (sulci and the extracerebral space).
+    outer_csf = ((csf > 0.5) & ~ventricles) | (brain < 0.5)
+    cortical_depth = ndimage.distance_transform_edt(~outer_csf)
+    # A smooth envelope around the brain, so the skull does not follow every gyrus.
+    envelope = ndimage.gaussian_filter(brain, 4.0) > 0.25
+    maps = np.stack(
+        [
+            gm,
+            wm,
+            brain,
+            np.clip(_signed_distance(ventricles), -15, AIR[3]),
+            np.clip(cortical_depth, 0, AIR[4]),
+            np.clip(_signed_distance(envelope), -30, AIR[5]),
+        ]
+    ).astype(np.float32)
+    # A margin of air, so that samples beyond the template's box (read with border padding) are air.
+    maps = np.stack([np.pad(m, 2, constant_values=v) for m, v in zip(maps, AIR)])
+    affine = tpl.affine.copy()
+    affine[:3, 3] -= 2 * np.diag(affine)[:3]
+    deep_wm = np.argwhere(ndimage.binary_erosion(wm > 0.9, iterations=2))
+    wm_points = (deep_wm @ tpl.affine[:3, :3].T + tpl.affine[:3, 3]).astype(np.float32)
+    return Atlas(_as_volume(maps), affine, wm_points)
+
+
+def _as_volume(array: np.ndarray) -> torch.Tensor:
+    """``(C, X, Y, Z)`` array -> ``(1, C, Z, Y, X)`` tensor for ``grid_sample``.
+
+    With x fastest in memory, the points of an axial plane read neighbouring memory, which makes
+    sampling several times faster than the template's own x-slowest layout.
+    """
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(array, (0, 3, 2, 1)), dtype=np.float32))[None]
+
+
+def _sample(volume: torch.Tensor, affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Trilinear samples of a :func:`_as_volume` volume at world points ``(..., 3)`` -> ``(C, ...)``."""
+    shape = np.asarray(volume.shape[:1:-1], dtype=np.float64)
+    # world -> normalised (x, y, z) grid coordinates, align_corners=True convention
+    to_norm = np.diag([*(2.0 / (shape - 1)), 1.0]) @ np.linalg.inv(affine)
+    to_norm[:3, 3] -= 1.0
+    to_norm = torch.from_numpy(to_norm[:3].astype(np.float32))
+    pts = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32).reshape(-1, 3))
+    grid = torch.addmm(to_norm[:, 3], pts, to_norm[:, :3].T).view(1, 1, 1, -1, 3)
+    out = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.view(volume.shape[1], *points.shape[:-1]).numpy()
+
+
+def _sample_grid(volume: torch.Tensor, affine: np.ndarray, grid_affine_: np.ndarray, dims) -> np.ndarray:
+    """Trilinear resampling of a :func:`_as_volume` volume onto a regular ``[x, y, z]`` grid
+    (voxel->world affine ``grid_affine_``, shape ``dims``), built by broadcasting."""
+    shape = np.asarray(volume.shape[:1:-1], dtype=np.float64)
+    to_norm = np.diag([*(2.0 / (shape - 1)), 1.0]) @ np.linalg.inv(affine) @ grid_affine_
+    to_norm[:3, 3] -= 1.0
+    m = torch.from_numpy(to_norm[:3].astype(np.float32))
+    i, j, k = (torch.arange(n, dtype=torch.float32) for n in dims)
+    grid = (m[:, 3] + i[:, None, None, None] * m[:, 0] + j[None, :, None, None] * m[:, 1]
+            + k[None, None, :, None] * m[:, 2])
+    out = F.grid_sample(volume, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out[0, 0].numpy()
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+# --------------------------------------------------------------------------------------------
+# Subjects
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Subject:
+    """One phantom participant: labels (what a dataset would record) and truth (what it would not)."""
+
+    subject: str
+    age: float
+    brain_age: float
+    cohort: str  # healthy | disease
+    split: str  # training | validation | test | disease
+    labelled: bool
+    grade: str
+    seed: int
+    survival_months: float | None = None
+
+    @property
+    def delta(self) -> float:
+        return self.brain_age - self.age
+
+
+@dataclass(frozen=True)
+class CohortSpec:
+    """Everything that defines a generated dataset (also its cache key)."""
+
+    n: int = 200
+    seed: int = 0
+    grade: str = "research"
+    age_min: float = 18.0
+    age_max: float = 90.0
+    sigma: float = 5.0
+    n_disease: int | None = None  # default: n // 5
+    disease_shift: float = 8.0
+    disease_age_mean: float = 61.0
+    disease_age_sd: float = 10.9
+    survival_median_months: float = 36.0
+    survival_per_year: float = 0.06  # log-survival falls by this per year of excess brain age
+    survival_noise: float = 0.35  # sd of log-survival not explained by brain age
+    unlabelled_fraction: float = 0.25
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    clinical_fraction: float = 0.5  # share of clinical scans when grade == "mixed"
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        if not self.age_min < self.age_max:
+            raise ValueError(f"age range is empty or reversed: {self.age_min} .. {self.age_max}")
+        if self.grade not in GRADE_CHOICES:
+            raise ValueError(f"unknown grade {self.grade!r}; choose from {', '.join(GRADE_CHOICES)}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave subjects for training")
+
+    @property
+    def disease_count(self) -> int:
+        return self.n // 5 if self.n_disease is None else self.n_disease
+
+
+def sample_cohort(spec: CohortSpec) -> list[Subject]:
+    """Draw ages, brain ages, splits and survival for the healthy and disease cohorts."""
+    rng = np.random.default_rng([spec.seed, 0])
+    seeds = np.random.SeedSequence(spec.seed).generate_state(spec.n + spec.disease_count)
+    n_val, n_test = round(spec.n * spec.val_fraction), round(spec.n * spec.test_fraction)
+    n_train = spec.n - n_val - n_test
+    splits = np.array(["training"] * n_train + ["validation"] * n_val + ["test"] * n_test)
+    rng.shuffle(splits)
+    train_idx = np.flatnonzero(splits == "training")
+    unlabelled = set(rng.permutation(train_idx)[: round(n_train * spec.unlabelled_fraction)].tolist())
+
+    ages = rng.uniform(spec.age_min, spec.age_max, spec.n)
+    deltas = rng.normal(0.0, spec.sigma, spec.n)
+    clinical = rng.random(spec.n + spec.disease_count) < spec.clinical_fraction
+
+    def grade(i: int) -> str:
+        if spec.grade != "mixed":
+            return spec.grade
+        return "clinical" if clinical[i] else "research"
+
+    subjects = [
+        Subject(
+            subject=f"sub-{i + 1:04d}",
+            age=round(float(ages[i]), 2),
+            brain_age=round(float(ages[i] + deltas[i]), 2),
+            cohort="healthy",
+            split=str(splits[i]),
+            labelled=i not in unlabelled,
+            grade=grade(i),
+            seed=int(seeds[i]),
+        )
+        for i in range(spec.n)
+    ]
+    nd = spec.disease_count
+    d_ages = np.clip(rng.normal(spec.disease_age_mean, spec.disease_age_sd, nd), spec.age_min, spec.age_max)
+    d_deltas = rng.normal(spec.disease_shift, spec.sigma, nd)
+    log_surv = (
+        math.log(spec.survival_median_months)
+        - spec.survival_per_year * (d_deltas - spec.disease_shift)
+        + rng.normal(0.0, spec.survival_noise, nd)
+    )
+    for j in range(nd):
+        i = spec.n + j
+        subjects.append(
+            Subject(
+                subject=f"sub-D{j + 1:03d}",
+                age=round(float(d_ages[j]), 2),
+                brain_age=round(float(d_ages[j] + d_deltas[j]), 2),
+                cohort="disease",
+                split="disease",
+                labelled=True,
+                grade=grade(i),
+                seed=int(seeds[i]),
+                survival_months=round(float(np.exp(log_surv[j])), 1),
+            )
+        )
+    return subjects
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering in MNI space
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Anatomy:
+    """Subject-specific anatomy: everything about the person, nothing about the scanner."""
+
+    brain_age: float
+    warp_k: np.ndarray  # (K, 3) wave vectors (rad/mm) of the smooth deformation
+    warp_phase: np.ndarray  # (K,)
+    warp_amp: np.ndarray  # (K, 3) displacement amplitude (mm)
+    ventricle_offset: float  # mm, subject-level ventricle size independent of age
+    cortex_offset: float  # mm
+    skull_scale: float
+    lesions: np.ndarray  # (L, 4): x, y, z (atlas mm), radius (mm)
+
+    @classmethod
+    def draw(cls, subject: Subject, atlas: Atlas, ageing: AgeingModel | None = None) -> "Anatomy":
+        ageing = ageing or AGEING
+        rng = np.random.default_rng([subject.seed, 1])
+        k = 6
+        direction = rng.normal(size=(k, 3))
+        direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+        wavelength = rng.uniform(70.0, 180.0, k)
+        # Lesions come from their own stream so that brain age changes nothing else about the person.
+        lesion_rng = np.random.default_rng([subject.seed, 1, 1])
+        n_lesions = lesion_rng.poisson(ageing.wmh_count(subject.brain_age))
+        centres = atlas.wm_points[lesion_rng.integers(0, len(atlas.wm_points), n_lesions)]
+        radii = lesion_rng.uniform(1.5, 3.5, (n_lesions, 1)).astype(np.float32)
+        return cls(
+            brain_age=subject.brain_age,
+            warp_k=direction * (2 * np.pi / wavelength)[:, None],
+            warp_phase=rng.uniform(0, 2 * np.pi, k),
+            warp_amp=rng.normal(0.0, 0.9, (k, 3)),
+            ventricle_offset=float(rng.normal(0.0, 0.5)),
+            cortex_offset=float(rng.normal(0.0, 0.15)),
+            skull_scale=float(rng.uniform(0.85, 1.2)),
+            lesions=np.hstack([centres, radii]),
+        )
+
+    def to_atlas(self, points: np.ndarray) -> np.ndarray:
+        """MNI position of the subject -> corresponding template position (smooth deformation)."""
+        pts = points.astype(np.float32)
+        waves = np.sin(pts @ self.warp_k.T.astype(np.float32) + self.warp_phase.astype(np.float32))
+        return pts + waves @ self.warp_amp.astype(np.float32)
+
+
+def render(anatomy: Anatomy, points: np.ndarray, atlas: Atlas | None = None, tissue: dict | None = None,
+           ageing: AgeingModel | None = None) -> dict[str, np.ndarray]:
+    """Noise-free T1w intensity and tissue fractions of a subject at MNI points ``(..., 3)``."""
+    atlas = atlas or build_atlas()
+    ageing = ageing or AGEING
+    tissue = tissue or TISSUE
+    p = anatomy.to_atlas(points)
+    gm, wm, brain, vent_dist, depth, head_dist = _sample(atlas.maps, atlas.affine, p)
+    b = anatomy.brain_age
+    # The septum pellucidum (midline) keeps the two lateral ventricles apart as they widen.
+    lateral = np.clip((np.abs(p[..., 0]) - 1.0) / 3.0, 0.0, 1.0)
+    dilation = (ageing.ventricle_dilation(b) + anatomy.ventricle_offset) * lateral
+    ventricle = _sigmoid((dilation - vent_dist) / 0.5)
+    eroded = _sigmoid((ageing.cortical_erosion(b) + anatomy.cortex_offset - depth) / 0.35) * (depth < 8)
+    keep = (1.0 - ventricle) * (1.0 - eroded)
+    gm, wm = gm * keep, wm * keep
+    rim = ageing.wmh_rim(b)
+    lesion = _sigmoid((rim - vent_dist) / 0.7) * (rim > 0)
+    for x, y, z, radius in anatomy.lesions:
+        d2 = (p[..., 0] - x) ** 2 + (p[..., 1] - y) ** 2 + (p[..., 2] - z) ** 2
+        lesion = lesion + np.exp(d2 * (-0.5 / radius**2))
+    lesion = np.clip(lesion, 0, 1) * wm
+    csf = np.clip(brain - gm - wm, 0, 1)
+    wm_level = tissue["gm"] + (tissue["wm"] - tissue["gm"]) * ageing.white_matter_contrast(b)
+    # Extracerebral layers by distance outside the brain envelope: CSF, bone (marrow inside), scalp.
+    d = head_dist / anatomy.skull_scale
+    bone = _sigmoid((d - 1.5) / 0.4) * _sigmoid((7.0 - d) / 0.4)
+    marrow = _sigmoid((d - 3.3) / 0.5) * _sigmoid((5.3 - d) / 0.5)
+    scalp = _sigmoid((d - 7.0) / 0.4) * _sigmoid((12.5 - d) / 0.6)
+    outside = (
+        (1 - bone) * (1 - scalp) * _sigmoid((1.5 - d) / 0.4) * tissue["csf"]
+        + bone * ((1 - marrow) * tissue["bone"] + marrow * tissue["marrow"])
+        + scalp * tissue["scalp"]
+    )
+    intensity = (
+        gm * tissue["gm"] + (wm - lesion) * wm_level + lesion * tissue["wmh"] + csf * tissue["csf"]
+        + (1.0 - brain) * outside
+    )
+    return {"intensity": intensity, "gm": gm, "wm": wm, "csf": csf, "lesion": lesion, "brain": brain}
+
+
+# --------------------------------------------------------------------------------------------
+# Acquisition
+# --------------------------------------------------------------------------------------------
+def _smooth_field(rng: np.random.Generator, points: np.ndarray, amplitude: float) -> np.ndarray:
+    """Multiplicative smooth field (bias) with low spatial frequencies, ~``1 +- amplitude``."""
+    k = 4
+    direction = rng.normal(size=(k, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    wave = direction * (2 * np.pi / rng.uniform(150.0, 400.0, k))[:, None]
+    phase = rng.uniform(0, 2 * np.pi, k)
+    weights = rng.normal(size=k)
+    weights *= amplitude / max(np.abs(weights).sum(), 1e-6)
+    field = np.cos(points.astype(np.float32) @ wave.T.astype(np.float32) + phase.astype(np.float32))
+    return np.exp(field @ weights.astype(np.float32))
+
+
+def _rician(rng: np.random.Generator, image: np.ndarray, sigma: float) -> np.ndarray:
+    real = image + rng.normal(0.0, sigma, image.shape).astype(np.float32)
+    imag = rng.normal(0.0, sigma, image.shape).astype(np.float32)
+    return np.sqrt(real * real + imag * imag)
+
+
+def _ghosting(rng: np.random.Generator, image: np.ndarray, axis: int) -> np.ndarray:
+    """Periodic motion during phase encoding along ``axis``: k-space phase errors -> ghosts."""
+    n = image.shape[axis]
+    lines = np.arange(n) - n // 2
+    period = rng.uniform(4.0, 16.0)
+    amplitude = rng.uniform(0.15, 0.6)
+    phase = amplitude * np.sin(2 * np.pi * lines / period + rng.uniform(0, 2 * np.pi))
+    shape = [1] * image.ndim
+    shape[axis] = n
+    kspace = np.fft.fftshift(np.fft.fft(image, axis=axis), axes=axis)
+    kspace *= np.exp(1j * phase).reshape(shape)
+    return np.abs(np.fft.ifft(np.fft.ifftshift(kspace, axes=axis), axis=axis)).astype(np.float32)
+
+
+def _contrast(rng: np.random.Generator, grade: Grade) -> tuple[dict, float]:
+    tissue = {k: v * float(rng.normal(1.0, grade.intensity_jitter)) for k, v in TISSUE.items()}
+    return tissue, float(rng.uniform(*grade.gamma))
+
+
+def _rotation(rng: np.random.Generator, sd_deg: float) -> np.ndarray:
+    angles = np.deg2rad(rng.normal(0.0, sd_deg, 3))
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def render_slice(
+    subject: Subject,
+    anatomy: Anatomy | None = None,
+    channels: int = 1,
+    slice_offset: int = 0,
+    acquire: bool = True,
+) -> np.ndarray:
+    """The fast path: the preprocessed model input ``(channels, 128, 128)`` in [0, 1].
+
+    Emulates what registration, N4 (a residual bias remains) and template-mask skull stripping
+    leave of an acquisition of the subject's grade. ``acquire=False`` gives the noise-free ground
+    truth of a perfect acquisition and registration.
+    """
+    atlas = build_atlas()
+    anatomy = anatomy or Anatomy.draw(subject, atlas)
+    grade = GRADES[subject.grade]
+    rng = np.random.default_rng([subject.seed, 2, list(GRADES).index(subject.grade)])
+    dz = grid_affine()[2, 2]
+    centres = (np.arange(channels) - channels // 2) * dz
+    if acquire and grade.thickness_mm[1] > 2.0:
+        thickness = rng.uniform(*grade.thickness_mm)
+        profile = np.linspace(-thickness / 2, thickness / 2, 5) + rng.uniform(-0.5, 0.5) * dz
+    else:
+        profile = np.zeros(1)
+    planes = slice_points((centres[:, None] + profile[None, :]).ravel(), offset=slice_offset)
+    centre_planes = slice_points(centres, offset=slice_offset)
+    template_mask = _sample(atlas.maps[:, 2:3], atlas.affine, centre_planes)[0] > 0.5
+    tissue, gamma = TISSUE, 1.0
+    if acquire:
+        tissue, gamma = _contrast(rng, grade)
+        rot_sd, scale_sd, shift_sd = grade.registration_error
+        centre = planes.reshape(-1, 3).mean(0)
+        matrix = _rotation(rng, rot_sd) * (1.0 + rng.normal(0.0, scale_sd))
+        shift = rng.normal(0.0, shift_sd, 3)
+        planes = (planes - centre) @ matrix.T + centre + shift
+    image = render(anatomy, planes, atlas, tissue)["intensity"]
+    image = image.reshape(channels, len(profile), *image.shape[1:]).mean(1)
+    if acquire:
+        image = image * _smooth_field(rng, centre_planes, grade.residual_bias)
+        if rng.random() < grade.ghosting:
+            image = _ghosting(rng, image, axis=2)
+        image = _rician(rng, image, grade.noise * TISSUE["wm"])
+        image = np.power(np.clip(image, 0, None) / TISSUE["wm"], gamma) * TISSUE["wm"]
+    image = np.where(template_mask, image, 0.0).astype(np.float32)
+    return finalise_slice(image)
+
+
+@dataclass
+class RawScan:
+    data: np.ndarray  # float32 array in storage orientation
+    affine: np.ndarray
+    axcodes: tuple[str, str, str]
+    voxel_mm: tuple[float, float, float]
+    slope: float
+
+
+AXCODES = [("R", "A", "S"), ("L", "A", "S"), ("L", "P", "S"), ("R", "P", "I"), ("L", "I", "P"),
+           ("A", "S", "L"), ("P", "R", "S"), ("S", "L", "A")]
+
+
+def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
+    """A raw scanner-space T1w volume of the subject at its grade (full head, random pose)."""
+    atlas = build_atlas()
+    anatomy = anatomy or Anatomy.draw(subject, atlas)
+    grade = GRADES[subject.grade]
+    rng = np.random.default_rng([subject.seed, 3, list(GRADES).index(subject.grade)])
+    tissue, gamma = _contrast(rng, grade)
+
+    # The subject in MNI space on the paper's 130^3 grid, head included.
+    grid = grid_affine()
+    # Points in (z, y, x) order: x fastest, matching the atlas layout (see _as_volume).
+    z, y, x = (grid[d, 3] + grid[d, d] * np.arange(GRID_SHAPE[d], dtype=np.float32) for d in (2, 1, 0))
+    mni_points = np.stack(np.meshgrid(x, y, z, indexing="ij"), -1).transpose(2, 1, 0, 3)
+    head = torch.from_numpy(render(anatomy, mni_points, atlas, tissue)["intensity"].astype(np.float32))[None, None]
+
+    # Pose of the head in the scanner: head size/shape, rotation, position (world = pose @ mni).
+    size = rng.normal(1.0, 0.05) * rng.normal(1.0, 0.02, 3)
+    pose = np.eye(4)
+    pose[:3, :3] = _rotation(rng, 8.0) @ np.diag(size)
+    pose[:3, 3] = rng.normal(0.0, 10.0, 3) + np.array([0.0, 15.0, 10.0])
+
+    # Scanner grid in RAS world axes; one axis is the slice direction for thick-slice protocols.
+    inplane = rng.uniform(*grade.voxel_mm)
+    thickness = rng.uniform(*grade.thickness_mm)
+    slice_axis = int(rng.choice([2, 2, 0, 1])) if grade.thickness_mm[1] > 2.0 else 2
+    voxel = np.full(3, inplane)
+    voxel[slice_axis] = thickness if grade.thickness_mm[1] > 2.0 else inplane
+    fov = np.array([200.0, 240.0, 220.0]) * size
+    dims = np.ceil(fov / voxel).astype(int)
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(voxel)
+    affine[:3, 3] = pose[:3, 3] - (dims - 1) / 2 * voxel
+    profile = np.linspace(-thickness / 2, thickness / 2, 5) if thickness > 2.0 else np.zeros(1)
+    image = np.zeros(dims, dtype=np.float32)
+    for dz in profile:  # thick slices average the anatomy across the slice profile
+        shifted = affine.copy()
+        shifted[slice_axis, 3] += dz
+        image += _sample_grid(head, pose @ grid, shifted, dims)
+    image /= len(profile)
+
+    # Scanner effects in scanner space.
+    coarse = tuple(max(2, d // 8) for d in dims)
+    corner = affine[:3, 3]
+    far = corner + (dims - 1) * voxel
+    coarse_world = np.stack(np.meshgrid(*[np.linspace(corner[d], far[d], coarse[d]) for d in range(3)], indexing="ij"), -1)
+    bias = _smooth_field(rng, coarse_world, grade.bias).astype(np.float32)
+    bias = F.interpolate(torch.from_numpy(bias)[None, None], size=tuple(dims), mode="trilinear", align_corners=True)[0, 0].numpy()
+    image *= bias
+    if rng.random() < grade.ghosting:
+        image = _ghosting(rng, image, axis=[a for a in range(3) if a != slice_axis][int(rng.integers(2))])
+    image = _rician(rng, image, grade.noise * TISSUE["wm"])
+    image = np.power(np.clip(image, 0, None) / TISSUE["wm"], gamma) * TISSUE["wm"]
+    image *= rng.uniform(600.0, 1500.0)  # arbitrary scanner units
+
+    codes = AXCODES[int(rng.integers(len(AXCODES)))]
+    transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
+                                                nib.orientations.axcodes2ornt(codes))
+    data = nib.orientations.apply_orientation(image, transform)
+    affine = affine @ nib.orientations.inv_ornt_aff(transform, image.shape)
+    slope = float(rng.choice([0.25, 0.5, 1.0, 2.0]))
+    return RawScan(data, affine, codes, tuple(float(v) for v in np.abs(nib.affines.voxel_sizes(affine))), slope)
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy floor
+# --------------------------------------------------------------------------------------------
+def accuracy_floor(age_min: float = 18.0, age_max: float = 90.0, sigma: float = 5.0) -> dict[str, float]:
+    """Best MAE (and highest r) any predictor of chronological age can reach seeing only brain age.
+
+    With ``a ~ U(age_min, age_max)`` and ``b = a + N(0, sigma)``, the MAE-optimal prediction is the
+    median of the posterior ``p(a | b)`` (a normal around ``b`` truncated to the age range). Away
+    from the range ends this is ``sigma * sqrt(2 / pi)`` (~0.80 sigma); near the ends the prior helps.
+    """
+    if sigma <= 0:
+        return {"mae": 0.0, "r": 1.0, "r2": 1.0}
+    a = np.linspace(age_min, age_max, 721)
+    b = np.linspace(age_min - 5 * sigma, age_max + 5 * sigma, 1201)
+    like = stats.norm.pdf(b[:, None] - a[None, :], scale=sigma)  # p(b | a) on the grid
+    post = like / like.sum(1, keepdims=True)
+    cdf = np.cumsum(post, 1)
+    median = a[np.argmax(cdf >= 0.5, axis=1)]
+    p_b = like.sum(1) / like.sum()
+    mae = float((p_b * (post * np.abs(a[None, :] - median[:, None])).sum(1)).sum())
+    joint = like / like.sum()
+    mean_a, mean_m = (joint.sum(0) * a).sum(), (p_b * median).sum()
+    cov = (joint * (a[None, :] - mean_a) * (median[:, None] - mean_m)).sum()
+    var_a = (joint.sum(0) * (a - mean_a) ** 2).sum()
+    var_m = (p_b * (median - mean_m) ** 2).sum()
+    r = float(cov / np.sqrt(var_a * var_m))
+    mse = float((joint * (a[None, :] - median[:, None]) ** 2).sum())
+    return {"mae": mae, "r": r, "r2": 1.0 - mse / float(var_a)}
+
+
+def true_survival_association(spec: CohortSpec, n: int = 200_000) -> float:
+    """Population Pearson r between brain-PAD (delta) and survival months in the disease cohort."""
+    rng = np.random.default_rng(12345)
+    delta = rng.normal(spec.disease_shift, spec.sigma, n)
+    surv = np.exp(math.log(spec.survival_median_months) - spec.survival_per_year * (delta - spec.disease_shift)
+                  + rng.normal(0, spec.survival_noise, n))
+    return float(np.corrcoef(delta, surv)[0, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# Writing datasets
+# --------------------------------------------------------------------------------------------
+def _save_nifti(image: nib.Nifti1Image, path: Path) -> None:
+    """Write atomically: a half-written file never appears under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.nii.gz")
+    nib.save(image, tmp)
+    os.replace(tmp, path)
+
+
+def write_slice(subject: Subject, path: Path, channels: int = 1, slice_offset: int = 0, acquire: bool = True) -> None:
+    image = render_slice(subject, channels=channels, slice_offset=slice_offset, acquire=acquire)
+    data = image[0] if channels == 1 else np.moveaxis(image, 0, -1)  # (128,128) or (128,128,k)
+    _save_nifti(nib.Nifti1Image(data, slice_affine(slice_offset)), path)
+
+
+def write_volume(subject: Subject, path: Path, singleton_4d: bool = False) -> RawScan:
+    scan = render_volume(subject)
+    stored = np.clip(np.rint(scan.data / scan.slope), -32768, 32767).astype(np.int16)
+    if singleton_4d:
+        stored = stored[..., None]
+    img = nib.Nifti1Image(stored, scan.affine)
+    img.header.set_data_dtype(np.int16)
+    img.header.set_slope_inter(scan.slope, 0.0)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_qform(scan.affine, code=1)
+    img.header.set_sform(scan.affine, code=1)
+    _save_nifti(img, path)
+    return scan
+
+
+def _generate_one(args: tuple) -> dict:
+    subject, out, mode, channels, slice_offset = args
+    t0 = time.perf_counter()
+    if mode == "slices":
+        rel = Path("slices") / f"{subject.subject}_slice.nii.gz"
+        write_slice(subject, out / rel, channels, slice_offset)
+        extra = {}
+    else:
+        rel = Path("volumes") / f"{subject.subject}_T1w.nii.gz"
+        singleton = int(subject.seed) % 6 == 0  # some files carry a singleton 4th dimension
+        scan = write_volume(subject, out / rel, singleton_4d=singleton)
+        truth = Path("truth") / f"{subject.subject}_slice.nii.gz"
+        write_slice(subject, out / truth, channels, slice_offset, acquire=False)
+        extra = {"truth_slice": truth.as_posix(), "orientation": "".join(scan.axcodes),
+                 "voxel_mm": "x".join(f"{v:.2f}" for v in scan.voxel_mm)}
+    return {"subject": subject.subject, "image": rel.as_posix(), "seconds": time.perf_counter() - t0, **extra}
+
+
+PARTICIPANT_COLUMNS = {
+    "participant_id": "Subject identifier (matches the datalist's `subject`).",
+    "age": "Chronological age in years (the label).",
+    "brain_age": "True brain age in years: the age the image was rendered at (never in the datalist).",
+    "delta": "brain_age - age: the true brain-PAD.",
+    "grade": "Acquisition grade: research or clinical.",
+    "cohort": "healthy, or disease (accelerated ageing).",
+    "split": "training, validation, test or disease.",
+    "labelled": "Whether the datalist gives the age (unlabelled training scans have none).",
+    "survival_months": "Disease cohort: months from scan to death; n/a otherwise.",
+    "image": "Path of the generated image, relative to the dataset folder.",
+}
+
+
+def generate(spec: CohortSpec, out: str | Path, mode: str = "slices", channels: int = 1, slice_offset: int = 0,
+             workers: int = 1, progress: bool = True) -> dict:
+    """Generate a cohort into ``out``: images, ``datalist.json``, ``participants.tsv`` (+ ``.json``)
+    and ``phantom.json`` (generator settings, accuracy floor, true survival association)."""
+    if mode not in ("slices", "volumes"):
+        raise ValueError(f"unknown mode {mode!r}; choose slices or volumes")
+    out = Path(out)
+    (out / mode).mkdir(parents=True, exist_ok=True)
+    if mode == "volumes":
+        (out / "truth").mkdir(exist_ok=True)
+    subjects = sample_cohort(spec)
+    build_atlas()  # once, before any worker forks
+    jobs = [(s, out, mode, channels, slice_offset) for s in subjects]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc=f"phantom {mode}", unit="subject", disable=not progress, file=sys.stderr)
+    results = []
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for r in pool.imap(_generate_one, jobs, chunksize=4):
+                results.append(r)
+                bar.update()
+    else:
+        for job in jobs:
+            results.append(_generate_one(job))
+            bar.update()
+    bar.close()
+    by_id = {r["subject"]: r for r in results}
+
+    datalist: dict[str, list] = {k: [] for k in (*SPLITS, "disease")}
+    for s in subjects:
+        item = {"image": by_id[s.subject]["image"], "subject": s.subject}
+        if s.labelled:
+            item["age"] = s.age
+        item["grade"] = s.grade
+        if s.survival_months is not None:
+            item["survival_months"] = s.survival_months
+        item.update({k: v for k, v in by_id[s.subject].items() if k in ("truth_slice", "orientation", "voxel_mm")})
+        datalist[s.split].append(item)
+    _write_text(out / "datalist.json", json.dumps(datalist, indent=1))
+
+    rows = [
+        {"participant_id": s.subject, "age": s.age, "brain_age": s.brain_age, "delta": round(s.delta, 2),
+         "grade": s.grade, "cohort": s.cohort, "split": s.split, "labelled": str(s.labelled).lower(),
+         "survival_months": "n/a" if s.survival_months is None else s.survival_months,
+         "image": by_id[s.subject]["image"]}
+        for s in subjects
+    ]
+    with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(PARTICIPANT_COLUMNS), delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(fh.name, out / "participants.tsv")
+    _write_text(out / "participants.json", json.dumps({k: {"Description": v} for k, v in PARTICIPANT_COLUMNS.items()}, indent=1))
+
+    floor = accuracy_floor(spec.age_min, spec.age_max, spec.sigma)
+    test = [s for s in subjects if s.split == "test"]
+    summary = {
+        "phantom_version": PHANTOM_VERSION,
+        "spec": asdict(spec),
+        "mode": mode,
+        "channels": channels,
+        "slice_offset": slice_offset,
+        "ageing_model": asdict(AGEING),
+        "accuracy_floor": floor,
+        "test_oracle_mae": _oracle_mae(test, spec) if test else None,
+        "disease_true_pad_survival_r": true_survival_association(spec),
+        "disease_sample_pad_survival_r": _sample_r([s for s in subjects if s.cohort == "disease"]),
+        "seconds_per_subject": float(np.mean([r["seconds"] for r in results])),
+    }
+    _write_text(out / "phantom.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def _oracle_mae(subjects: list[Subject], spec: CohortSpec) -> float:
+    """MAE on these subjects of the ideal predictor that sees brain age (posterior median)."""
+    a = np.linspace(spec.age_min, spec.age_max, 721)
+    errors = []
+    for s in subjects:
+        post = stats.norm.pdf(s.brain_age - a, scale=max(spec.sigma, 1e-6))
+        median = a[np.argmax(np.cumsum(post) / post.sum() >= 0.5)]
+        errors.append(abs(median - s.age))
+    return float(np.mean(errors))
+
+
+def _sample_r(subjects: list[Subject]) -> float | None:
+    if len(subjects) < 3:
+        return None
+    return float(np.corrcoef([s.delta for s in subjects], [s.survival_months for s in subjects])[0, 1])
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def ensure_dataset(folder: str | Path, spec: CohortSpec | None = None, mode: str = "slices", channels: int = 1,
+                   workers: int = 1) -> str:
+    """Generate the phantom into ``folder`` unless an identical one is already there; return its datalist.
+
+    Used for the embedded default dataset: the first training run creates it, later runs reuse it.
+    Generation happens in a temporary sibling folder that is renamed into place, so an interrupted
+    run never leaves a half-written dataset behind.
+    """
+    spec = spec or CohortSpec()
+    folder = Path(folder)
+    wanted = {"phantom_version": PHANTOM_VERSION, "spec": asdict(spec), "mode": mode, "channels": channels}
+    stamp = folder / "phantom.json"
+    if stamp.exists():
+        found = json.loads(stamp.read_text())
+        if all(found.get(k) == v for k, v in wanted.items()):
+            return str(folder / "datalist.json")
+        raise FileExistsError(f"{folder}: holds a different phantom dataset; remove it or choose another folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        generate(spec, tmp, mode=mode, channels=channels, workers=workers)
+        if folder.exists():  # an empty or partial folder left by something else
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder / "datalist.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Description of the ageing effects, measured on the phantom itself
+# --------------------------------------------------------------------------------------------
+def describe_ageing(ages=(20, 30, 40, 50, 60, 70, 80, 90)) -> list[dict]:
+    """Effect sizes at each brain age, measured in the medial slice of a nuisance-free subject."""
+    atlas = build_atlas()
+    plane = slice_points(0.0)
+    mask = _sample(atlas.maps[:, 2:3], atlas.affine, plane)[0] > 0.5
+    vent_plane = _sample(atlas.maps[:, 3:4], atlas.affine, plane)[0]
+    rows = []
+    for b in ages:
+        anatomy = Anatomy(b, np.zeros((1, 3)), np.zeros(1), np.zeros((1, 3)), 0.0, 0.0, 1.0, np.zeros((0, 4), np.float32))
+        maps = render(anatomy, plane, atlas)
+        pixel = float(np.prod(np.diag(grid_affine())[:2]))
+        ventricle = (maps["csf"] > 0.5) & (vent_plane < 10) & mask
+        rows.append({
+            "brain_age": b,
+            "ventricle_dilation_mm": round(AGEING.ventricle_dilation(b), 2),
+            "ventricle_area_cm2": round(float(ventricle.sum()) * pixel / 100, 2),
+            "cortical_erosion_mm": round(AGEING.cortical_erosion(b), 2),
+            "csf_fraction": round(float(maps["csf"][mask].sum() / maps["brain"][mask].sum()), 3),
+            "gm_fraction": round(float(maps["gm"][mask].sum() / maps["brain"][mask].sum()), 3),
+            "gm_wm_contrast": round(AGEING.white_matter_contrast(b), 3),
+            "wmh_rim_mm": round(AGEING.wmh_rim(b), 2),
+            "wmh_mean_lesions": round(AGEING.wmh_count(b), 1),
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog="python -m scripts.synthetic",
+        description="Generate a synthetic ageing-brain cohort: raw T1w volumes or preprocessed 128x128 "
+                    "MNI slices, datalist.json, participants.tsv (true age, brain age, survival) and the "
+                    "accuracy floor. Deterministic by seed.",
+    )
+    p.add_argument("--out", required=False, help="output folder (created); required unless --describe")
+    p.add_argument("--n", type=cli.positive_int, default=200, help="number of healthy subjects")
+    p.add_argument("--mode", choices=("slices", "volumes"), default="slices",
+                   help="slices: preprocessed 128x128 medial axial slices in [0,1] (fast path); "
+                        "volumes: raw scanner-space NIfTI (plus the MNI ground-truth slice in truth/)")
+    p.add_argument("--grade", choices=GRADE_CHOICES, default="research",
+                   help="acquisition grade of every scan; mixed draws research or clinical per subject")
+    p.add_argument("--clinical-fraction", type=cli.fraction, default=0.5, help="share of clinical scans with --grade mixed")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same subjects at any grade")
+    p.add_argument("--age-min", type=float, default=18.0, help="youngest chronological age (years)")
+    p.add_argument("--age-max", type=float, default=90.0, help="oldest chronological age (years)")
+    p.add_argument("--sigma", type=float, default=5.0, help="sd of brain age around chronological age (years)")
+    p.add_argument("--n-disease", type=cli.non_negative_int, default=None, help="disease-cohort size (default: n/5)")
+    p.add_argument("--disease-shift", type=float, default=8.0, help="mean brain-PAD of the disease cohort (years)")
+    p.add_argument("--unlabelled-fraction", type=cli.fraction, default=0.25,
+                   help="share of the training split written without an age (semi-supervised)")
+    p.add_argument("--val-fraction", type=cli.fraction, default=0.15, help="share of healthy subjects for validation")
+    p.add_argument("--test-fraction", type=cli.fraction, default=0.15, help="share of healthy subjects for testing")
+    p.add_argument("--channels", type=cli.positive_int, default=1,
+                   help="neighbouring axial slices written as channels (odd numbers centre on the medial slice)")
+    p.add_argument("--slice-offset", type=int, default=0, help="offset of the slice from the medial one (130-grid slices)")
+    p.add_argument("--workers", type=cli.positive_int, default=1, help="worker processes")
+    p.add_argument("--describe", action="store_true", help="print the ageing effects by brain age and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.describe:
+        rows = describe_ageing()
+        print("\t".join(rows[0]))
+        for row in rows:
+            print("\t".join(str(v) for v in row.values()))
+        return 0
+    if not args.out:
+        parser.error("--out is required")
+    try:
+        spec = CohortSpec(
+            n=args.n, seed=args.seed, grade=args.grade, age_min=args.age_min, age_max=args.age_max,
+            sigma=args.sigma, n_disease=args.n_disease, disease_shift=args.disease_shift,
+            unlabelled_fraction=args.unlabelled_fraction, val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction, clinical_fraction=args.clinical_fraction,
+        )
+        axial_index(args.slice_offset + args.channels // 2)
+        axial_index(args.slice_offset - args.channels // 2)
+    except ValueError as err:
+        parser.error(str(err))
+    t0 = time.perf_counter()
+    summary = generate(spec, args.out, mode=args.mode, channels=args.channels, slice_offset=args.slice_offset,
+                       workers=args.workers, progress=not args.quiet)
+    floor = summary["accuracy_floor"]
+    total = spec.n + spec.disease_count
+    print(f"wrote {total} subjects ({args.mode}, grade {args.grade}) to {args.out} in {time.perf_counter() - t0:.1f} s")
+    print(f"accuracy floor (best predictor of age that sees only brain age, sigma={spec.sigma:g}): "
+          f"MAE {floor['mae']:.2f} years, r {floor['r']:.3f}, R2 {floor['r2']:.3f}")
+    if summary["test_oracle_mae"] is not None:
+        print(f"that oracle's MAE on this test split: {summary['test_oracle_mae']:.2f} years")
+    print(f"disease cohort: true corr(brain-PAD, survival) {summary['disease_true_pad_survival_r']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

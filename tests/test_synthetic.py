@@ -1,0 +1,193 @@
+"""The synthetic ageing-brain phantom: files, labels, the ageing signal, determinism, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+from skimage.filters import threshold_multiotsu
+
+from scripts import mni, synthetic
+
+
+def read_participants(folder):
+    with open(folder / "participants.tsv", newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def test_slice_dataset_files_and_labels(slice_dataset):
+    datalist = json.loads((slice_dataset / "datalist.json").read_text())
+    rows = {r["participant_id"]: r for r in read_participants(slice_dataset)}
+    assert set(datalist) == {"training", "validation", "test", "disease"}
+    assert [len(datalist[k]) for k in ("training", "validation", "test", "disease")] == [28, 6, 6, 8]
+    assert len(rows) == 48
+    unlabelled = [it for it in datalist["training"] if "age" not in it]
+    assert len(unlabelled) == 7  # 25 % of the 28 training scans
+    for split, items in datalist.items():
+        for it in items:
+            row = rows[it["subject"]]
+            assert row["split"] == split
+            assert (slice_dataset / it["image"]).is_file()
+            if "age" in it:
+                assert it["age"] == pytest.approx(float(row["age"]))
+            assert "brain_age" not in it  # the truth never leaks into the datalist
+            assert float(row["delta"]) == pytest.approx(float(row["brain_age"]) - float(row["age"]), abs=0.02)
+    assert all("survival_months" in it for it in datalist["disease"])
+    img = nib.load(slice_dataset / datalist["test"][0]["image"])
+    data = img.get_fdata(dtype=np.float32)
+    assert data.shape == (128, 128)
+    assert data.min() == 0.0 and data.max() == 1.0
+    np.testing.assert_allclose(img.affine, mni.slice_affine(), atol=1e-4)
+    summary = json.loads((slice_dataset / "phantom.json").read_text())
+    assert summary["accuracy_floor"]["mae"] == pytest.approx(synthetic.accuracy_floor()["mae"])
+
+
+def csf_fraction(image: np.ndarray) -> float:
+    """Label-free image measure: share of brain pixels in the darkest of three intensity classes."""
+    brain = image > 0.02
+    threshold = threshold_multiotsu(image[brain], classes=3)[0]
+    return float((image[brain] < threshold).mean())
+
+
+def test_csf_fraction_tracks_brain_age():
+    subjects = synthetic.sample_cohort(synthetic.CohortSpec(n=80, seed=11, n_disease=0))
+    measure = [csf_fraction(synthetic.render_slice(s)[0]) for s in subjects]
+    brain_age = [s.brain_age for s in subjects]
+    r = np.corrcoef(measure, brain_age)[0, 1]
+    assert r > 0.8, r
+
+
+def test_image_depends_on_brain_age_not_chronological_age():
+    s = synthetic.sample_cohort(synthetic.CohortSpec(n=2, seed=5))[0]
+    base = synthetic.render_slice(s)
+    np.testing.assert_array_equal(base, synthetic.render_slice(replace(s, age=s.age + 30)))
+    older = synthetic.render_slice(replace(s, brain_age=s.brain_age + 30))
+    assert csf_fraction(older[0]) > csf_fraction(base[0]) + 0.03
+
+
+def test_deterministic_and_grade_independent_anatomy():
+    spec = synthetic.CohortSpec(n=12, seed=2)
+    a, b = synthetic.sample_cohort(spec), synthetic.sample_cohort(spec)
+    assert a == b
+    np.testing.assert_array_equal(synthetic.render_slice(a[0]), synthetic.render_slice(b[0]))
+    other = synthetic.sample_cohort(replace(spec, seed=3))
+    assert [s.age for s in other] != [s.age for s in a]
+    clinical = synthetic.sample_cohort(replace(spec, grade="clinical"))
+    assert [(s.age, s.brain_age, s.split) for s in clinical] == [(s.age, s.brain_age, s.split) for s in a]
+    research_img, clinical_img = synthetic.render_slice(a[0])[0], synthetic.render_slice(clinical[0])[0]
+    truth = synthetic.render_slice(a[0], acquire=False)[0]
+    # Same person on two scanners: both resemble the truth, the clinical scan less so.
+    r_research = np.corrcoef(research_img.ravel(), truth.ravel())[0, 1]
+    r_clinical = np.corrcoef(clinical_img.ravel(), truth.ravel())[0, 1]
+    assert r_research > 0.97 and 0.7 < r_clinical < r_research
+
+
+def test_neighbouring_slices_as_channels():
+    s = synthetic.sample_cohort(synthetic.CohortSpec(n=2, seed=1))[0]
+    stack = synthetic.render_slice(s, channels=3, acquire=False)
+    assert stack.shape == (3, 128, 128)
+    centre = synthetic.render_slice(s, channels=1, acquire=False)[0]
+    np.testing.assert_allclose(stack[1], centre, atol=0.02)
+    assert not np.allclose(stack[0], stack[2], atol=0.05)
+
+
+def test_raw_volumes_open_in_nibabel_and_itk(volume_dataset):
+    datalist = json.loads((volume_dataset / "datalist.json").read_text())
+    items = [it for split in datalist.values() for it in split]
+    assert len(items) == 5
+    orientations, spacings = set(), set()
+    for it in items:
+        img = nib.load(volume_dataset / it["image"])
+        assert img.get_data_dtype() == np.int16
+        assert img.dataobj.slope != 1.0 or img.dataobj.inter == 0.0
+        assert img.ndim in (3, 4) and img.shape[3:] in ((), (1,))
+        codes = "".join(nib.aff2axcodes(img.affine))
+        assert codes == it["orientation"]
+        orientations.add(codes)
+        zooms = tuple(round(float(z), 2) for z in img.header.get_zooms()[:3])
+        spacings.add(zooms)
+        data = np.squeeze(img.get_fdata(dtype=np.float32))
+        assert data.max() > 100  # scanner units after scl_slope
+        itk_img = itk.imread(str(volume_dataset / it["image"]))
+        np.testing.assert_allclose(sorted(itk.spacing(itk_img))[:3], sorted(img.header.get_zooms()[:3]), rtol=1e-3)
+        truth = nib.load(volume_dataset / it["truth_slice"]).get_fdata()
+        assert truth.shape == (128, 128)
+    assert len(orientations) >= 3, orientations
+    assert len(spacings) == len(items)
+    assert any(max(z) > 3.5 for z in spacings), "clinical thick slices expected with grade mixed"
+
+
+def test_accuracy_floor():
+    floor = synthetic.accuracy_floor(18, 90, 5)
+    # Far from the range ends the optimum is sigma * sqrt(2/pi); the bounded prior helps a little.
+    assert 3.5 < floor["mae"] < 5 * math.sqrt(2 / math.pi)
+    assert synthetic.accuracy_floor(18, 90, 0)["mae"] == 0.0
+    assert synthetic.accuracy_floor(18, 90, 10)["mae"] > floor["mae"]
+    # Monte Carlo: the posterior-median predictor reaches the computed floor.
+    rng = np.random.default_rng(0)
+    a = rng.uniform(18, 90, 20000)
+    b = a + rng.normal(0, 5, a.size)
+    grid = np.linspace(18, 90, 721)
+    post = np.exp(-0.5 * ((b[:, None] - grid[None]) / 5) ** 2)
+    median = grid[np.argmax(np.cumsum(post, 1) / post.sum(1, keepdims=True) >= 0.5, axis=1)]
+    assert np.abs(median - a).mean() == pytest.approx(floor["mae"], abs=0.08)
+
+
+def test_disease_cohort_has_known_survival_association(slice_dataset):
+    rows = [r for r in read_participants(slice_dataset) if r["cohort"] == "disease"]
+    delta = np.array([float(r["delta"]) for r in rows])
+    assert delta.mean() > 3  # accelerated ageing
+    spec = synthetic.CohortSpec()
+    assert synthetic.true_survival_association(spec) < -0.4
+    big = synthetic.sample_cohort(synthetic.CohortSpec(n=5, n_disease=2000, seed=1))
+    sick = [s for s in big if s.cohort == "disease"]
+    r = np.corrcoef([s.delta for s in sick], [s.survival_months for s in sick])[0, 1]
+    assert r == pytest.approx(synthetic.true_survival_association(spec), abs=0.05)
+
+
+def test_ensure_dataset_generates_once(tmp_path):
+    spec = synthetic.CohortSpec(n=6, n_disease=0, seed=1)
+    path = synthetic.ensure_dataset(tmp_path / "phantom", spec)
+    stamp = (tmp_path / "phantom" / "phantom.json").stat().st_mtime_ns
+    assert synthetic.ensure_dataset(tmp_path / "phantom", spec) == path
+    assert (tmp_path / "phantom" / "phantom.json").stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="different phantom"):
+        synthetic.ensure_dataset(tmp_path / "phantom", replace(spec, seed=2))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        (["--n", "0"], "--n: must be a positive integer"),
+        (["--age-min", "90", "--age-max", "18"], "age range is empty or reversed"),
+        (["--grade", "hospital"], "--grade: invalid choice"),
+        (["--mode", "surfaces"], "--mode: invalid choice"),
+    ],
+)
+def test_cli_rejects_bad_input(tmp_path, bundle_root, args, reason):
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.synthetic", "--out", str(tmp_path / "x"), *args],
+        cwd=bundle_root, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and reason in lines[0], proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_help_documents_every_option(bundle_root):
+    proc = subprocess.run([sys.executable, "-m", "scripts.synthetic", "--help"], cwd=bundle_root,
+                          capture_output=True, text=True, check=True)
+    for option in synthetic.build_parser()._option_string_actions:
+        if option.startswith("--"):
+            assert option in proc.stdout
+    assert all(action.help for action in synthetic.build_parser()._actions)
