@@ -1,0 +1,479 @@
+"""Networks of the semi-supervised diffusion autoencoder (Ijishakin et al., Appendix D).
+
+Three parts, trained together:
+
+* ``SemanticEncoder`` s_phi(x0) -> z_sem: a half U-Net (down path + middle block) pooled to a vector;
+* ``ConditionalUNet`` eps_theta(x_t, t, z_sem): a noise predictor whose every residual block is modulated by the
+  timestep embedding and by z_sem (diffae's adaptive group norm);
+* ``AgeHead`` f_psi(z_sem) -> age in years.
+
+The design follows diffae (Preechakul et al. 2022) as configured by the paper's authors (their fork
+``Contrast-DiffAE``: ``templates.py`` + diffae's defaults): base width 32, channel multipliers (1, 2, 3, 4), two
+residual blocks per level in the U-Net (+1 on the way up) and in the encoder, residual up/down-sampling blocks,
+attention at 16x16 and in the middle, 512-d time and semantic embeddings. With these defaults the model has
+exactly 10,611,394 parameters, the count the authors' code prints as "10.12 M" (= 10.12 * 2**20, age head
+included). The paper's "(32,32,32) -> (32,32,32) -> (64,64,64) -> (96,96,96) -> (128,128,128)" lists these blocks'
+output widths: conv_in + two blocks at 32, then at each coarser level a down-sampling block and two blocks.
+
+Every size is a constructor argument so configs can shrink the model (tests) or change the input (k slices).
+The encoder + age-head path is TorchScript-scriptable (``AgePredictor``) for export; everything runs under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` and with ``channels_last`` inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from torch import nn
+
+__all__ = ["AgeHead", "AgePredictor", "ConditionalUNet", "DiffusionAutoencoder", "SemanticEncoder", "count_parameters"]
+
+# diffae/guided-diffusion normalisation: 32 groups, or one group per channel below 32 channels.
+MAX_NORM_GROUPS = 32
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(MAX_NORM_GROUPS, channels), channels)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer that ends a residual branch so every block starts as the identity (diffae, BigGAN)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def resample(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Parameter-free 2x resampling used inside the residual up/down blocks (diffae: avg-pool / nearest)."""
+    if mode == "down":
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+    if mode == "up":
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return x
+
+
+class EncoderResBlock(nn.Module):
+    """Unconditioned residual block of the semantic encoder: GN -> SiLU -> [resample] -> conv, plus skip.
+
+    As in diffae, an encoder block without a conditioning signal has a single convolution (diffae builds the second,
+    modulated half only when there is a condition); keeping this is what reproduces the authors' parameter count.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, updown: str = "none") -> None:
+        super().__init__()
+        self.updown = updown
+        self.norm = group_norm(in_channels)
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = resample(F.silu(self.norm(x)), self.updown)
+        return self.skip(resample(x, self.updown)) + self.conv(h)
+
+
+class ConditionedResBlock(nn.Module):
+    """Residual block of the noise predictor, modulated by time and by z_sem (diffae "two_cond" ResBlock).
+
+    out = skip(x) + conv(dropout(silu((GN(h) * (1 + s_t) + b_t) * (1 + s_z)))), h = conv(silu(GN(x))).
+    The two modulations and GN's own affine are folded into one per-(sample, channel) scale and shift, so the
+    feature map is touched by one ``addcmul`` instead of five elementwise passes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        embed_dim: int,
+        cond_dim: int,
+        dropout: float = 0.0,
+        updown: str = "none",
+    ) -> None:
+        super().__init__()
+        self.updown = updown
+        self.in_norm = group_norm(in_channels)
+        self.in_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        # Linear projections of the (already SiLU-activated, see ConditionalUNet.forward) embeddings:
+        # time -> (scale, shift), z_sem -> scale only, as in diffae.
+        self.time_proj = nn.Linear(embed_dim, 2 * out_channels)
+        self.cond_proj = nn.Linear(cond_dim, out_channels)
+        self.out_norm = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.out_conv = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, time_act: torch.Tensor, cond_act: torch.Tensor) -> torch.Tensor:
+        h = resample(F.silu(self.in_norm(x)), self.updown)
+        x = resample(x, self.updown)
+        h = self.in_conv(h)
+
+        time_scale, time_shift = self.time_proj(time_act).chunk(2, dim=1)
+        cond_scale = 1.0 + self.cond_proj(cond_act)
+        scale = self.out_norm.weight * (1.0 + time_scale) * cond_scale
+        shift = (self.out_norm.bias * (1.0 + time_scale) + time_shift) * cond_scale
+        normed = F.group_norm(h, self.out_norm.num_groups, eps=self.out_norm.eps)
+        # (B, C) factors in the feature map's dtype: under bf16 autocast the map stays bf16 (half the memory
+        # traffic); the CPU group-norm kernel accumulates its statistics in float32 either way.
+        dtype = normed.dtype
+        h = torch.addcmul(shift.to(dtype)[:, :, None, None], normed, scale.to(dtype)[:, :, None, None])
+        h = self.out_conv(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention with a residual connection, computed with ``scaled_dot_product_attention``.
+
+    The q/k/v and output projections are per-pixel linear maps (the 1x1 convolutions of diffae, same parameters);
+    tokens are laid out (B, H*W, C) which is a free view of a ``channels_last`` feature map.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention channels {channels} are not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = zero_init(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        qkv = self.qkv(tokens).reshape(b, height * width, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, C/heads)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, height * width, c)
+        out = self.proj(attended).transpose(1, 2).reshape(b, c, height, width)
+        return x + out
+
+
+def _resolutions(image_size: int, num_levels: int) -> list[int]:
+    """Feature-map side length at each level (halved between levels)."""
+    return [image_size // 2**level for level in range(num_levels)]
+
+
+class SemanticEncoder(nn.Module):
+    """s_phi: image (B, C, H, W) -> z_sem (B, z_dim); a diffae half U-Net without time conditioning.
+
+    Layout: conv_in; per level ``num_res_blocks`` blocks (+ attention where the resolution is listed) and a
+    down-sampling residual block between levels; middle = res / attention / res; GN -> SiLU -> global average
+    pool -> linear to ``z_dim`` (diffae's "adaptivenonzero" pooling, whose 1x1 conv is this linear layer).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base_channels: int = 32,
+        channel_mult: Sequence[int] = (1, 2, 3, 4),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        image_size: int = 128,
+        num_heads: int = 1,
+        z_dim: int = 512,
+    ) -> None:
+        super().__init__()
+        resolutions = _resolutions(image_size, len(channel_mult))
+        ch = base_channels * channel_mult[0]
+        blocks: list[nn.Module] = [nn.Conv2d(in_channels, ch, 3, padding=1)]
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                blocks.append(EncoderResBlock(ch, base_channels * mult))
+                ch = base_channels * mult
+                if resolutions[level] in attention_resolutions:
+                    blocks.append(AttentionBlock(ch, num_heads))
+            if level != len(channel_mult) - 1:
+                blocks.append(EncoderResBlock(ch, ch, updown="down"))
+        blocks += [EncoderResBlock(ch, ch), AttentionBlock(ch, num_heads), EncoderResBlock(ch, ch)]
+        self.blocks = nn.Sequential(*blocks)
+        self.out_norm = group_norm(ch)
+        self.out = nn.Linear(ch, z_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.out_norm(self.blocks(x)))
+        return self.out(h.mean(dim=(2, 3)))
+
+
+class UNetStage(nn.Module):
+    """One step of the U-Net: a conditioned residual block, optional attention, optional second residual block.
+
+    A small module instead of a heterogeneous list so the whole network stays TorchScript-scriptable.
+    """
+
+    def __init__(
+        self,
+        block: ConditionedResBlock,
+        attention: AttentionBlock | None = None,
+        second_block: ConditionedResBlock | None = None,
+    ) -> None:
+        super().__init__()
+        self.block = block
+        self.attention = attention if attention is not None else nn.Identity()
+        self.second_block = second_block
+
+    def forward(self, h: torch.Tensor, time_act: torch.Tensor, cond_act: torch.Tensor) -> torch.Tensor:
+        h = self.attention(self.block(h, time_act, cond_act))
+        if self.second_block is not None:
+            h = self.second_block(h, time_act, cond_act)
+        return h
+
+
+class ConditionalUNet(nn.Module):
+    """eps_theta(x_t, t, z_sem): diffae's conditioned U-Net.
+
+    Down path: conv_in; per level ``num_res_blocks`` conditioned blocks (+ attention at ``attention_resolutions``)
+    then a down-sampling residual block. Middle: res / attention / res. Up path: per level ``num_res_blocks + 1``
+    blocks, each fed the matching down-path activation (concatenated skip), with an up-sampling residual block
+    closing every level but the top. GN -> SiLU -> zero-initialised conv to ``out_channels``.
+    With the defaults the down path reads 32 (conv_in), 32, 32 | 32, 64, 64 | 64, 96, 96 | 96, 128, 128 (the first
+    block of each coarser level is the down-sampling one), then the middle at 128, and back up.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        base_channels: int = 32,
+        channel_mult: Sequence[int] = (1, 2, 3, 4),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        image_size: int = 128,
+        num_heads: int = 1,
+        embed_dim: int = 512,
+        z_dim: int = 512,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.base_channels = base_channels
+        resolutions = _resolutions(image_size, len(channel_mult))
+        self.time_embed = nn.Sequential(
+            nn.Linear(base_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
+        )
+
+        def res_block(c_in: int, c_out: int, updown: str = "none") -> ConditionedResBlock:
+            return ConditionedResBlock(c_in, c_out, embed_dim, z_dim, dropout, updown)
+
+        def attention_at(level: int, channels: int) -> AttentionBlock | None:
+            return AttentionBlock(channels, num_heads) if resolutions[level] in attention_resolutions else None
+
+        ch = base_channels * channel_mult[0]
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        skip_channels = [ch]
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                block = res_block(ch, base_channels * mult)
+                ch = base_channels * mult
+                self.down.append(UNetStage(block, attention_at(level, ch)))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(UNetStage(res_block(ch, ch, "down")))
+                skip_channels.append(ch)
+
+        self.middle = UNetStage(res_block(ch, ch), AttentionBlock(ch, num_heads), res_block(ch, ch))
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                block = res_block(ch + skip_channels.pop(), base_channels * mult)
+                ch = base_channels * mult
+                upsample = res_block(ch, ch, "up") if level and i == num_res_blocks else None
+                self.up.append(UNetStage(block, attention_at(level, ch), upsample))
+
+        self.out_norm = group_norm(ch)
+        self.out_conv = zero_init(nn.Conv2d(ch, out_channels or in_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, z_sem: torch.Tensor) -> torch.Tensor:
+        # SiLU of both embeddings is shared by every block's projection (diffae applies it inside each block).
+        time_act = F.silu(self.time_embed(get_timestep_embedding(timesteps, self.base_channels).to(x.dtype)))
+        cond_act = F.silu(z_sem)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for stage in self.down:
+            h = stage(h, time_act, cond_act)
+            skips.append(h)
+        h = self.middle(h, time_act, cond_act)
+        for stage in self.up:
+            h = stage(torch.cat([h, skips.pop()], dim=1), time_act, cond_act)
+        return self.out_conv(F.silu(self.out_norm(h)))
+
+
+class AgeHead(nn.Module):
+    """f_psi: z_sem -> age in years; MLP 512 -> 128 -> 32 -> 1 with ReLU, BatchNorm and dropout between layers.
+
+    The last layer predicts a standardised age; ``age_mean``/``age_std`` buffers (saved with the weights) map it
+    back to years so every consumer of the model sees years, and the loss uses the same buffers to standardise
+    targets. The default statistics are the paper's training set (56 +/- 20.9 years); set them from the data.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 512,
+        hidden_features: Sequence[int] = (128, 32),
+        dropout: float = 0.5,
+        age_mean: float = 56.0,
+        age_std: float = 20.9,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for hidden in hidden_features:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.BatchNorm1d(hidden), nn.Dropout(dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+        self.register_buffer("age_mean", torch.tensor(float(age_mean)))
+        self.register_buffer("age_std", torch.tensor(float(age_std)))
+
+    def set_age_stats(self, mean: float, std: float) -> None:
+        """Set the standardisation statistics (training-label mean and std), e.g. before training starts."""
+        if not std > 0:
+            raise ValueError(f"age std must be positive, got {std}")
+        self.age_mean.fill_(float(mean))
+        self.age_std.fill_(float(std))
+
+    def forward(self, z_sem: torch.Tensor) -> torch.Tensor:
+        standardised = self.mlp(z_sem).squeeze(1)
+        # At least float32 before mapping to years: under bf16 autocast the 0-d buffers would not promote the
+        # product, and bf16 years are rounded to 0.25-year steps at age 60.
+        standardised = standardised.to(torch.promote_types(standardised.dtype, torch.float32))
+        return standardised * self.age_std + self.age_mean
+
+
+class DiffusionAutoencoder(nn.Module):
+    """The full model: semantic encoder, conditional U-Net and age head sharing one z_sem.
+
+    ``forward(x0)`` is plain age prediction in years, (B, 1) (what bundle verification, inference and export call);
+    ``forward(x0, x_t, timesteps, labelled)`` is the training pass, one encoder pass feeding both the U-Net and the
+    age head; ``encode``/``denoise``/``predict_age`` are the parts on their own (analyses, DDIM).
+    Constructor arguments are shared by encoder and U-Net where the paper ties them (encoder = the U-Net's down
+    path + middle block); the ``encoder_*`` arguments default to the U-Net's values.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base_channels: int = 32,
+        channel_mult: Sequence[int] = (1, 2, 3, 4),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        image_size: int = 128,
+        num_heads: int = 1,
+        embed_dim: int = 512,
+        z_dim: int = 512,
+        dropout: float = 0.1,
+        encoder_channel_mult: Sequence[int] | None = None,
+        encoder_num_res_blocks: int = 2,
+        encoder_attention_resolutions: Sequence[int] | None = None,
+        head_hidden_features: Sequence[int] = (128, 32),
+        head_dropout: float = 0.5,
+        age_mean: float = 56.0,
+        age_std: float = 20.9,
+    ) -> None:
+        super().__init__()
+        self.encoder = SemanticEncoder(
+            in_channels=in_channels,
+            base_channels=base_channels,
+            channel_mult=encoder_channel_mult or channel_mult,
+            num_res_blocks=encoder_num_res_blocks,
+            attention_resolutions=(
+                attention_resolutions if encoder_attention_resolutions is None else encoder_attention_resolutions
+            ),
+            image_size=image_size,
+            num_heads=num_heads,
+            z_dim=z_dim,
+        )
+        self.unet = ConditionalUNet(
+            in_channels=in_channels,
+            base_channels=base_channels,
+            channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions,
+            image_size=image_size,
+            num_heads=num_heads,
+            embed_dim=embed_dim,
+            z_dim=z_dim,
+            dropout=dropout,
+        )
+        self.age_head = AgeHead(z_dim, head_hidden_features, head_dropout, age_mean, age_std)
+
+    def encode(self, x0: torch.Tensor) -> torch.Tensor:
+        """z_sem = s_phi(x0), shape (B, z_dim)."""
+        return self.encoder(x0)
+
+    def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, z_sem: torch.Tensor) -> torch.Tensor:
+        """eps_hat = eps_theta(x_t, t, z_sem), shape of ``x_t``."""
+        return self.unet(x_t, timesteps, z_sem)
+
+    def predict_age(self, x0: torch.Tensor) -> torch.Tensor:
+        """Predicted age in years, shape (B,)."""
+        return self.age_head(self.encoder(x0))
+
+    def forward(
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        labelled: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Age in years as (B, 1) from ``x0`` alone; given ``x_t`` and ``timesteps``, the training outputs.
+
+        The channel axis is what MONAI's ``verify_net_in_out`` and regression metrics expect. Training goes through
+        ``forward`` (not ``encode``/``denoise``) so a ``DistributedDataParallel`` wrapper sees the pass and
+        synchronises gradients.
+        """
+        if x_t is None or timesteps is None:
+            return self.predict_age(x0)[:, None]
+        return self.training_outputs(x0, x_t, timesteps, labelled)
+
+    def training_outputs(
+        self, x0: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor, labelled: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One encoder pass serving both losses: ``{"eps": eps_hat, "age": years (B,), NaN where not predicted}``.
+
+        The head runs on the labelled images only (``labelled`` mask, all if None), so its BatchNorm statistics,
+        and therefore its gradients, come from labelled images alone, as the paper's "without producing an age
+        prediction" for unlabelled ones. In training mode BatchNorm cannot normalise a single item, so a batch
+        with one labelled image gets no age prediction (warned; the sampler avoids such batches). A batch without
+        an age prediction leaves the head unused: under DistributedDataParallel wrap with
+        ``find_unused_parameters=True``.
+        """
+        z_sem = self.encoder(x0)
+        eps = self.unet(x_t, timesteps, z_sem)
+        if labelled is None:
+            labelled = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
+        # the head's output dtype: at least float32 (see AgeHead.forward)
+        age_dtype = torch.promote_types(x0.dtype, torch.float32)
+        age = torch.full((x0.shape[0],), float("nan"), dtype=age_dtype, device=x0.device)
+        n_labelled = int(labelled.sum())
+        if n_labelled > 1 or (n_labelled == 1 and not self.age_head.training):
+            age = age.masked_scatter(labelled, self.age_head(z_sem[labelled]))
+        elif n_labelled == 1:
+            warnings.warn("a batch with a single labelled image gets no age prediction (BatchNorm needs >= 2)")
+        return {"eps": eps, "age": age}
+
+    def age_predictor(self) -> AgePredictor:
+        """The encoder + head sub-network (shares parameters) for export and fast inference."""
+        return AgePredictor(self.encoder, self.age_head)
+
+
+class AgePredictor(nn.Module):
+    """Encoder + age head only: x0 (B, C, H, W) -> age in years (B, 1), as ``DiffusionAutoencoder.forward``.
+
+    Scriptable and traceable; what export and inference run (the U-Net is not needed to predict an age).
+    """
+
+    def __init__(self, encoder: SemanticEncoder, age_head: AgeHead) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.age_head = age_head
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.age_head(self.encoder(x0))[:, None]
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,165 @@
+"""Time the training step and age inference of the paper-size model on this machine; prints JSON.
+
+Training step = DiffusionPrepareBatch + DiffusionAutoencoderInferer + SemiSupervisedLoss + backward + Adam step,
+i.e. what MONAI's SupervisedTrainer runs per iteration minus its handlers. Inference = encoder + age head
+(``AgePredictor``) in eval mode under ``torch.inference_mode``.
+
+    .venv/bin/python tests/benchmarks/bench_train_step.py                 # fp32 and bf16, contiguous and NHWC
+    .venv/bin/python tests/benchmarks/bench_train_step.py --dtypes bf16 --layouts channels_last --steps 10
+    .venv/bin/python tests/benchmarks/bench_train_step.py --threads 1 --clock cpu   # on a shared, busy machine
+
+Other processes on the same cores distort wall-clock numbers badly (each op waits until all its threads are
+scheduled); ``--threads 1 --clock cpu`` measures this process' CPU time instead, which holds up under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the bundle root, which holds `scripts`
+
+from monai.networks.schedulers import DDPMScheduler  # noqa: E402
+
+from scripts.engine import DiffusionAutoencoderInferer, DiffusionPrepareBatch, SemiSupervisedLoss  # noqa: E402
+from scripts.networks import DiffusionAutoencoder, count_parameters  # noqa: E402
+
+AUTOCAST = {"fp32": None, "bf16": "bfloat16"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=8, help="training batch size (default: 8)")
+    parser.add_argument("--image-size", type=int, default=128, help="slice side length (default: 128)")
+    parser.add_argument("--steps", type=int, default=6, help="timed training steps per setting (default: 6)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (oneDNN primitive creation)")
+    parser.add_argument("--labelled-fraction", type=float, default=0.25, help="labelled share of each batch")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(AUTOCAST), default=["fp32", "bf16"])
+    parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
+                        default=["contiguous", "channels_last"])
+    parser.add_argument("--infer-batches", type=int, nargs="*", default=[1, 64], help="inference batch sizes")
+    parser.add_argument("--infer-repeats", type=int, default=20, help="timed inference calls at batch 1")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="do not flush denormals (slow: Adam's tiny second moments become denormal on CPU)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed time; cpu: this process' CPU time (use with --threads 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def clock(args: argparse.Namespace) -> float:
+    return time.process_time() if args.clock == "cpu" else time.perf_counter()
+
+
+def make_batch(args: argparse.Namespace, layout: str) -> dict[str, torch.Tensor]:
+    images = torch.rand(args.batch_size, 1, args.image_size, args.image_size)
+    if layout == "channels_last":
+        images = images.contiguous(memory_format=torch.channels_last)
+    ages = torch.full((args.batch_size,), float("nan"))
+    n_labelled = max(2, round(args.labelled_fraction * args.batch_size))
+    ages[:n_labelled] = torch.linspace(30.0, 80.0, n_labelled)
+    return {"image": images, "age": ages}
+
+
+def time_training(args: argparse.Namespace, dtype: str, layout: str) -> dict:
+    torch.manual_seed(args.seed)
+    model = DiffusionAutoencoder(image_size=args.image_size).train()
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    prepare_batch = DiffusionPrepareBatch()
+    inferer = DiffusionAutoencoderInferer(DDPMScheduler(1000), autocast_dtype=AUTOCAST[dtype])
+    loss_function = SemiSupervisedLoss(model.age_head, lambda_age=1.0)
+    batch = make_batch(args, layout)
+
+    def step() -> float:
+        start = clock(args)
+        inputs, targets, inferer_args, inferer_kwargs = prepare_batch(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_function(inferer(inputs, model, *inferer_args, **inferer_kwargs), targets)
+        loss.backward()
+        optimizer.step()
+        return clock(args) - start
+
+    for _ in range(args.warmup):
+        step()
+    times = [step() for _ in range(args.steps)]
+    median = statistics.median(times)
+    return {
+        "dtype": dtype,
+        "layout": layout,
+        "batch_size": args.batch_size,
+        "median_s_per_step": round(median, 4),
+        "min_s_per_step": round(min(times), 4),
+        "samples_per_s": round(args.batch_size / median, 2),
+    }
+
+
+def time_inference(args: argparse.Namespace, dtype: str, layout: str, batch_size: int) -> dict:
+    torch.manual_seed(args.seed)
+    model = DiffusionAutoencoder(image_size=args.image_size).eval()
+    predictor = model.age_predictor()
+    images = torch.rand(batch_size, 1, args.image_size, args.image_size)
+    if layout == "channels_last":
+        predictor = predictor.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    repeats = max(3, args.infer_repeats // batch_size)
+    with torch.inference_mode(), autocast:
+        for _ in range(2):
+            predictor(images)
+        times = []
+        for _ in range(repeats):
+            start = clock(args)
+            predictor(images)
+            times.append(clock(args) - start)
+    median = statistics.median(times)
+    return {
+        "dtype": dtype,
+        "layout": layout,
+        "batch_size": batch_size,
+        "median_ms_per_call": round(1e3 * median, 3),
+        "ms_per_image": round(1e3 * median / batch_size, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(not args.keep_denormals)
+    settings = [(dtype, layout) for dtype in args.dtypes for layout in args.layouts]
+    report = {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "flush_denormal": not args.keep_denormals,
+            "clock": args.clock,
+            "load_average_1min": os.getloadavg()[0],
+        },
+        "parameters": count_parameters(DiffusionAutoencoder(image_size=args.image_size)),
+        "image_size": args.image_size,
+        "train_step": [time_training(args, dtype, layout) for dtype, layout in settings],
+        "age_inference": [
+            time_inference(args, dtype, layout, batch_size)
+            for dtype, layout in settings
+            for batch_size in args.infer_batches
+        ],
+    }
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Networks: the paper-size model, shapes of every part, conditioning, fused ops, autocast/channels_last, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.bundle import verify_net_in_out
+
+from scripts.networks import (
+    AgeHead,
+    AgePredictor,
+    AttentionBlock,
+    ConditionalUNet,
+    ConditionedResBlock,
+    DiffusionAutoencoder,
+    SemanticEncoder,
+    count_parameters,
+)
+
+AUTHORS_PARAMETER_COUNT = 10_611_394  # printed by the authors' code as "10.12 M" (= count / 2**20)
+
+TINY = dict(
+    base_channels=8,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    encoder_num_res_blocks=1,
+    attention_resolutions=(8,),
+    image_size=16,
+    embed_dim=32,
+    z_dim=16,
+    dropout=0.0,
+    head_hidden_features=(8, 4),
+    head_dropout=0.0,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy CPU every op would wait for both to be scheduled."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomise_zero_init(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Give the zero-initialised residual-branch layers random weights so outputs depend on every input."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and not weight.any():
+                weight.normal_(0.0, std)
+    return model
+
+
+def test_paper_configuration_matches_the_authors_parameter_count():
+    model = DiffusionAutoencoder()
+    count = count_parameters(model)
+    assert abs(count / AUTHORS_PARAMETER_COUNT - 1) < 0.05
+    # Same layer structure as the authors' diffae configuration, parameter for parameter.
+    assert count == AUTHORS_PARAMETER_COUNT
+    assert count_parameters(model.age_head) == 512 * 128 + 128 + 2 * 128 + 128 * 32 + 32 + 2 * 32 + 32 + 1
+
+
+def test_paper_configuration_channel_path():
+    unet = ConditionalUNet()
+    widths = [stage.block.in_conv.out_channels for stage in unet.down]
+    assert unet.conv_in.out_channels == 32
+    assert widths == [32, 32, 32, 64, 64, 64, 96, 96, 96, 128, 128]
+    assert [stage.block.in_conv.out_channels for stage in unet.up] == [128] * 3 + [96] * 3 + [64] * 3 + [32] * 3
+    # attention at 16x16 (the coarsest level, 128 channels) and in the middle block
+    n_attention = sum(isinstance(m, AttentionBlock) for m in unet.modules())
+    assert n_attention == 2 + 1 + 3
+    assert SemanticEncoder().out.out_features == 512
+
+
+def test_shapes_of_every_part():
+    torch.manual_seed(0)
+    model = DiffusionAutoencoder(**TINY)
+    x0 = torch.rand(3, 1, 16, 16)
+    t = torch.tensor([0, 500, 999])
+    z = model.encode(x0)
+    assert z.shape == (3, 16)
+    assert model.denoise(x0, t, z).shape == (3, 1, 16, 16)
+    assert model.age_head(z).shape == (3,)
+    assert model.predict_age(x0).shape == (3,)
+    assert model(x0).shape == (3, 1)  # channel axis for MONAI's verify_net_in_out and metrics
+    assert model.age_predictor()(x0).shape == (3, 1)
+    out = model(x0, x0, t)
+    assert out["eps"].shape == (3, 1, 16, 16) and out["age"].shape == (3,)
+
+
+def test_k_slice_input_predicts_noise_for_every_slice():
+    model = DiffusionAutoencoder(in_channels=3, **TINY)
+    x0 = torch.rand(2, 3, 16, 16)
+    t = torch.tensor([1, 2])
+    assert model.denoise(x0, t, model.encode(x0)).shape == (2, 3, 16, 16)
+    assert model(x0).shape == (2, 1)
+
+
+def test_unet_starts_as_zero_noise_prediction_and_is_conditioned_on_t_and_z():
+    torch.manual_seed(0)
+    model = DiffusionAutoencoder(**TINY).eval()
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([10, 10])
+    z = torch.randn(2, 16)
+    # diffae's zero-initialised output conv: eps_hat = 0 before training
+    assert torch.count_nonzero(model.denoise(x, t, z)) == 0
+    randomise_zero_init(model)
+    eps = model.denoise(x, t, z)
+    assert not torch.allclose(eps, model.denoise(x, torch.tensor([900, 900]), z), atol=1e-6)
+    assert not torch.allclose(eps, model.denoise(x, t, z + 1.0), atol=1e-6)
+
+
+def test_conditioned_block_matches_the_unfused_diffae_formula():
+    torch.manual_seed(0)
+    block = randomise_zero_init(ConditionedResBlock(8, 16, embed_dim=12, cond_dim=6)).eval()
+    with torch.no_grad():
+        block.out_norm.weight.normal_()
+        block.out_norm.bias.normal_()
+    x, time_act, cond_act = torch.randn(2, 8, 6, 6), torch.randn(2, 12), torch.randn(2, 6)
+
+    h = block.in_conv(F.silu(block.in_norm(x)))
+    time_scale, time_shift = block.time_proj(time_act)[:, :, None, None].chunk(2, dim=1)
+    cond_scale = block.cond_proj(cond_act)[:, :, None, None]
+    h = block.out_norm(h) * (1 + time_scale) + time_shift
+    h = h * (1 + cond_scale)
+    expected = block.skip(x) + block.out_conv(F.silu(h))
+
+    torch.testing.assert_close(block(x, time_act, cond_act), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_attention_matches_explicit_softmax_attention(num_heads):
+    torch.manual_seed(0)
+    block = randomise_zero_init(AttentionBlock(8, num_heads)).eval()
+    x = torch.randn(2, 8, 4, 5)
+    tokens = block.norm(x).flatten(2).transpose(1, 2)
+    q, k, v = block.qkv(tokens).chunk(3, dim=-1)
+
+    def heads(a):
+        return a.reshape(2, 20, num_heads, 8 // num_heads).transpose(1, 2)
+
+    weights = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / (8 // num_heads) ** 0.5, dim=-1)
+    attended = (weights @ heads(v)).transpose(1, 2).reshape(2, 20, 8)
+    expected = x + block.proj(attended).transpose(1, 2).reshape(2, 8, 4, 5)
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_age_head_outputs_years_from_its_buffers():
+    head = AgeHead(in_features=16, hidden_features=(8, 4), age_mean=0.0, age_std=1.0).eval()
+    head.set_age_stats(mean=60.0, std=10.0)
+    with torch.no_grad():
+        head.mlp[-1].weight.zero_()
+        head.mlp[-1].bias.fill_(0.5)  # standardised output 0.5 -> 60 + 0.5 * 10 years
+    torch.testing.assert_close(head(torch.randn(5, 16)), torch.full((5,), 65.0))
+    assert {"age_mean", "age_std"} <= set(head.state_dict())
+    with pytest.raises(ValueError):
+        head.set_age_stats(60.0, 0.0)
+
+
+def test_age_head_layer_order():
+    head = AgeHead()
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "ReLU", "BatchNorm1d", "Dropout"] * 2 + ["Linear"]
+    assert [m.p for m in head.mlp if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
+
+
+def test_training_outputs_run_the_head_on_labelled_images_only():
+    torch.manual_seed(0)
+    model = DiffusionAutoencoder(**TINY).train()
+    x0 = torch.rand(4, 1, 16, 16)
+    t = torch.tensor([1, 2, 3, 4])
+    out = model(x0, x0, t, torch.tensor([True, False, True, False]))
+    assert torch.isnan(out["age"]).tolist() == [False, True, False, True]
+    with pytest.warns(UserWarning, match="single labelled"):
+        single = model(x0, x0, t, torch.tensor([False, True, False, False]))
+    assert torch.isnan(single["age"]).all()
+    model.eval()
+    assert torch.isnan(model(x0, x0, t, torch.tensor([False, True, False, False]))["age"]).tolist() == [
+        True,
+        False,
+        True,
+        True,
+    ]
+
+
+# torch.jit is deprecated in torch 2.13 but is what MONAI's ckpt_export uses; the tracer warning comes from
+# torch's own group_norm batch-size check.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_torchscript_and_trace_export_of_the_age_predictor():
+    torch.manual_seed(0)
+    model = DiffusionAutoencoder(**TINY).eval()
+    x0 = torch.rand(2, 1, 16, 16)
+    predictor = model.age_predictor()
+    assert isinstance(predictor, AgePredictor)
+    expected = model(x0)
+    torch.testing.assert_close(torch.jit.script(predictor)(x0), expected)
+    torch.testing.assert_close(torch.jit.trace(predictor, x0)(x0), expected)
+    torch.testing.assert_close(torch.jit.script(model)(x0), expected)  # the whole model scripts too
+
+
+def test_bf16_autocast_and_channels_last_agree_with_float32():
+    torch.manual_seed(0)
+    model = randomise_zero_init(DiffusionAutoencoder(**TINY)).eval()
+    x0 = torch.rand(2, 1, 16, 16)
+    t = torch.tensor([5, 700])
+    with torch.no_grad():
+        reference = model(x0, x0, t)
+        model_cl = model.to(memory_format=torch.channels_last)
+        channels_last = model_cl(x0.contiguous(memory_format=torch.channels_last), x0, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model_cl(x0, x0, t)
+    torch.testing.assert_close(channels_last["eps"], reference["eps"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(channels_last["age"], reference["age"], atol=1e-4, rtol=1e-5)
+    assert low["age"].dtype == torch.float32  # years stay float32 under autocast
+    scale = reference["eps"].abs().max()
+    assert (low["eps"].float() - reference["eps"]).abs().max() < 0.05 * scale
+    assert (low["age"] - reference["age"]).abs().max() < 0.5  # years
+
+
+def test_monai_bundle_verify_net_in_out_accepts_the_network(tmp_path):
+    meta = {
+        "network_data_format": {
+            "inputs": {"image": {"num_channels": 1, "spatial_shape": [16, 16], "dtype": "float32"}},
+            "outputs": {"pred": {"num_channels": 1, "dtype": "float32"}},
+        }
+    }
+    config = {"network_def": {"_target_": "scripts.networks.DiffusionAutoencoder", **TINY}}
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    (tmp_path / "inference.json").write_text(json.dumps(config))
+    verify_net_in_out(
+        net_id="network_def", meta_file=str(tmp_path / "metadata.json"), config_file=str(tmp_path / "inference.json")
+    )
