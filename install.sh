@@ -14,4 +14,5 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
 pip install -r requirements.txt
 pip install --no-deps -r requirements-hdbet.txt
-.venv/bin/python -c "import torch, monai, ants, SimpleITK, HD_BET.hd_bet_prediction; print(f'ok: torch {torch.__version__}, monai {monai.__version__}')"
+# HD-BET's prediction path: its module, and the nnU-Net trainer module that rebuilds its network.
+.venv/bin/python -c "import torch, monai, ants, SimpleITK, HD_BET.hd_bet_prediction, nnunetv2.training.nnUNetTrainer.nnUNetTrainer; print(f'ok: torch {torch.__version__}, monai {monai.__version__}')"

@@ -43,6 +43,49 @@ def phantom_montage(out: str | Path, ages=(20, 30, 40, 50, 60, 70, 80, 90), seed
     return _save(fig, out)
 
 
+def qc_slice(image: np.ndarray, mask: np.ndarray | None, out: str | Path, title: str | None = None) -> Path:
+    """A preprocessed slice ``(C, H, W)`` (centre channel) with its brain-mask outline in red."""
+    centre = image.shape[0] // 2
+    fig, ax = plt.subplots(figsize=(2.4, 2.6))
+    show_slice(ax, image[centre], title)
+    if mask is not None and 0.0 < float(np.mean(mask[centre] > 0.5)) < 1.0:
+        ax.contour(np.asarray(mask[centre]).T, levels=[0.5], colors="red", linewidths=0.6)
+    fig.tight_layout(pad=0.3)
+    return _save(fig, out)
+
+
+def qc_montage(pngs: list[str | Path], out: str | Path, title: str, columns: int = 8) -> Path:
+    """Tile per-scan QC images (:func:`qc_slice`) into one overview of a preprocessing run."""
+    rows = max(1, -(-len(pngs) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for ax, png in zip(axes.ravel(), pngs):
+        ax.imshow(plt.imread(png))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(pad=0.2)
+    return _save(fig, out)
+
+
+def prediction_scatter(predicted, age, out: str | Path, metrics: dict | None = None, title: str | None = None) -> Path:
+    """Predicted against chronological age with the identity line and the accuracy in the legend."""
+    predicted, age = np.asarray(predicted, dtype=float), np.asarray(age, dtype=float)
+    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    label = None
+    if metrics:
+        label = f"r = {metrics['r']:.2f}, MAE = {metrics['mae']:.1f} y, R$^2$ = {metrics['r2']:.2f} (n = {metrics['n']})"
+    ax.scatter(age, predicted, s=14, alpha=0.7, label=label)
+    low = float(min(age.min(), predicted.min())) - 2
+    high = float(max(age.max(), predicted.max())) + 2
+    ax.plot([low, high], [low, high], color="0.4", lw=1, ls="--", label="predicted = chronological")
+    ax.set(xlim=(low, high), ylim=(low, high), xlabel="chronological age (years)", ylabel="predicted brain age (years)",
+           title=title or "Brain age: predicted vs chronological")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def _save(fig, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from scipy import ndimage, stats
 
 from scripts import cli
-from scripts.mni import GRID_SHAPE, axial_index, grid_affine, load_template, slice_affine, slice_points
-from scripts.transforms import finalise_slice
+from scripts.mni import GRID_SHAPE, axial_index, grid_affine, load_template, slice_points
+from scripts.transforms import finalise_slice, slice_nifti
 
 PHANTOM_VERSION = "1"
 SPLITS = ("training", "validation", "test")
@@ -675,8 +675,7 @@ def _save_nifti(image: nib.Nifti1Image, path: Path) -> None:
 
 def write_slice(subject: Subject, path: Path, channels: int = 1, slice_offset: int = 0, acquire: bool = True) -> None:
     image = render_slice(subject, channels=channels, slice_offset=slice_offset, acquire=acquire)
-    data = image[0] if channels == 1 else np.moveaxis(image, 0, -1)  # (128,128) or (128,128,k)
-    _save_nifti(nib.Nifti1Image(data, slice_affine(slice_offset)), path)
+    _save_nifti(slice_nifti(image, slice_offset), path)  # (128,128) or (128,128,k), as the chain writes
 
 
 def write_volume(subject: Subject, path: Path, singleton_4d: bool = False) -> RawScan:

@@ -35,3 +35,63 @@ def volume_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom_volumes")
     synthetic.generate(synthetic.CohortSpec(n=4, seed=3, n_disease=1, grade="mixed"), out, mode="volumes", progress=False)
     return out
+
+
+def write_tiny_hdbet_weights(folder: Path, trainer: str = "nnUNetTrainer") -> Path:
+    """An HD-BET weights folder laid out as the real release (plans.json, dataset.json,
+    fold_all/checkpoint_final.pth) around a tiny, randomly initialised nnU-Net PlainConvUNet.
+
+    nnU-Net rebuilds the network from plans.json with the checkpoint's trainer class, so HD-BET's
+    own prediction code runs on it end to end in about a second.
+    """
+    import json
+
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    architecture = {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": 2, "features_per_stage": [4, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[3, 3, 3], [3, 3, 3]], "strides": [[1, 1, 1], [2, 2, 2]],
+            "n_conv_per_stage": [1, 1], "n_conv_per_stage_decoder": [1], "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+    linear = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
+    plans = {
+        "dataset_name": "Dataset000_TinyHDBET", "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [1.0, 1.0, 1.0], "original_median_shape_after_transp": [130, 130, 130],
+        "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": {
+            "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 1,
+            "patch_size": [32, 32, 32], "median_image_size_in_voxels": [32, 40, 32], "spacing": [6.0, 6.0, 6.0],
+            "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": linear,
+            "resampling_fn_seg": "resample_data_or_seg_to_shape", "resampling_fn_seg_kwargs": {**linear, "is_seg": True},
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape", "resampling_fn_probabilities_kwargs": linear,
+            "architecture": architecture, "batch_dice": False,
+        }},
+        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": {
+            "max": 1.0, "mean": 0.5, "median": 0.5, "min": 0.0, "percentile_00_5": 0.0, "percentile_99_5": 1.0, "std": 0.2}},
+    }
+    dataset = {"channel_names": {"0": "T1"}, "labels": {"background": 0, "brain": 1}, "numTraining": 1,
+               "file_ending": ".nii.gz"}
+    torch.manual_seed(0)
+    network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                     architecture["_kw_requires_import"], 1, 2, allow_init=True, deep_supervision=False)
+    (folder / "fold_all").mkdir(parents=True, exist_ok=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    torch.save({"network_weights": network.state_dict(), "trainer_name": trainer,
+                "init_args": {"configuration": "3d_fullres", "fold": "all"},
+                "inference_allowed_mirroring_axes": (0, 1, 2)}, folder / "fold_all" / "checkpoint_final.pth")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_hdbet_weights(tmp_path_factory) -> Path:
+    """A randomly initialised HD-BET weights folder (see write_tiny_hdbet_weights)."""
+    return write_tiny_hdbet_weights(tmp_path_factory.mktemp("hdbet_weights"))

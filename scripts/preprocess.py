@@ -1,0 +1,319 @@
+"""Batch preprocessing: raw T1w scans of a datalist -> cached 128x128 slices, QC images and a manifest.
+
+``configs/preprocess.yaml`` (run id ``preprocess``) calls :func:`preprocess_datalist`; the inference
+workflow reuses :func:`preprocess_items` for raw inputs. Each scan goes through the transform chain
+(``scripts.transforms``) in a worker process and leaves, under the output folder::
+
+    slices/<name>.nii.gz    the model input (``scripts.transforms.slice_nifti``)
+    qc/<name>.png           the slice with its brain-mask outline
+    records/<name>.json     what happened: status, reason, seconds per stage, skull-strip method, ...
+
+where ``<name>`` is ``<subject>_<key>`` and ``key`` hashes the input file's bytes together with the
+settings of every transform in the chain. A record is written last and atomically, so a scan with
+a record is done: a second run, or a run resumed after a kill, skips it. A run ends with
+``datalist.json`` (the input datalist, ``image`` pointing at the slices, failed scans left out),
+``manifest.csv`` (one row per scan) and ``qc_montage.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Bump when an algorithm changes in a way the transforms' settings do not show; old caches go stale.
+CHAIN_VERSION = "1"
+STAGES = ("load", "register", "resample", "n4", "skull_strip", "slice", "write")
+# Stage of the MONAI transforms the chain uses; the bundle's own transforms carry a `stage` attribute.
+MONAI_STAGES = {"LoadImaged": "load", "Resized": "slice"}
+MANIFEST_COLUMNS = (
+    "subject", "source", "status", "reason", "skull_strip", "cached", "slice", "qc",
+    "template_correlation", "determinant", *(f"seconds_{s}" for s in STAGES), "seconds_total",
+)
+
+
+def chain_transforms(transform) -> list:
+    """The transforms of a (possibly nested) MONAI ``Compose``, in order."""
+    return list(transform.flatten().transforms) if hasattr(transform, "flatten") else [transform]
+
+
+def chain_settings(transform) -> list:
+    """What the cache key covers: each transform's class and, for the bundle's own, its ``settings``."""
+    return [[type(t).__name__, getattr(t, "settings", {})] for t in chain_transforms(transform)]
+
+
+def cache_key(path: str | Path, settings: list) -> str:
+    """sha256 of the input file's bytes and the chain's settings."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(json.dumps([CHAIN_VERSION, settings], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def scan_name(item: dict, key: str) -> str:
+    """File-name stem of a scan's outputs: the subject (or the input's file name) and the key."""
+    subject = str(item.get("subject") or re.sub(r"\.nii(\.gz)?$", "", Path(item["image"]).name))
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', subject)}_{key[:12]}"
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename: a reader never sees a half-written file under ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or left unreadable by something other than this module
+        return None
+
+
+def _first_reader_error(message: str) -> str:
+    """MONAI's "cannot find a suitable reader" lists each reader's traceback; the first is nibabel's."""
+    lines = message.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback"):
+            for following in lines[i + 1:]:
+                if not following.startswith(" "):
+                    return following.split(": ", 1)[-1]
+    return ""
+
+
+def _reason(stage: str, err: Exception) -> str:
+    """One line: the stage and what went wrong."""
+    message = str(err)
+    if message.startswith("LoadImage cannot find a suitable reader"):
+        message = f"not a readable NIfTI file ({_first_reader_error(message) or type(err).__name__})"
+    message = " ".join(message.split()) or type(err).__name__
+    return f"{stage}: {message[:300]}"
+
+
+def preprocess_scan(item: dict, output_dir: str | Path, transform, settings: list | None = None,
+                    retry_failed: bool = False) -> dict:
+    """Preprocess one datalist item (``image``: an absolute path) unless its record says it is done.
+
+    Returns the scan's record; ``cached`` tells whether this call did the work. Never raises for a
+    bad scan: the record has ``status: failed`` and a one-line ``reason``.
+    """
+    from scripts.figures import qc_slice
+    from scripts.transforms import slice_nifti
+
+    out = Path(output_dir)
+    source = str(item["image"])
+    settings = chain_settings(transform) if settings is None else settings
+    record = {"subject": item.get("subject", ""), "source": source}
+    try:
+        key = cache_key(source, settings)
+    except OSError as err:  # nothing to key on: report, do not cache
+        return {**record, "status": "failed", "reason": _reason("load", err), "cached": False, "seconds": {}}
+    name = scan_name(item, key)
+    record_path = out / "records" / f"{name}.json"
+    done = _read_record(record_path)
+    if done and (done.get("status") == "ok" and (out / done["slice"]).is_file() or
+                 done.get("status") == "failed" and not retry_failed):
+        return {**done, "subject": record["subject"], "cached": True}
+
+    record.update(key=key, status="ok", reason="", skull_strip="", seconds={}, registration={})
+    seconds = record["seconds"]
+    data = {"image": source}
+    stage = "load"
+    start = time.perf_counter()
+    try:
+        for t in chain_transforms(transform):
+            stage = getattr(t, "stage", None) or MONAI_STAGES.get(type(t).__name__, type(t).__name__)
+            t0 = time.perf_counter()
+            data = t(data)
+            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
+        stage = "write"
+        t0 = time.perf_counter()
+        image = np.asarray(data["image"], dtype=np.float32)
+        mask = np.asarray(data["brain_mask"]) if "brain_mask" in data else None
+        slice_file, qc_file = f"slices/{name}.nii.gz", f"qc/{name}.png"
+        _write_atomic(out / slice_file, lambda tmp: slice_nifti(image, data.get("slice_offset", 0)).to_filename(tmp))
+        title = str(record["subject"] or name)
+        if "registration" in data:
+            title += f"  r={data['registration']['template_correlation']:.2f}"
+        qc_slice(image, mask, out / qc_file, title=title)
+        record.update(slice=slice_file, qc=qc_file)
+        seconds[stage] = time.perf_counter() - t0
+    except Exception as err:  # a bad scan must not stop the batch: it becomes a failure row
+        record.update(status="failed", reason=_reason(stage, err))
+    record["skull_strip"] = data.get("skull_strip", "")
+    record["registration"] = data.get("registration", {})
+    record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    record["seconds_total"] = round(time.perf_counter() - start, 3)
+    _write_json(record_path, record)
+    return {**record, "cached": False}
+
+
+# -- worker processes --------------------------------------------------------------------------
+_worker_transform = None
+
+
+def _init_worker(transform_bytes: bytes, threads: int) -> None:
+    """Give each worker ``threads`` threads (ITK/ANTs, torch, OpenMP) before the chain is unpickled."""
+    global _worker_transform
+    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import SimpleITK as sitk
+    import torch
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    torch.set_num_threads(threads)
+    _worker_transform = pickle.loads(transform_bytes)
+
+
+def _work(args) -> dict:
+    item, output_dir, settings, retry_failed = args
+    return preprocess_scan(item, output_dir, _worker_transform, settings, retry_failed)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of a killed run (their final names never appeared)."""
+    for folder in (out, out / "slices", out / "qc", out / "records"):
+        if folder.is_dir():
+            for path in folder.glob(".*.tmp*"):
+                path.unlink(missing_ok=True)
+
+
+def preprocess_items(items: list[dict], output_dir: str | Path, transform, num_workers: int = 1,
+                     progress: bool = True, retry_failed: bool = False) -> list[dict]:
+    """Preprocess datalist items (``image``: absolute paths) in ``num_workers`` processes.
+
+    Returns one record per item, in order. Scans done before (same bytes, same chain settings) are
+    not redone; failed ones are redone only with ``retry_failed``. With ``num_workers > 1`` the
+    workers are spawned (fresh interpreters, safe with the thread pools of torch and ITK), so a
+    script calling this must do so under ``if __name__ == "__main__":``.
+    """
+    from tqdm import tqdm
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
+    settings = chain_settings(transform)
+    unique = list(dict.fromkeys(str(it["image"]) for it in items))
+    first = {}
+    for it in items:
+        first.setdefault(str(it["image"]), it)
+    by_source: dict[str, dict] = {}
+    bar = tqdm(total=len(unique), desc="preprocess", unit="scan", file=sys.stderr, disable=not progress)
+    if num_workers <= 1:
+        for source in unique:
+            by_source[source] = preprocess_scan(first[source], out, transform, settings, retry_failed)
+            bar.update()
+    else:
+        threads = max(1, (os.cpu_count() or 1) // num_workers)
+        with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(pickle.dumps(transform), threads)) as pool:
+            futures = {pool.submit(_work, (first[s], out, settings, retry_failed)): s for s in unique}
+            for future in as_completed(futures):
+                by_source[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    return [{**by_source[str(it["image"])], "subject": it.get("subject", "")} for it in items]
+
+
+# -- datalists ---------------------------------------------------------------------------------
+def read_datalist(path: str | Path) -> dict:
+    """A datalist whose item ``image`` paths are made absolute (relative ones resolve against its folder)."""
+    path = Path(path)
+    try:
+        datalist = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read the datalist ({err})") from None
+    if not isinstance(datalist, dict) or not any(isinstance(v, list) for v in datalist.values()):
+        raise ValueError(f"{path}: a datalist is a JSON object of item lists, e.g. {{\"training\": [...]}}")
+    for split, items in datalist.items():
+        if isinstance(items, list):
+            for i, item in enumerate(items):
+                if not isinstance(item, dict) or "image" not in item:
+                    raise ValueError(f"{path}: item {i} of {split!r} has no 'image'")
+                item["image"] = str((path.parent / os.path.expanduser(item["image"])).resolve())
+    return datalist
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    def row(r: dict) -> dict:
+        seconds = r.get("seconds", {})
+        registration = r.get("registration", {})
+        return {
+            "subject": r.get("subject", ""), "source": r.get("source", ""), "status": r["status"],
+            "reason": r.get("reason", ""), "skull_strip": r.get("skull_strip", ""),
+            "cached": str(bool(r.get("cached"))).lower(), "slice": r.get("slice", ""), "qc": r.get("qc", ""),
+            "template_correlation": registration.get("template_correlation", ""),
+            "determinant": registration.get("determinant", ""),
+            **{f"seconds_{s}": seconds.get(s, "") for s in STAGES}, "seconds_total": r.get("seconds_total", ""),
+        }
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(row(r) for r in rows)
+
+    _write_atomic(path, write)
+
+
+def preprocess_datalist(datalist: str | Path, output_dir: str | Path, transform, num_workers: int = 1,
+                        retry_failed: bool = False, montage_max: int = 48, progress: bool = True) -> list[dict]:
+    """The ``preprocess`` workflow: every scan of ``datalist`` -> ``output_dir`` (see the module docstring).
+
+    Logs the failures at the end and exits with status 1 only when no scan succeeded.
+    """
+    from scripts.figures import qc_montage
+
+    out = Path(output_dir)
+    data = read_datalist(datalist)
+    entries = [(split, item) for split, items in data.items() if isinstance(items, list) for item in items]
+    records = preprocess_items([item for _, item in entries], out, transform, num_workers, progress, retry_failed)
+
+    result: dict = {}
+    for split, items in data.items():
+        result[split] = [] if isinstance(items, list) else items
+    for (split, item), record in zip(entries, records):
+        if record["status"] == "ok":
+            result[split].append({**item, "image": record["slice"]})
+    _write_json(out / "datalist.json", result)
+    write_manifest(out / "manifest.csv", records)
+
+    ok = [r for r in records if r["status"] == "ok"]
+    failed = [r for r in records if r["status"] != "ok"]
+    if ok:  # worst registrations first: the montage is where a reviewer starts
+        shown = sorted(ok, key=lambda r: r.get("registration", {}).get("template_correlation", 1.0))[:montage_max]
+        title = f"{len(ok)} scans preprocessed, {len(failed)} failed; lowest correlation with the template (r) first"
+        if len(shown) < len(ok):
+            title += f"; {len(shown)} shown"
+        qc_montage([out / r["qc"] for r in shown], out / "qc_montage.png", title, columns=min(8, len(shown)))
+    cached = sum(bool(r.get("cached")) for r in records)
+    logger.info(f"preprocess: {len(ok)} ok ({cached} from cache), {len(failed)} failed -> {out / 'manifest.csv'}")
+    for r in failed:
+        logger.warning(f"failed: {r['source']}: {r['reason']}")
+    if not ok:
+        raise SystemExit(f"preprocess: no scan of {datalist} could be preprocessed; see {out / 'manifest.csv'}")
+    return records

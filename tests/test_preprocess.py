@@ -1,0 +1,245 @@
+"""The preprocess workflow: a datalist of raw scans -> slices, QC, manifest; caching, resuming, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigParser
+from monai.transforms import LoadImaged
+
+from scripts import mni, preprocess
+from scripts.transforms import EstimateMNIAffined
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "preprocess.yaml"
+
+
+def config_chain(**overrides):
+    """The transform chain of configs/preprocess.yaml, with config keys overridden."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    parser.update({"skull_strip": "template", **overrides})
+    return parser.get_parsed_content("preprocessing")
+
+
+def read_manifest(out: Path) -> dict[str, dict]:
+    with open(out / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == list(preprocess.MANIFEST_COLUMNS)
+    return {r["subject"]: r for r in rows}
+
+
+def correlation(a, b) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+@pytest.fixture(scope="module")
+def raw_datalist(volume_dataset, tmp_path_factory) -> Path:
+    """Two phantom scans (clinical ASL 4.4 mm slices; research LIP) and five that cannot be used."""
+    folder = tmp_path_factory.mktemp("raw")
+    phantom = {it["subject"]: it for items in json.loads((volume_dataset / "datalist.json").read_text()).values()
+               for it in items}
+    shutil.copy(volume_dataset / phantom["sub-0002"]["image"], folder / "clinical.nii.gz")
+    (folder / "garbage.nii.gz").write_bytes(b"this is not a NIfTI file " * 40)
+    eye = np.eye(4)
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 16, 3), np.int16), eye), folder / "fmri.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.int16), eye), folder / "blank.nii.gz")
+    noise = np.random.default_rng(0).random((60, 60, 60)).astype(np.float32) + 0.1
+    nib.save(nib.Nifti1Image(noise, np.diag([3.0, 3.0, 3.0, 1.0])), folder / "noise.nii.gz")
+    truth = {s: str(volume_dataset / phantom[s]["truth_slice"]) for s in ("sub-0002", "sub-0004")}
+    datalist = {
+        "name": "raw phantom scans",
+        "training": [
+            {"image": "clinical.nii.gz", "subject": "sub-0002", "age": 51.5, "grade": "clinical", "truth": truth["sub-0002"]},
+            {"image": str(volume_dataset / phantom["sub-0004"]["image"]), "subject": "sub-0004", "truth": truth["sub-0004"],
+             "site": "B"},
+            {"image": "garbage.nii.gz", "subject": "bad-garbage"},
+        ],
+        "test": [
+            {"image": "fmri.nii.gz", "subject": "bad-4d", "age": 70.0},
+            {"image": "blank.nii.gz", "subject": "bad-empty"},
+            {"image": "missing/nowhere.nii.gz", "subject": "bad-missing"},
+            {"image": "noise.nii.gz", "subject": "bad-noise"},
+        ],
+    }
+    path = folder / "datalist.json"
+    path.write_text(json.dumps(datalist, indent=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(raw_datalist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("preprocessed")
+    records = preprocess.preprocess_datalist(raw_datalist, out, config_chain(), num_workers=1, progress=False)
+    return out, records
+
+
+def test_outputs_manifest_and_datalist(first_run, raw_datalist):
+    out, records = first_run
+    assert len(records) == 7
+    rows = read_manifest(out)
+    assert set(rows) == {"sub-0002", "sub-0004", "bad-garbage", "bad-4d", "bad-empty", "bad-missing", "bad-noise"}
+    for subject in ("sub-0002", "sub-0004"):
+        row = rows[subject]
+        assert (row["status"], row["reason"], row["skull_strip"], row["cached"]) == ("ok", "", "template", "false")
+        for stage in ("load", "register", "resample", "n4", "skull_strip", "slice", "write"):
+            assert row[f"seconds_{stage}"] != ""
+        assert float(row["seconds_register"]) > 0.5
+        assert float(row["seconds_total"]) >= sum(float(row[f"seconds_{s}"]) for s in preprocess.STAGES) - 0.01
+        assert float(row["template_correlation"]) > 0.45
+    reasons = {s: rows[s]["reason"] for s in rows if rows[s]["status"] == "failed"}
+    assert reasons["bad-4d"] == "load: 4D image with 3 volumes; give one 3D T1w volume"
+    assert reasons["bad-empty"] == "load: empty image: no voxel is above 0"
+    garbage = raw_datalist.parent / "garbage.nii.gz"
+    assert reasons["bad-garbage"] == f"load: not a readable NIfTI file (File {garbage} is not a gzip file)"
+    assert reasons["bad-missing"].startswith("load: [Errno 2] No such file or directory")
+    assert reasons["bad-noise"].startswith("register: registration diverged: ")
+    assert all("\n" not in r for r in reasons.values())
+
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert datalist["name"] == "raw phantom scans" and datalist["test"] == []
+    assert [it["subject"] for it in datalist["training"]] == ["sub-0002", "sub-0004"]
+    clinical, research = datalist["training"]
+    assert (clinical["age"], clinical["grade"], research["site"]) == (51.5, "clinical", "B")
+    for item in datalist["training"]:
+        assert item["image"] == rows[item["subject"]]["slice"] and not Path(item["image"]).is_absolute()
+        image = nib.load(out / item["image"])
+        assert image.shape == (128, 128)
+        np.testing.assert_allclose(image.affine, mni.slice_affine(0), atol=1e-5)
+        data = image.get_fdata()
+        assert data.min() == 0.0 and data.max() == pytest.approx(1.0)
+        assert correlation(data, nib.load(item["truth"]).get_fdata()) > 0.9
+        assert (out / rows[item["subject"]]["qc"]).stat().st_size > 5000
+    assert (out / "qc_montage.png").stat().st_size > 5000
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_second_run_does_no_work(first_run, raw_datalist):
+    out, _ = first_run
+    slices = sorted((out / "slices").iterdir())
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in slices}
+    datalist_before = (out / "datalist.json").read_text()
+    recomputed = AssertionError("a cached scan was processed again")
+    with mock.patch.object(LoadImaged, "__call__", side_effect=recomputed), \
+            mock.patch.object(EstimateMNIAffined, "__call__", side_effect=recomputed):
+        records = preprocess.preprocess_datalist(raw_datalist, out, config_chain(), num_workers=1, progress=False)
+    assert {r["subject"]: r["cached"] for r in records} == {
+        "sub-0002": True, "sub-0004": True, "bad-garbage": True, "bad-4d": True, "bad-empty": True, "bad-noise": True,
+        "bad-missing": False,  # nothing to cache: there are no bytes to key on
+    }
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted((out / "slices").iterdir())} == before
+    assert (out / "datalist.json").read_text() == datalist_before
+    assert read_manifest(out)["sub-0004"]["cached"] == "true"
+
+
+def test_a_killed_run_resumes(first_run, raw_datalist, tmp_path):
+    """A kill leaves scans without a record and temporary files; the rerun does exactly those scans."""
+    done, first = first_run
+    out = tmp_path / "resumed"
+    shutil.copytree(done, out)
+    by_subject = {r["subject"]: r for r in first}
+    research = out / "records" / f"{Path(by_subject['sub-0004']['slice']).name[:-7]}.json"
+    research.unlink()  # killed before its record was written
+    (out / "slices" / f".{research.stem}.nii.gz.tmp4242.nii.gz").write_bytes(b"half a slice")
+    (out / ".manifest.csv.tmp4242.csv").write_text("subject,sta")
+    blank = next(p for p in (out / "records").iterdir() if json.loads(p.read_text())["subject"] == "bad-empty")
+    blank.write_text(blank.read_text()[:40])  # a record cut short by something else
+    records = preprocess.preprocess_datalist(raw_datalist, out, config_chain(), num_workers=1, progress=False)
+    redone = {r["subject"] for r in records if not r["cached"]}
+    assert redone == {"sub-0004", "bad-empty", "bad-missing"}
+    result = {r["subject"]: r for r in records}
+    assert result["sub-0004"]["status"] == "ok" and result["bad-empty"]["status"] == "failed"
+    again = nib.load(out / result["sub-0004"]["slice"]).get_fdata()
+    assert correlation(again, nib.load(done / by_subject["sub-0004"]["slice"]).get_fdata()) > 0.99
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert len(read_manifest(out)) == 7
+
+
+def test_failures_are_redone_only_on_request(first_run, raw_datalist):
+    out, _ = first_run
+    blank = {"image": str(raw_datalist.parent / "blank.nii.gz"), "subject": "bad-empty"}
+    (kept,) = preprocess.preprocess_items([blank], out, config_chain(), progress=False)
+    (redone,) = preprocess.preprocess_items([blank], out, config_chain(), progress=False, retry_failed=True)
+    assert (kept["cached"], redone["cached"]) == (True, False)
+    assert redone["reason"] == kept["reason"] == "load: empty image: no voxel is above 0"
+
+
+def test_auto_skull_stripping_runs_hdbet_when_its_weights_are_installed(raw_datalist, tiny_hdbet_weights, tmp_path):
+    item = json.loads(raw_datalist.read_text())["training"][0]
+    item["image"] = str(raw_datalist.parent / item["image"])
+    transform = config_chain(skull_strip="auto", hdbet_weights_dir=str(tiny_hdbet_weights))
+    (record,) = preprocess.preprocess_items([item], tmp_path, transform, progress=False)
+    assert (record["status"], record["skull_strip"]) == ("ok", "hdbet"), record["reason"]
+    assert record["seconds"]["skull_strip"] > 0
+    # a different skull stripper is a different result: the cache key changed
+    assert record["key"] != preprocess.cache_key(item["image"], preprocess.chain_settings(config_chain()))
+
+
+def test_nothing_usable_stops_with_an_error(raw_datalist, tmp_path):
+    datalist = json.loads(raw_datalist.read_text())
+    bad = {"test": [{**it, "image": str(raw_datalist.parent / it["image"])} for it in datalist["test"][:3]]}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(SystemExit, match="no scan of .*bad.json could be preprocessed"):
+        preprocess.preprocess_datalist(path, tmp_path / "out", config_chain(), progress=False)
+    assert len(read_manifest(tmp_path / "out")) == 3
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "cannot read the datalist"),
+    ('["a", "b"]', "a datalist is a JSON object of item lists"),
+    ('{"training": [{"subject": "x"}]}', "item 0 of 'training' has no 'image'"),
+])
+def test_bad_datalists_are_named_with_the_reason(tmp_path, content, reason):
+    path = tmp_path / "datalist.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=reason) as err:
+        preprocess.read_datalist(path)
+    assert str(err.value).startswith(str(path))
+
+
+def run_bundle(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": str(home)}  # no ~/hd-bet_params here: auto must fall back to the template
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", "preprocess", "--config_file", str(CONFIG), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_the_bundle_workflow_command(raw_datalist, tmp_path):
+    datalist = json.loads(raw_datalist.read_text())
+    items = [datalist["training"][0], datalist["test"][1]]
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps({"validation": [{**it, "image": str(raw_datalist.parent / it["image"])} for it in items]}))
+    out = tmp_path / "out"
+    result = run_bundle("--datalist", str(path), "--output_dir", str(out), "--num_workers", "2",
+                        "--slice_channels", "3", home=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "skull_strip=auto: no HD-BET weights" in log and "template brain mask" in log
+    assert "preprocess: 1 ok (0 from cache), 1 failed" in log
+    assert "failed: " in log and "blank.nii.gz: load: empty image" in log
+    rows = read_manifest(out)
+    assert rows["sub-0002"]["status"] == "ok" and rows["bad-empty"]["status"] == "failed"
+    produced = json.loads((out / "datalist.json").read_text())
+    assert [it["subject"] for it in produced["validation"]] == ["sub-0002"]
+    three = nib.load(out / produced["validation"][0]["image"])
+    assert three.shape == (128, 128, 3) and (out / "qc_montage.png").is_file()
+    np.testing.assert_allclose(three.affine, mni.slice_affine(0), atol=1e-5)
+
+    failing = tmp_path / "bad.json"
+    failing.write_text(json.dumps({"test": [{"image": str(raw_datalist.parent / "blank.nii.gz")}]}))
+    result = run_bundle("--datalist", str(failing), "--output_dir", str(tmp_path / "bad"), "--num_workers", "1",
+                        home=tmp_path)
+    assert result.returncode != 0
+    assert "no scan of" in result.stderr and "could be preprocessed" in result.stderr
+

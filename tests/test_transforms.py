@@ -1,0 +1,260 @@
+"""The preprocessing transforms: raw phantom scans in any pose -> the phantom's ground-truth MNI slice."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from monai.data import MetaTensor
+from monai.transforms import Compose, LoadImaged, Resized
+
+from scripts import hdbet, mni
+from scripts.transforms import (
+    EnsureSingleVolumed,
+    EstimateMNIAffined,
+    ExtractAxialSliced,
+    FinaliseSliced,
+    N4BiasCorrectd,
+    PreprocessingError,
+    ResampleToMNIGridd,
+    SkullStripd,
+    finalise_slice,
+    slice_nifti,
+)
+
+LOAD = LoadImaged("image", reader="NibabelReader", image_only=True, ensure_channel_first=True)
+
+
+def chain(skull_strip: str = "template", **skull_strip_args) -> Compose:
+    """The chain of configs/preprocess.yaml."""
+    return Compose([
+        LOAD, EnsureSingleVolumed("image"), EstimateMNIAffined("image"), ResampleToMNIGridd("image"),
+        N4BiasCorrectd("image"), SkullStripd("image", method=skull_strip, **skull_strip_args),
+        ExtractAxialSliced(["image", "brain_mask"]), Resized("brain_mask", (128, 128), mode="nearest"),
+        FinaliseSliced("image"),
+    ])
+
+
+def correlation(a, b) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+def mni_image(array: np.ndarray, affine: np.ndarray) -> MetaTensor:
+    return MetaTensor(torch.from_numpy(np.array(array, dtype=np.float32))[None], affine=torch.as_tensor(affine))
+
+
+@pytest.fixture(scope="module")
+def phantom_items(volume_dataset) -> list[dict]:
+    datalist = json.loads((volume_dataset / "datalist.json").read_text())
+    return [{**it, "image": str(volume_dataset / it["image"]), "truth": str(volume_dataset / it["truth_slice"])}
+            for items in datalist.values() for it in items]
+
+
+@pytest.fixture(scope="module")
+def chain_outputs(phantom_items) -> dict:
+    transform = chain()
+    return {it["subject"]: transform({"image": it["image"]}) for it in phantom_items}
+
+
+def test_slices_match_the_phantom_truth_whatever_the_orientation(phantom_items, chain_outputs):
+    assert len({it["orientation"] for it in phantom_items}) >= 3
+    assert {it["grade"] for it in phantom_items} == {"research", "clinical"}
+    for it in phantom_items:
+        out = chain_outputs[it["subject"]]
+        truth = nib.load(it["truth"]).get_fdata()
+        assert out["image"].shape == (1, 128, 128) and out["image"].dtype == np.float32
+        assert out["image"].min() == 0.0 and out["image"].max() == 1.0
+        r = correlation(out["image"][0], truth)
+        assert r > 0.9, f"{it['subject']} ({it['orientation']}, {it['voxel_mm']} mm, {it['grade']}): r = {r:.3f}"
+        assert out["skull_strip"] == "template"
+        assert out["registration"]["template_correlation"] > 0.45
+        # the phantom's heads are within ~20 % of the template's size
+        assert all(0.75 < s < 1.3 for s in out["registration"]["scales"])
+        mask = out["brain_mask"][0].numpy() > 0.5
+        assert 0.3 < mask.mean() < 0.8
+        # skull-stripped: nothing beyond the mask (plus the pixel the bilinear resize blurs across)
+        assert np.all(out["image"][0][~ndimage.binary_dilation(mask, np.ones((3, 3)))] == 0)
+
+
+def test_registration_recovers_a_large_rotation_and_shift(phantom_items, chain_outputs, tmp_path):
+    """A 30 degree pitch and 40 mm shift of the head in the scanner changes nothing in MNI space."""
+    it = next(i for i in phantom_items if i["grade"] == "research")
+    raw = nib.load(it["image"])
+    angle = np.deg2rad(30.0)
+    pose = np.eye(4)
+    pose[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    pose[:3, 3] = [15.0, -40.0, 25.0]
+    moved = tmp_path / "rotated.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(raw.dataobj), pose @ raw.affine, raw.header), moved)
+    out = chain()({"image": str(moved)})
+    truth = nib.load(it["truth"]).get_fdata()
+    assert correlation(out["image"][0], truth) > 0.95
+    assert correlation(out["image"], chain_outputs[it["subject"]]["image"]) > 0.97
+
+
+def test_a_singleton_4th_dimension_is_squeezed(phantom_items, tmp_path):
+    """Also: an uncompressed float64 .nii reads like the int16 .nii.gz with scl_slope it came from."""
+    raw = nib.load(phantom_items[0]["image"])
+    path = tmp_path / "singleton.nii"
+    nib.save(nib.Nifti1Image(np.asarray(raw.dataobj, dtype=np.float64)[..., None], raw.affine), path)
+    three_d = EnsureSingleVolumed("image")(LOAD({"image": phantom_items[0]["image"]}))["image"]
+    four_d = EnsureSingleVolumed("image")(LOAD({"image": str(path)}))["image"]
+    assert four_d.shape == three_d.shape == (1, *raw.shape[:3])
+    assert torch.equal(four_d.as_tensor(), three_d.as_tensor())
+    np.testing.assert_allclose(four_d.affine, raw.affine, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (np.ones((12, 12, 12, 3), np.int16), "4D image with 3 volumes"),
+        (np.zeros((12, 12, 12), np.int16), "empty image"),
+        (np.full((12, 12, 12), -5, np.int16), "empty image"),
+        (np.ones((12, 12, 1), np.int16), "single slice"),
+    ],
+)
+def test_unusable_volumes_are_rejected_with_the_reason(tmp_path, data, reason):
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0])), path)
+    with pytest.raises(PreprocessingError, match=reason):
+        EnsureSingleVolumed("image")(LOAD({"image": str(path)}))
+
+
+def test_registration_failure_is_reported_as_divergence():
+    """Noise has nothing to align: the result is a failure with the reason, not a wrong slice."""
+    rng = np.random.default_rng(0)
+    noise = mni_image(rng.random((60, 60, 60)) + 0.1, np.diag([3.0, 3.0, 3.0, 1.0]))
+    with pytest.raises(PreprocessingError, match="registration diverged"):
+        EstimateMNIAffined("image")({"image": noise})
+
+
+def test_resampling_uses_the_grid_of_the_phantom():
+    """The template's brain mask resampled through its own affine lands on scripts.mni's 130^3 mask."""
+    tpl = mni.load_template(1)
+    out = ResampleToMNIGridd("image")({"image": mni_image(tpl.mask, tpl.affine)})["image"]
+    assert out.shape == (1, *mni.GRID_SHAPE)
+    np.testing.assert_allclose(out.affine, mni.grid_affine(), atol=1e-6)
+    agreement = np.mean((out[0].numpy() > 0.5) == mni.grid_to_template_mask())
+    assert agreement > 0.995
+
+
+def test_n4_flattens_a_bias_field():
+    tpl = mni.load_template(2)
+    grid = ResampleToMNIGridd("image")({"image": mni_image(tpl.t1, tpl.affine)})["image"]
+    x = np.linspace(-1, 1, mni.GRID_SHAPE[0])[:, None, None]
+    biased = grid * torch.from_numpy(np.exp(0.3 * x).astype(np.float32))
+    corrected = N4BiasCorrectd("image")({"image": biased})["image"][0].numpy()
+    white = mni.load_template(1)  # compare white matter on the left and right of the brain
+    wm = ResampleToMNIGridd("image")({"image": mni_image(white.wm, white.affine)})["image"][0].numpy() > 0.9
+    left, right = wm.copy(), wm.copy()
+    left[65:], right[:65] = False, False
+
+    def asymmetry(volume):
+        return abs(np.log(np.median(volume[right]) / np.median(volume[left])))
+
+    assert asymmetry(biased[0].numpy()) > 0.15
+    assert asymmetry(corrected) < 0.3 * asymmetry(biased[0].numpy())
+
+
+def test_template_and_no_skull_stripping():
+    image = mni_image(np.ones(mni.GRID_SHAPE), mni.grid_affine())
+    template = SkullStripd("image", method="template")({"image": image})
+    assert template["skull_strip"] == "template"
+    np.testing.assert_array_equal(template["brain_mask"][0].numpy() > 0, mni.grid_to_template_mask())
+    np.testing.assert_array_equal(template["image"][0].numpy() > 0, mni.grid_to_template_mask())
+    kept = SkullStripd("image", method="none")({"image": image})
+    assert kept["skull_strip"] == "none" and bool(torch.all(kept["image"] == 1))
+    with pytest.raises(PreprocessingError, match="130, 130, 130"):
+        SkullStripd("image", method="template")({"image": mni_image(np.ones((20, 20, 20)), np.eye(4))})
+
+
+def test_auto_skull_stripping_picks_what_is_installed(tmp_path, tiny_hdbet_weights, caplog):
+    with caplog.at_level(logging.INFO, logger="scripts.transforms"):
+        assert SkullStripd("image", method="auto", weights_dir=tmp_path).method == "template"
+        assert "no HD-BET weights" in caplog.text and "template brain mask" in caplog.text
+        caplog.clear()
+        assert SkullStripd("image", method="auto", weights_dir=tiny_hdbet_weights).method == "hdbet"
+        assert "HD-BET weights found" in caplog.text
+    with pytest.raises(FileNotFoundError, match="fold_all/checkpoint_final.pth"):
+        SkullStripd("image", method="hdbet", weights_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown skull_strip"):
+        SkullStripd("image", method="bet")
+
+
+def test_hdbet_runs_its_own_prediction_code_on_given_weights(tiny_hdbet_weights, monkeypatch):
+    """HD-BET's predictor and nnU-Net's inference on a randomly initialised network in a temp folder."""
+    import HD_BET.checkpoint_download
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("HD-BET must never download at run time")
+
+    monkeypatch.setattr(HD_BET.checkpoint_download, "maybe_download_parameters", no_network)
+    monkeypatch.setattr(requests, "get", no_network)
+    tpl = mni.load_template(2)
+    grid = ResampleToMNIGridd("image")({"image": mni_image(tpl.t1, tpl.affine)})["image"]
+    out = SkullStripd("image", method="hdbet", weights_dir=tiny_hdbet_weights)({"image": grid})
+    assert out["skull_strip"] == "hdbet"
+    mask = out["brain_mask"]
+    assert mask.shape == (1, *mni.GRID_SHAPE) and mask.dtype == torch.float32
+    assert set(torch.unique(mask).tolist()) == {0.0, 1.0}
+    assert 0.01 < float(mask.mean()) < 0.99  # random weights, but a real two-class prediction
+    assert bool(torch.all(out["image"][mask == 0] == 0)) and float(out["image"][mask == 1].max()) > 0
+    # the predictor is HD-BET's, loaded from the given folder with the checkpoint's trainer
+    predictor = hdbet.load_predictor(str(tiny_hdbet_weights), "cpu", False)
+    checkpoint = torch.load(tiny_hdbet_weights / hdbet.CHECKPOINT, weights_only=False)
+    assert predictor.trainer_name == hdbet.describe_weights(tiny_hdbet_weights)["trainer"] == "nnUNetTrainer"
+    for name, weights in checkpoint["network_weights"].items():
+        assert torch.equal(predictor.network.state_dict()[name], weights)
+
+
+def test_hdbet_weights_of_a_trainer_variant_load_without_optional_packages(tmp_path, capsys):
+    """nnU-Net's own lookup of e.g. nnUNetTrainerDA5 first imports its Primus trainers (timm, torchvision)."""
+    from conftest import write_tiny_hdbet_weights
+
+    weights = write_tiny_hdbet_weights(tmp_path / "da5", trainer="nnUNetTrainerDA5")
+    volume = np.zeros(mni.GRID_SHAPE, np.float32)
+    volume[30:100, 30:100, 30:100] = 1.0
+    assert hdbet.predict_brain_mask(volume, mni.grid_affine(), weights).shape == mni.GRID_SHAPE
+    assert hdbet.load_predictor(str(weights), "cpu", False).trainer_name == "nnUNetTrainerDA5"
+    assert hdbet.main(["--weights-dir", str(weights)]) == 0
+    assert "trainer nnUNetTrainerDA5 (nnunetv2.training.nnUNetTrainer.variants.data_augmentation" in capsys.readouterr().out
+
+
+def test_hdbet_mask_comes_back_in_the_input_orientation(tiny_hdbet_weights):
+    """The round trip through HD-BET's axis order: a mask can only lie where the input has signal."""
+    volume = np.zeros(mni.GRID_SHAPE, np.float32)
+    volume[5:50, 70:125, 10:60] = np.random.default_rng(0).random((45, 55, 50)) + 0.5
+    mask = hdbet.predict_brain_mask(volume, mni.grid_affine(), tiny_hdbet_weights)
+    assert mask.shape == mni.GRID_SHAPE and mask.any()
+    assert not mask[volume == 0].any()
+
+
+def test_slice_extraction_offset_and_channels():
+    z = np.broadcast_to(np.arange(mni.GRID_SHAPE[2], dtype=np.float32), mni.GRID_SHAPE)
+    image = mni_image(z, mni.grid_affine())
+    one = ExtractAxialSliced("image")({"image": image})
+    assert one["image"].shape == (1, 130, 130) and float(one["image"][0, 0, 0]) == mni.axial_index(0)
+    three = ExtractAxialSliced("image", offset=4, channels=3)({"image": image})
+    assert three["image"].shape == (3, 130, 130) and three["slice_offset"] == 4
+    assert [float(three["image"][c, 7, 9]) for c in range(3)] == [mni.axial_index(4) + d for d in (-1, 0, 1)]
+    with pytest.raises(ValueError, match="leaves the 130-slice grid"):
+        ExtractAxialSliced("image", offset=64, channels=3)
+
+
+def test_finalising_is_the_phantom_fast_path_and_writes_its_format():
+    plane = torch.rand(3, 130, 130)
+    out = FinaliseSliced("image")({"image": plane})["image"]
+    np.testing.assert_array_equal(out, finalise_slice(plane))
+    assert out.shape == (3, 128, 128) and out.min() == 0.0 and out.max() == 1.0
+    single = slice_nifti(out[:1], offset=2)
+    assert single.shape == (128, 128)
+    np.testing.assert_allclose(single.affine, mni.slice_affine(2))
+    assert slice_nifti(out).shape == (128, 128, 3)
+    with pytest.raises(PreprocessingError, match="empty after skull stripping"):
+        FinaliseSliced("image")({"image": torch.zeros(1, 130, 130)})
