@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,7 +51,8 @@ from scripts import cli
 from scripts.mni import GRID_SHAPE, axial_index, grid_affine, load_template, slice_points
 from scripts.transforms import finalise_slice, slice_nifti
 
-PHANTOM_VERSION = "1"
+logger = logging.getLogger(__name__)
+PHANTOM_VERSION = "2"  # bump when rendering changes: cached embedded datasets are regenerated
 SPLITS = ("training", "validation", "test")
 
 
@@ -133,10 +135,11 @@ class Grade:
 
 
 GRADES = {
-    "research": Grade("research", 0.02, 0.06, 0.015, (0.9, 1.1), (0.9, 1.1), 0.0, (0.95, 1.05), 0.03, (1.0, 0.01, 0.7)),
-    "clinical": Grade("clinical", 0.06, 0.30, 0.06, (0.8, 1.0), (4.0, 6.0), 0.7, (0.75, 1.35), 0.08, (2.5, 0.025, 1.5)),
+    "research": Grade("research", 0.02, 0.06, 0.015, (0.9, 1.1), (0.9, 1.1), 0.0, (0.95, 1.05), 0.03, (0.7, 0.007, 0.5)),
+    "clinical": Grade("clinical", 0.06, 0.30, 0.06, (0.8, 1.0), (4.0, 6.0), 0.7, (0.75, 1.35), 0.08, (1.5, 0.015, 1.0)),
 }
 GRADE_CHOICES = (*GRADES, "mixed")
+RESAMPLING_BLUR_PX = 0.6  # fast path: Gaussian sd (130-grid pixels) of the chain's resampling smoothness
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,6 +547,9 @@ def render_slice(
             image = _ghosting(rng, image, axis=2)
         image = _rician(rng, image, grade.noise * TISSUE["wm"])
         image = np.power(np.clip(image, 0, None) / TISSUE["wm"], gamma) * TISSUE["wm"]
+        # The chain's resampling from scanner voxels onto the 130^3 grid smooths anatomy and noise alike;
+        # 0.6 grid pixels matches the high-frequency content of the chain's output on phantom scans of both grades.
+        image = ndimage.gaussian_filter(image, (0, RESAMPLING_BLUR_PX, RESAMPLING_BLUR_PX))
     image = np.where(template_mask, image, 0.0).astype(np.float32)
     return finalise_slice(image)
 
@@ -840,7 +846,9 @@ def ensure_dataset(folder: str | Path, spec: CohortSpec | None = None, mode: str
         found = json.loads(stamp.read_text())
         if all(found.get(k) == v for k, v in wanted.items()):
             return str(folder / "datalist.json")
-        raise FileExistsError(f"{folder}: holds a different phantom dataset; remove it or choose another folder")
+        logger.warning(f"{folder}: phantom of other settings or version {found.get('phantom_version')}; regenerating it")
+    elif folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder}: exists and is not a phantom dataset; choose an empty or new folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

@@ -159,9 +159,14 @@ def test_ensure_dataset_generates_once(tmp_path):
     stamp = (tmp_path / "phantom" / "phantom.json").stat().st_mtime_ns
     assert synthetic.ensure_dataset(tmp_path / "phantom", spec) == path
     assert (tmp_path / "phantom" / "phantom.json").stat().st_mtime_ns == stamp
-    with pytest.raises(FileExistsError, match="different phantom"):
-        synthetic.ensure_dataset(tmp_path / "phantom", replace(spec, seed=2))
+    # other settings (or a newer phantom version): the generated folder is replaced, not mixed
+    synthetic.ensure_dataset(tmp_path / "phantom", replace(spec, seed=2))
+    assert json.loads((tmp_path / "phantom" / "phantom.json").read_text())["spec"]["seed"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "scan.nii.gz").write_bytes(b"user data")
+    with pytest.raises(FileExistsError, match="not a phantom dataset"):
+        synthetic.ensure_dataset(tmp_path / "mine", spec)
 
 
 @pytest.mark.parametrize(
