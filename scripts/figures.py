@@ -86,6 +86,96 @@ def prediction_scatter(predicted, age, out: str | Path, metrics: dict | None = N
     return _save(fig, out)
 
 
+def pad_boxplot(pads: dict, out: str | Path, stats: dict | None = None, title: str | None = None) -> Path:
+    """Brain-PAD distribution per model (paper Figure 2): a box per model, every subject as a point.
+
+    ``stats``: per-model results of ``scripts.analysis.compare_pad_distributions``, printed under the names.
+    """
+    names = list(pads)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.5 * len(names), 4.4))
+    ax.boxplot([np.asarray(pads[name], dtype=float) for name in names], showfliers=False, widths=0.5)
+    jitter = np.random.default_rng(0)
+    for position, name in enumerate(names, start=1):
+        values = np.asarray(pads[name], dtype=float)
+        ax.scatter(position + jitter.uniform(-0.14, 0.14, len(values)), values, s=9, alpha=0.45, zorder=3)
+    ax.axhline(0.0, color="0.5", lw=0.8, ls="--")
+    labels = []
+    for name in names:
+        label = f"{name}\nn = {len(pads[name])}"
+        entry = (stats or {}).get(name, {})
+        if entry.get("ks_statistic") is not None:
+            label += f"\nKS D = {entry['ks_statistic']:.2f}, p = {entry['ks_p']:.1e}"
+        labels.append(label)
+    ax.set_xticks(range(1, len(names) + 1), labels, fontsize=8)
+    ax.set(ylabel="brain-PAD (years)", title=title or "Brain-PAD by model")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def reconstruction_grid(originals: np.ndarray, reconstructions: np.ndarray, out: str | Path,
+                        labels: list[str] | None = None, title: str | None = None) -> Path:
+    """Originals, their reconstructions and the absolute error (paper Figure 4); images are (N, C, H, W)."""
+    originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
+    centre = originals.shape[1] // 2
+    errors = np.abs(reconstructions - originals)[:, centre]
+    vmax_error = max(float(errors.max()), 1e-6)
+    n = len(originals)
+    fig, axes = plt.subplots(3, n, figsize=(2.2 * n + 1.0, 7.0), squeeze=False)
+    for i in range(n):
+        show_slice(axes[0, i], originals[i, centre], labels[i] if labels else None)
+        show_slice(axes[1, i], np.clip(reconstructions[i, centre], 0.0, 1.0),
+                   f"MSE {np.mean(errors[i] ** 2):.1e}, MAE {np.mean(errors[i]):.3f}")
+        shown = axes[2, i].imshow(errors[i].T, origin="lower", cmap="magma", vmin=0.0, vmax=vmax_error,
+                                  interpolation="nearest")
+        axes[2, i].set_axis_off()
+    for row, name in enumerate(("original", "reconstruction", "|error|")):
+        axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right")
+    fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.015, pad=0.015, label="absolute error (intensity)")
+    fig.suptitle(title or "Reconstructions", fontsize=10)
+    return _save(fig, out)
+
+
+def interpolation_grid(frames: np.ndarray, ages, out: str | Path, reencoded_ages=None,
+                       title: str | None = None) -> Path:
+    """Decoded frames of a latent interpolation in a row, each titled with its predicted age (paper Figure 3)."""
+    frames = np.asarray(frames)
+    centre = frames.shape[1] // 2
+    n = len(frames)
+    fig, axes = plt.subplots(1, n, figsize=(1.9 * n, 2.6), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        label = f"z: {float(ages[i]):.1f} y"
+        if reencoded_ages is not None:
+            label += f"\nimage: {float(reencoded_ages[i]):.1f} y"
+        show_slice(ax, np.clip(frames[i, centre], 0.0, 1.0), label)
+    fig.suptitle(title or "Age interpolation", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def counterfactual_grid(frames: np.ndarray, differences: np.ndarray, out: str | Path, labels: list[str] | None = None,
+                        title: str | None = None) -> Path:
+    """Counterfactual ageing: decoded frames on top, their difference from the unshifted decoding below.
+
+    Differences on a symmetric blue-red scale: red where the older-looking frame is brighter (CSF is dark on T1w,
+    so ventricles and sulci widening with age show in blue).
+    """
+    frames, differences = np.asarray(frames), np.asarray(differences)
+    centre = frames.shape[1] // 2
+    limit = max(float(np.abs(differences[:, centre]).max()), 1e-6)
+    n = len(frames)
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n + 1.0, 4.6), squeeze=False)
+    for i in range(n):
+        show_slice(axes[0, i], np.clip(frames[i, centre], 0.0, 1.0), labels[i] if labels else None)
+        shown = axes[1, i].imshow(differences[i, centre].T, origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit,
+                                  interpolation="nearest")
+        axes[1, i].set_axis_off()
+    for row, name in enumerate(("decoded", "difference")):
+        axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right")
+    fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.02, pad=0.02, label="intensity change vs 0 y")
+    fig.suptitle(title or "Counterfactual ageing", fontsize=10)
+    return _save(fig, out)
+
+
 def _save(fig, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,31 @@ def resample(x: torch.Tensor, mode: str) -> torch.Tensor:
     return x
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with a faster CPU path: the mask from 16-bit slices of 64-bit random words.
+
+    PyTorch's CPU dropout draws one Bernoulli sample per element and took ~16% of a training step of the paper
+    model (bench_train_step); random 64-bit words cut into four 16-bit uniforms give the same mask distribution
+    (``p`` rounded to 1/65536) at a fraction of the cost. Same semantics: identity in eval mode, kept elements
+    scaled by 1/(1 - p), seeded by the global torch generator. Other devices use the stock kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p > 0.0 and x.device.type == "cpu" and not self.inplace and not torch.jit.is_scripting():
+            return self._cpu_dropout(x)
+        return F.dropout(x, self.p, self.training, self.inplace)
+
+    @torch.jit.unused
+    def _cpu_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        levels = 1 << 16
+        dropped = round(self.p * levels)  # this many of the 65536 16-bit values drop an element
+        words = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+        uniform16 = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform on [-32768, 32767]
+        scale = torch.tensor(levels / (levels - dropped), dtype=x.dtype)
+        keep_scale = torch.where(uniform16 >= dropped - levels // 2, scale, torch.zeros((), dtype=x.dtype))
+        return x * keep_scale
+
+
 class EncoderResBlock(nn.Module):
     """Unconditioned residual block of the semantic encoder: GN -> SiLU -> [resample] -> conv, plus skip.
 
@@ -101,7 +126,7 @@ class ConditionedResBlock(nn.Module):
         self.time_proj = nn.Linear(embed_dim, 2 * out_channels)
         self.cond_proj = nn.Linear(cond_dim, out_channels)
         self.out_norm = group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.out_conv = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 

@@ -15,6 +15,52 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from scripts import synthetic  # noqa: E402
 
+# A network small enough to train a few steps in seconds; every size is a top-level config key.
+TINY_NETWORK = {
+    "image_size": 32,
+    "base_channels": 8,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [8],
+    "embed_dim": 32,
+    "z_dim": 16,
+    "head_hidden_features": [8, 4],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_network() -> dict:
+    return dict(TINY_NETWORK)
+
+
+@pytest.fixture(scope="session")
+def run_workflow(bundle_root):
+    """Run a bundle workflow in this process (as ``python -m monai.bundle run``), tiny network and CPU."""
+    from monai.bundle import ConfigWorkflow
+
+    def run(config_files, run_id: str, **overrides):
+        files = [str(bundle_root / "configs" / f) for f in ([config_files] if isinstance(config_files, str) else config_files)]
+        settings = {"bundle_root": str(bundle_root), "device": "$torch.device('cpu')", "autocast_dtype": None,
+                    **TINY_NETWORK, **overrides}
+        workflow = ConfigWorkflow(config_file=files, meta_file=str(bundle_root / "configs" / "metadata.json"),
+                                  logging_file=False, workflow_type=None, run_id=run_id, **settings)
+        workflow.initialize()
+        workflow.run()
+        return workflow
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory, run_workflow, slice_dataset) -> dict:
+    """A tiny model trained 2 epochs on ``slice_dataset``: its checkpoint, bias correction and run folder."""
+    root = tmp_path_factory.mktemp("trained")
+    ckpt = root / "models" / "model.pt"
+    run_workflow("train.yaml", "training", datalist=str(slice_dataset / "datalist.json"), output_dir=str(root / "run"),
+                 ckpt_path=str(ckpt), max_epochs=2, batch_size=4, val_batch_size=8)
+    return {"ckpt_path": ckpt, "bias_correction_path": root / "models" / "model_bias_correction.json",
+            "output_dir": root / "run", "datalist": slice_dataset / "datalist.json"}
+
 
 @pytest.fixture(scope="session")
 def bundle_root() -> Path:

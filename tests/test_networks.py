@@ -236,3 +236,23 @@ def test_monai_bundle_verify_net_in_out_accepts_the_network(tmp_path):
     verify_net_in_out(
         net_id="network_def", meta_file=str(tmp_path / "metadata.json"), config_file=str(tmp_path / "inference.json")
     )
+
+
+def test_fast_cpu_dropout_matches_the_stock_semantics():
+    from scripts.networks import Dropout
+
+    dropout = Dropout(0.1).train()
+    x = torch.ones(4, 8, 64, 64, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(1.0 - float(kept.float().mean()) - 0.1) < 0.003  # 131,072 draws: 4 sigma is 0.0033
+    assert torch.allclose(y[kept], torch.tensor(65536 / (65536 - 6554)))  # p rounded to 6554/65536
+    assert abs(float(y.mean()) - 1.0) < 0.005  # unbiased
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the same mask and scale
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)  # seeded by the global generator
+    bf16 = torch.randn(2, 3, 5, 7).bfloat16()  # odd sizes: the mask is cut from whole 64-bit words
+    assert dropout(bf16).dtype == torch.bfloat16 and dropout(bf16).shape == bf16.shape
+    assert torch.equal(dropout.eval()(x), x)

@@ -8,44 +8,10 @@ import sys
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
 
-# A network small enough to train a few steps in seconds; every size is a config key.
-TINY_NETWORK = {
-    "network_def#base_channels": 8,
-    "network_def#channel_mult": [1, 2],
-    "network_def#num_res_blocks": 1,
-    "network_def#encoder_num_res_blocks": 1,
-    "network_def#attention_resolutions": [8],
-    "network_def#embed_dim": 32,
-    "network_def#z_dim": 16,
-    "network_def#head_hidden_features": [8, 4],
-}
-
-
-def run_training(bundle_root, **overrides):
-    settings = {
-        "bundle_root": str(bundle_root),
-        "image_size": 32,
-        "batch_size": 4,
-        "val_batch_size": 8,
-        "max_epochs": 2,
-        "device": "$torch.device('cpu')",
-        "autocast_dtype": None,
-        **TINY_NETWORK,
-        **overrides,
-    }
-    workflow = ConfigWorkflow(
-        config_file=str(bundle_root / "configs" / "train.yaml"),
-        meta_file=str(bundle_root / "configs" / "metadata.json"),
-        logging_file=False,
-        workflow_type=None,
-        run_id="training",
-        **settings,
-    )
-    workflow.initialize()
-    workflow.run()
-    return workflow
+def run_training(run_workflow, **overrides):
+    settings = {"batch_size": 4, "val_batch_size": 8, "max_epochs": 2, **overrides}
+    return run_workflow("train.yaml", "training", **settings)
 
 
 @pytest.fixture
@@ -53,8 +19,8 @@ def outputs(tmp_path):
     return {"output_dir": str(tmp_path / "run"), "ckpt_path": str(tmp_path / "models" / "best.pt")}
 
 
-def test_training_writes_best_model_last_state_and_logs(bundle_root, slice_dataset, outputs, tmp_path):
-    wf = run_training(bundle_root, datalist=str(slice_dataset / "datalist.json"), **outputs)
+def test_training_writes_best_model_last_state_and_logs(run_workflow, slice_dataset, outputs, tmp_path):
+    wf = run_training(run_workflow, datalist=str(slice_dataset / "datalist.json"), **outputs)
     trainer = wf.parser.get_parsed_content("train#trainer")
     evaluator = wf.parser.get_parsed_content("validate#evaluator")
     assert trainer.state.epoch == 2
@@ -75,15 +41,15 @@ def test_training_writes_best_model_last_state_and_logs(bundle_root, slice_datas
     assert float(best["age_head.age_mean"]) == pytest.approx(sum(ages) / len(ages), rel=1e-5)
 
 
-def test_interrupted_run_resumes_with_epoch_count_and_optimizer_state(bundle_root, slice_dataset, outputs, tmp_path):
+def test_interrupted_run_resumes_with_epoch_count_and_optimizer_state(run_workflow, slice_dataset, outputs, tmp_path):
     datalist = str(slice_dataset / "datalist.json")
-    first = run_training(bundle_root, datalist=datalist, max_epochs=1, **outputs)
+    first = run_training(run_workflow, datalist=datalist, max_epochs=1, **outputs)
     steps_per_epoch = first.parser.get_parsed_content("train#trainer").state.epoch_length
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
     assert adam_steps == {steps_per_epoch}
 
-    second = run_training(bundle_root, datalist=datalist, max_epochs=3, **outputs)
+    second = run_training(run_workflow, datalist=datalist, max_epochs=3, **outputs)
     trainer = second.parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 3
     assert trainer.state.iteration == 3 * steps_per_epoch  # continued, not restarted
@@ -93,9 +59,9 @@ def test_interrupted_run_resumes_with_epoch_count_and_optimizer_state(bundle_roo
     assert scheduler.last_epoch == 3
 
 
-def test_unlabelled_scans_train_the_diffusion_arm_only(bundle_root, slice_dataset, outputs):
+def test_unlabelled_scans_train_the_diffusion_arm_only(run_workflow, slice_dataset, outputs):
     """The datalist's unlabelled items reach the trainer with NaN ages; batches mix both kinds."""
-    wf = run_training(bundle_root, datalist=str(slice_dataset / "datalist.json"), max_epochs=1, **outputs)
+    wf = run_training(run_workflow, datalist=str(slice_dataset / "datalist.json"), max_epochs=1, **outputs)
     sampler = wf.parser.get_parsed_content("train#sampler")
     dataset = wf.parser.get_parsed_content("train#dataset")
     batch = next(iter(sampler))
@@ -103,14 +69,14 @@ def test_unlabelled_scans_train_the_diffusion_arm_only(bundle_root, slice_datase
     assert torch.isnan(ages).sum() == 2 and (~torch.isnan(ages)).sum() == 2  # labelled_ratio 0.5 of 4
 
 
-def test_embedded_default_generates_the_phantom_once(bundle_root, outputs, tmp_path):
+def test_embedded_default_generates_the_phantom_once(run_workflow, outputs, tmp_path):
     dataset_dir = tmp_path / "phantom"
     small = "$scripts.data.embedded_phantom(@dataset_dir, n=24)"
-    run_training(bundle_root, dataset_dir=str(dataset_dir), datalist=small, max_epochs=1, **outputs)
+    run_training(run_workflow, dataset_dir=str(dataset_dir), datalist=small, max_epochs=1, **outputs)
     datalist = json.loads((dataset_dir / "datalist.json").read_text())
     assert len(datalist["training"]) + len(datalist["validation"]) + len(datalist["test"]) == 24
     stamp = (dataset_dir / "phantom.json").stat().st_mtime_ns
-    run_training(bundle_root, dataset_dir=str(dataset_dir), datalist=small, max_epochs=1,
+    run_training(run_workflow, dataset_dir=str(dataset_dir), datalist=small, max_epochs=1,
                  output_dir=str(tmp_path / "run2"), ckpt_path=outputs["ckpt_path"])
     assert (dataset_dir / "phantom.json").stat().st_mtime_ns == stamp  # reused, not regenerated
 

@@ -1,0 +1,282 @@
+"""Brain-age inference: raw T1w scans or preprocessed slices -> ``predictions.csv``.
+
+``configs/inference.yaml`` (run id ``inference``) and ``configs/evaluate.yaml`` (run id ``evaluate``) call
+:func:`predict`. The input is one NIfTI file, a folder of them or a datalist; raw scans go through the
+preprocessing chain first (``scripts.preprocess``, cached under ``OUT/preprocessed``), model-input slices
+are used as they are. Prediction runs in MONAI's stock ``SupervisedEvaluator``. A scan that cannot be
+used gets a row with its error and the others go on; the run fails only when nothing could be predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from scripts import data as datalists
+from scripts.analysis import BiasCorrection
+from scripts.mni import SLICE_SIZE, slice_affine
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ("subject", "image", "predicted_age", "age", "brain_pad", "brain_pad_corrected", "split", "error")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def resolve_inputs(source: str | Path, splits: list[str] | None = None) -> list[dict]:
+    """Items ``{"image", "subject", ...}`` for a NIfTI file, a folder of NIfTI files, or a datalist JSON.
+
+    For a datalist, ``splits`` selects item lists (default: every list in it); each item keeps its columns
+    (``age``, ``survival_months``, ...) and gets ``split``. Missing files are not an error here: they become
+    failure rows.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
+        if not files:
+            raise FileNotFoundError(f"{path}: no .nii or .nii.gz files in this folder")
+        return [{"image": str(p), "subject": datalists.subject_from_path(p.name)} for p in files]
+    if path.name.endswith(NIFTI_SUFFIXES):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        return [{"image": str(path), "subject": datalists.subject_from_path(path.name)}]
+    if path.suffix == ".json":
+        if splits is None:
+            raw = datalists.read_json(path)
+            splits = [k for k, v in raw.items() if isinstance(v, list)]
+        loaded = datalists.load_datalist(path, splits, check_files=False, check_leakage=False)
+        return [{**item, "split": split} for split, items in loaded.items() for item in items]
+    raise ValueError(f"{path}: expected a .nii/.nii.gz file, a folder of them, or a datalist .json")
+
+
+def is_model_input(path: str | Path) -> bool:
+    """Whether a NIfTI file already is a 128x128 MNI slice (as written by the chain or the phantom)."""
+    img = nib.load(str(path))
+    shape = img.shape[:2] if len(img.shape) == 2 else img.shape
+    return tuple(shape[:2]) == SLICE_SIZE and len(img.shape) in (2, 3) and np.allclose(
+        img.affine[:3, :3], slice_affine()[:3, :3], atol=1e-3)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def _check_slice(path: str) -> None:
+    """Reject a slice file the network should not see, with the reason."""
+    data = np.asarray(nib.load(path).get_fdata(dtype=np.float32))
+    if not np.isfinite(data).all():
+        raise ValueError("the slice has NaN or infinite values")
+    if data.max() <= 0:
+        raise ValueError("the slice is empty")
+
+
+def prepare_inputs(items: list[dict], output_dir: str | Path, raw_preprocessing=None, num_workers: int = 1,
+                   progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Split items into model-ready slices and failures; raw scans are preprocessed into ``OUT/preprocessed``.
+
+    Ready items get ``source`` (the file given) and ``image`` (the slice); failures get ``error``.
+    """
+    ready, failed, raw = [], [], []
+    for item in items:
+        path = Path(item["image"])
+        if not path.is_file():
+            failed.append({**item, "error": f"load: {path} does not exist"})
+            continue
+        try:
+            model_input = is_model_input(path)
+        except Exception as err:  # unreadable or truncated header: a failure row, not a crash
+            failed.append({**item, "error": f"load: not a readable NIfTI file ({_one_line(err)})"})
+            continue
+        if not model_input:
+            raw.append(item)
+            continue
+        try:
+            _check_slice(str(path))
+            ready.append({**item, "source": item["image"]})
+        except Exception as err:
+            failed.append({**item, "error": f"load: {_one_line(err)}"})
+    if raw:
+        if raw_preprocessing is None:
+            failed += [{**it, "error": "raw scan given but no preprocessing chain configured"} for it in raw]
+        else:
+            from scripts.preprocess import preprocess_items
+
+            out = Path(output_dir) / "preprocessed"
+            records = preprocess_items(raw, out, raw_preprocessing, num_workers=num_workers, progress=progress)
+            for item, record in zip(raw, records):
+                if record["status"] == "ok":
+                    ready.append({**item, "source": item["image"], "image": str(out / record["slice"])})
+                else:
+                    failed.append({**item, "error": record["reason"]})
+    return ready, failed
+
+
+def load_weights(network: torch.nn.Module, ckpt_path: str | Path) -> torch.nn.Module:
+    """Load a checkpoint written by training (``torch.load(weights_only=True)``: no code is unpickled).
+
+    Accepts the best-model file (a state dict) and the resumable ``last.pt`` (``{"network": state dict, ...}``).
+    """
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"{ckpt_path}: no checkpoint; train first (python -m monai.bundle run training ...) "
+                                "or pass --ckpt_path")
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{ckpt_path}: not a readable weights-only checkpoint ({type(err).__name__}: {err})") from None
+    for key in ("network", "model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise ValueError(f"{ckpt_path}: does not fit the configured network ({first}); "
+                         "use the architecture settings the model was trained with") from None
+    return network
+
+
+class _Collector:
+    """Evaluator handler keeping each batch's subjects, predictions and latents (batches are not decollated)."""
+
+    def __init__(self) -> None:
+        self.subjects: list[str] = []
+        self.ages: list[np.ndarray] = []
+        self.latents: list[np.ndarray] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        pred = engine.state.output["pred"]
+        if isinstance(pred, dict):
+            self.latents.append(pred["z"].detach().cpu().numpy())
+            pred = pred["age"]
+        self.ages.append(pred.detach().float().cpu().numpy().reshape(-1))
+        self.subjects += list(engine.state.batch["subject"])
+
+
+def predict(
+    input: str | Path,
+    output_dir: str | Path,
+    network: torch.nn.Module,
+    ckpt_path: str | Path,
+    slice_transforms,
+    raw_preprocessing=None,
+    splits: list[str] | None = None,
+    bias_correction_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    autocast_dtype: str | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    save_latents: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Predict brain age for every scan of ``input``; write ``OUT/predictions.csv`` (and ``OUT/latents/``).
+
+    Columns: ``subject, image, predicted_age`` and, where the true age is known, ``age, brain_pad,
+    brain_pad_corrected`` (the correction fitted on validation data at the end of training, stored at
+    ``bias_correction_path``); ``split`` for datalist inputs; ``error`` for scans that could not be used.
+    """
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedEvaluator
+
+    from scripts.engine import AgeInferer, AgePrepareBatch
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    items = resolve_inputs(input, splits)
+    ready, failed = prepare_inputs(items, out, raw_preprocessing, num_workers, progress)
+    correction = None
+    if bias_correction_path and Path(bias_correction_path).is_file():
+        correction = BiasCorrection.load(bias_correction_path)
+    elif bias_correction_path:
+        logger.warning(f"no age-bias correction at {bias_correction_path}: brain_pad_corrected left empty")
+
+    predictions: dict[int, float] = {}
+    collector = _Collector()
+    if ready:
+        load_weights(network, ckpt_path).eval()
+        evaluator = SupervisedEvaluator(
+            device=torch.device(device),
+            val_data_loader=DataLoader(Dataset(ready, slice_transforms), batch_size=batch_size, shuffle=False),
+            network=network,
+            inferer=AgeInferer(autocast_dtype, return_latent=save_latents),
+            prepare_batch=AgePrepareBatch(),
+            val_handlers=[collector],
+            decollate=False,
+        )
+        evaluator.run()
+        ages = np.concatenate(collector.ages)
+        predictions = dict(enumerate(ages.tolist()))
+        if save_latents:
+            _save_latents(out / "latents", ready, np.concatenate(collector.latents))
+
+    rows = [_row(item, predictions[i], correction) for i, item in enumerate(ready)]
+    rows += [_row(item, math.nan, None) for item in failed]
+    _write_csv(out / "predictions.csv", rows)
+    logger.info(f"inference: {len(ready)} predicted, {len(failed)} failed -> {out / 'predictions.csv'}")
+    for item in failed:
+        logger.warning(f"failed: {item['image']}: {item['error']}")
+    if not ready:
+        raise SystemExit(f"inference: none of the {len(items)} inputs could be used; see {out / 'predictions.csv'}")
+    return out / "predictions.csv"
+
+
+def _row(item: dict, predicted: float, correction: BiasCorrection | None) -> dict:
+    age = item.get("age")
+    known = age is not None and not (isinstance(age, float) and math.isnan(age)) and math.isfinite(predicted)
+    row = {
+        "subject": item.get("subject", ""),
+        "image": item.get("source", item["image"]),
+        "predicted_age": "" if math.isnan(predicted) else round(predicted, 3),
+        "age": age if age is not None and not (isinstance(age, float) and math.isnan(age)) else "",
+        "brain_pad": round(predicted - age, 3) if known else "",
+        "brain_pad_corrected": round(float(correction.corrected_pad([predicted], [age])[0]), 3)
+        if known and correction else "",
+        "split": item.get("split", ""),
+        "error": item.get("error", ""),
+    }
+    # other datalist columns (grade, survival_months, ...) ride along for the analyses
+    extra = {k: v for k, v in item.items() if k not in row and k != "source" and isinstance(v, (str, int, float))}
+    return {**row, **extra}
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Atomic CSV with the standard columns first, then any extra datalist columns (e.g. survival_months)."""
+    columns = list(PREDICTION_COLUMNS)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _save_latents(folder: Path, items: list[dict], latents: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for item, z in zip(items, latents):
+        name = f"{item.get('split', '') + '_' if item.get('split') else ''}{item['subject']}.npy"
+        tmp = folder / f".{name}.tmp{os.getpid()}.npy"
+        np.save(tmp, z.astype(np.float32))
+        os.replace(tmp, folder / name)
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    """Rows of a predictions.csv with numbers parsed (empty cells -> NaN)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        for key in ("predicted_age", "age", "brain_pad", "brain_pad_corrected"):
+            row[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
+    return rows

@@ -1,0 +1,165 @@
+"""Inference (configs/inference.yaml) and evaluation (configs/evaluate.yaml overlay) with a tiny trained model."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from scripts import analysis, inference
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def predict(run_workflow, trained_model, input, output_dir, **overrides):
+    run_workflow("inference.yaml", "inference", input=str(input), output_dir=str(output_dir),
+                 ckpt_path=str(trained_model["ckpt_path"]), num_workers=1, **overrides)
+    return read_csv(output_dir / "predictions.csv")
+
+
+def test_training_fits_the_bias_correction_on_validation(trained_model):
+    correction = json.loads(trained_model["bias_correction_path"].read_text())
+    validation = json.loads(trained_model["datalist"].read_text())["validation"]
+    assert correction["method"] == "beheshti"
+    assert correction["n"] == len(validation)  # fitted on the validation predictions, nothing else
+
+
+def test_datalist_slices_predicted_with_pad_and_corrected_pad(run_workflow, trained_model, tmp_path):
+    rows = predict(run_workflow, trained_model, trained_model["datalist"], tmp_path,
+                   input_splits=["test", "disease"], save_latents=True)
+    datalist = json.loads(trained_model["datalist"].read_text())
+    assert len(rows) == len(datalist["test"]) + len(datalist["disease"])
+    assert list(rows[0])[:8] == list(inference.PREDICTION_COLUMNS)
+    correction = analysis.BiasCorrection.load(trained_model["bias_correction_path"])
+    for row in rows:
+        predicted, age = float(row["predicted_age"]), float(row["age"])
+        assert 0 < predicted < 150 and row["error"] == ""
+        assert float(row["brain_pad"]) == pytest.approx(predicted - age, abs=2e-3)
+        expected = correction.corrected_pad([predicted], [age])[0]
+        assert float(row["brain_pad_corrected"]) == pytest.approx(expected, abs=2e-3)
+    disease = [r for r in rows if r["split"] == "disease"]
+    assert disease and all(float(r["survival_months"]) > 0 for r in disease)  # datalist columns carried over
+    latent = np.load(tmp_path / "latents" / f"test_{rows[0]['subject']}.npy")
+    assert latent.shape == (16,) and np.isfinite(latent).all()
+
+
+def test_predictions_match_the_model_on_the_same_slices(run_workflow, trained_model, tiny_network, tmp_path):
+    from monai.bundle import ConfigParser
+
+    rows = predict(run_workflow, trained_model, trained_model["datalist"], tmp_path, input_splits=["test"])
+    parser = ConfigParser()
+    parser.read_config("configs/inference.yaml")
+    parser.update(tiny_network)
+    network = inference.load_weights(parser.get_parsed_content("network_def"), trained_model["ckpt_path"]).eval()
+    images = [nib.load(r["image"]).get_fdata(dtype=np.float32) for r in rows[:4]]
+    x = torch.nn.functional.interpolate(torch.from_numpy(np.stack(images))[:, None], size=(32, 32), mode="area")
+    with torch.no_grad():
+        expected = network(x)[:, 0].numpy()
+    np.testing.assert_allclose([float(r["predicted_age"]) for r in rows[:4]], expected, atol=2e-3)
+
+
+def test_raw_scans_are_preprocessed_then_predicted(run_workflow, trained_model, volume_dataset, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for scan in sorted((volume_dataset / "volumes").glob("*.nii.gz"))[:2]:
+        shutil.copy(scan, folder / scan.name)
+    (folder / "broken_T1w.nii.gz").write_bytes(gzip.compress(b"not a nifti header at all"))
+    out = tmp_path / "out"
+    rows = predict(run_workflow, trained_model, folder, out)
+    by_subject = {r["subject"]: r for r in rows}
+    assert set(by_subject) == {"sub-0001_T1w", "sub-0002_T1w", "broken_T1w"}
+    for subject in ("sub-0001_T1w", "sub-0002_T1w"):
+        assert float(by_subject[subject]["predicted_age"]) > 0 and by_subject[subject]["error"] == ""
+        assert by_subject[subject]["age"] == ""  # unknown for bare files: no PAD
+    assert by_subject["broken_T1w"]["predicted_age"] == "" and "not a readable NIfTI" in by_subject["broken_T1w"]["error"]
+    assert len(list((out / "preprocessed" / "slices").glob("*.nii.gz"))) == 2
+
+
+def test_single_file_input_and_unusable_inputs(run_workflow, trained_model, slice_dataset, tmp_path):
+    one = slice_dataset / json.loads((slice_dataset / "datalist.json").read_text())["test"][0]["image"]
+    rows = predict(run_workflow, trained_model, one, tmp_path / "one")
+    assert len(rows) == 1 and float(rows[0]["predicted_age"]) > 0
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    nan_slice = nib.load(one)
+    data = nan_slice.get_fdata(dtype=np.float32)
+    data[5, 5] = np.nan
+    nib.save(nib.Nifti1Image(data, nan_slice.affine), bad / "nan_slice.nii.gz")
+    with pytest.raises(SystemExit, match="none of the 1 inputs"):
+        predict(run_workflow, trained_model, bad, tmp_path / "bad_out")
+    rows = read_csv(tmp_path / "bad_out" / "predictions.csv")
+    assert rows[0]["error"] == "load: the slice has NaN or infinite values"
+
+
+def test_evaluate_overlay_writes_metrics_table_and_scatter(run_workflow, trained_model, tmp_path, capsys):
+    out = tmp_path / "eval"
+    run_workflow(["train.yaml", "evaluate.yaml"], "evaluate", datalist=str(trained_model["datalist"]),
+                 output_dir=str(out), ckpt_path=str(trained_model["ckpt_path"]))
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = inference.read_predictions(out / "predictions.csv")
+    test = json.loads(trained_model["datalist"].read_text())["test"]
+    assert len(rows) == len(test) == metrics["n"]
+    predicted = np.array([r["predicted_age"] for r in rows])
+    age = np.array([r["age"] for r in rows])
+    assert metrics["mae"] == pytest.approx(np.abs(predicted - age).mean(), abs=1e-3)
+    assert metrics["r"] == pytest.approx(np.corrcoef(predicted, age)[0, 1], abs=1e-3)
+    assert metrics["bias_correction"] == "beheshti" and "pad_corrected_age_r" in metrics
+    assert (out / "scatter.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "MAE (years)" in printed and "corr(corrected PAD, age)" in printed
+
+
+def test_checkpoint_loading_is_weights_only(tmp_path, trained_model):
+    from scripts.networks import DiffusionAutoencoder
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload()}, evil)
+    with pytest.raises(ValueError, match="not a readable weights-only checkpoint"):
+        inference.load_weights(DiffusionAutoencoder(), evil)
+    with pytest.raises(ValueError, match="does not fit the configured network"):
+        inference.load_weights(DiffusionAutoencoder(), trained_model["ckpt_path"])  # tiny weights, paper network
+    with pytest.raises(FileNotFoundError, match="train first"):
+        inference.load_weights(DiffusionAutoencoder(), tmp_path / "missing.pt")
+
+
+def test_bias_corrections_remove_the_age_dependence_they_were_fitted_on():
+    rng = np.random.default_rng(0)
+    age = rng.uniform(20, 90, 500)
+    predicted = 0.7 * age + 16 + rng.normal(0, 4, age.size)  # regression to the mean
+    for method in ("beheshti", "cole"):
+        correction = analysis.BiasCorrection.fit(predicted, age, method)
+        corrected = correction.corrected_pad(predicted, age)
+        assert abs(np.corrcoef(corrected, age)[0, 1]) < 0.05
+        assert abs(np.corrcoef(predicted - age, age)[0, 1]) > 0.5
+    cole = analysis.BiasCorrection.fit(predicted, age, "cole")
+    assert cole.slope == pytest.approx(0.7, abs=0.02) and cole.intercept == pytest.approx(16, abs=1.5)
+    none = analysis.BiasCorrection.fit(predicted, age, "none")
+    np.testing.assert_allclose(none.corrected_pad(predicted, age), predicted - age)
+    with pytest.raises(ValueError, match="unknown bias correction"):
+        analysis.BiasCorrection.fit(predicted, age, "quantile")
+
+
+def test_regression_metrics_values():
+    age = np.array([20.0, 40.0, 60.0, 80.0])
+    predicted = np.array([25.0, 38.0, 61.0, 70.0])
+    m = analysis.regression_metrics(predicted, age)
+    assert m["mae"] == pytest.approx(np.mean([5, 2, 1, 10]))
+    assert m["rmse"] == pytest.approx(math.sqrt(np.mean([25, 4, 1, 100])))
+    assert m["r2"] == pytest.approx(1 - 130 / 2000)
+    assert m["pad_mean"] == pytest.approx(-1.5)  # PADs 5, -2, 1, -10
+    assert m["n"] == 4 and 0 < m["r_p"] < 0.05
