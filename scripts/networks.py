@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-__all__ = ["AgeHead", "AgePredictor", "ConditionalUNet", "DiffusionAutoencoder", "SemanticEncoder", "count_parameters"]
+__all__ = ["AgeHead", "AgePredictor", "AgeRegressor", "ConditionalUNet", "DiffusionAutoencoder", "SemanticEncoder", "count_parameters"]
 
 # diffae/guided-diffusion normalisation: 32 groups, or one group per channel below 32 channels.
 MAX_NORM_GROUPS = 32
@@ -497,6 +497,32 @@ class AgePredictor(nn.Module):
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         return self.age_head(self.encoder(x0))[:, None]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also takes a whole ``DiffusionAutoencoder`` state dict (the trained ``models/model.pt``): its U-Net
+        weights are not part of the age predictor and are left out, so ``ckpt_export`` loads it strictly."""
+        own = {key: value for key, value in state_dict.items() if not key.startswith("unet.")}
+        return super().load_state_dict(own, strict=strict, assign=assign)
+
+
+class AgeRegressor(nn.Module):
+    """A plain image -> age regressor (the paper's baselines, e.g. MONAI ``DenseNet121``) with the age scale built in.
+
+    The backbone predicts a standardised age; ``age_mean``/``age_std`` buffers (saved with the weights, like
+    ``AgeHead``'s) map it to years, so it is a drop-in for ``DiffusionAutoencoder`` in evaluation, inference and
+    export: ``forward(x0)`` -> (B, 1) years, and ``age_std`` is what the loss standardises with.
+    """
+
+    def __init__(self, backbone: nn.Module, age_mean: float = 56.0, age_std: float = 20.9) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("age_mean", torch.tensor(float(age_mean)))
+        self.register_buffer("age_std", torch.tensor(float(age_std)))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        standardised = self.backbone(x0).reshape(x0.shape[0], 1)
+        standardised = standardised.to(torch.promote_types(standardised.dtype, torch.float32))
+        return standardised * self.age_std + self.age_mean
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -27,6 +27,7 @@ import pickle
 import re
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -110,6 +111,8 @@ def _reason(stage: str, err: Exception) -> str:
     message = str(err)
     if message.startswith("LoadImage cannot find a suitable reader"):
         message = f"not a readable NIfTI file ({_first_reader_error(message) or type(err).__name__})"
+    elif stage == "load" and isinstance(err, (EOFError, zlib.error)):  # a file cut short, e.g. by a killed copy
+        message = f"not a readable NIfTI file (truncated or corrupt: {message})"
     message = " ".join(message.split()) or type(err).__name__
     return f"{stage}: {message[:300]}"
 

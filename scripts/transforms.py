@@ -96,6 +96,34 @@ class EnsureSingleVolumed(MapTransform):
     """
 
     stage = "load"
+    # a head fits in 100-400 mm whatever the scanner; clinical slices are up to ~7 mm thick
+    VOXEL_MM = (0.1, 20.0)
+    FIELD_OF_VIEW_MM = (60.0, 600.0)
+
+    def __init__(self, keys, max_nonfinite_fraction: float = 0.01, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.max_nonfinite_fraction = max_nonfinite_fraction
+
+    def _check_geometry(self, voxel_mm: list[float], shape: list[int]) -> None:
+        shown = "x".join(f"{v:.3g}" for v in voxel_mm)
+        if not all(self.VOXEL_MM[0] <= v <= self.VOXEL_MM[1] for v in voxel_mm):
+            raise PreprocessingError(f"absurd voxel size {shown} mm (expected {self.VOXEL_MM[0]}-{self.VOXEL_MM[1]} mm)")
+        extent = [v * n for v, n in zip(voxel_mm, shape)]
+        if not all(self.FIELD_OF_VIEW_MM[0] <= e <= self.FIELD_OF_VIEW_MM[1] for e in extent):
+            raise PreprocessingError(f"field of view {'x'.join(f'{e:.0f}' for e in extent)} mm cannot be a head "
+                                     f"(voxel size {shown} mm; expected {self.FIELD_OF_VIEW_MM[0]:.0f}-"
+                                     f"{self.FIELD_OF_VIEW_MM[1]:.0f} mm per axis)")
+
+    @staticmethod
+    def _check_intensities(img: torch.Tensor) -> None:
+        """Reject what is clearly not a T1w MR image: a label map or mask, or a CT in Hounsfield units."""
+        values = img.flatten()
+        sample = values[:: max(1, values.numel() // 200_000)]
+        if torch.unique(sample).numel() <= 8:
+            raise PreprocessingError(f"only {torch.unique(sample).numel()} distinct intensities: a label map or mask, "
+                                     "not a T1w image")
+        if float((sample < -500).float().mean()) > 0.1:
+            raise PreprocessingError("over 10% of the voxels are below -500: a CT in Hounsfield units, not a T1w MR image")
 
     def __call__(self, data):
         d = dict(data)
@@ -107,11 +135,20 @@ class EnsureSingleVolumed(MapTransform):
                 raise PreprocessingError(f"4D image with {img.shape[0]} volumes; give one 3D T1w volume")
             if min(img.shape[1:]) < 2:
                 raise PreprocessingError(f"expected a 3D volume, got a single slice of shape {tuple(img.shape[1:])}")
-            img = torch.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
+            finite = torch.isfinite(img)
+            n_bad = int(finite.numel() - finite.sum())
+            if n_bad > self.max_nonfinite_fraction * finite.numel():
+                raise PreprocessingError(f"{100 * n_bad / finite.numel():.1f}% of the voxels are NaN/Inf")
+            if n_bad:
+                logger.warning(f"{n_bad} NaN/Inf voxels set to 0")
+                img = torch.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
             if float(img.max()) <= 0.0:
                 raise PreprocessingError("empty image: no voxel is above 0")
-            if abs(float(torch.linalg.det(torch.as_tensor(img.affine, dtype=torch.float64)[:3, :3]))) < 1e-6:
+            affine = torch.as_tensor(img.affine, dtype=torch.float64)[:3, :3]
+            if abs(float(torch.linalg.det(affine))) < 1e-6:
                 raise PreprocessingError("the voxel-to-world affine in the header is singular")
+            self._check_geometry(affine.norm(dim=0).tolist(), list(img.shape[1:]))
+            self._check_intensities(img)
             d[key] = img
         return d
 

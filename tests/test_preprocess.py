@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,13 @@ def raw_datalist(volume_dataset, tmp_path_factory) -> Path:
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.int16), eye), folder / "blank.nii.gz")
     noise = np.random.default_rng(0).random((60, 60, 60)).astype(np.float32) + 0.1
     nib.save(nib.Nifti1Image(noise, np.diag([3.0, 3.0, 3.0, 1.0])), folder / "noise.nii.gz")
+    whole = (volume_dataset / phantom["sub-0001"]["image"]).read_bytes()
+    (folder / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])  # a copy killed half-way
+    head = np.asarray(nib.load(volume_dataset / phantom["sub-0001"]["image"]).dataobj, dtype=np.float32)
+    head[: head.shape[0] // 4] = np.nan  # a quarter of the field of view lost
+    nib.save(nib.Nifti1Image(head, nib.load(volume_dataset / phantom["sub-0001"]["image"]).affine), folder / "nan.nii.gz")
+    nib.save(nib.Nifti1Image(noise[:, :, 0], np.diag([3.0, 3.0, 3.0, 1.0])), folder / "flat.nii.gz")
+    nib.save(nib.Nifti1Image((noise > 0.6).astype(np.int16), np.diag([3.0, 3.0, 3.0, 1.0])), folder / "mask.nii.gz")
     truth = {s: str(volume_dataset / phantom[s]["truth_slice"]) for s in ("sub-0002", "sub-0004")}
     datalist = {
         "name": "raw phantom scans",
@@ -70,6 +78,10 @@ def raw_datalist(volume_dataset, tmp_path_factory) -> Path:
             {"image": "blank.nii.gz", "subject": "bad-empty"},
             {"image": "missing/nowhere.nii.gz", "subject": "bad-missing"},
             {"image": "noise.nii.gz", "subject": "bad-noise"},
+            {"image": "truncated.nii.gz", "subject": "bad-truncated"},
+            {"image": "nan.nii.gz", "subject": "bad-nan"},
+            {"image": "flat.nii.gz", "subject": "bad-2d"},
+            {"image": "mask.nii.gz", "subject": "bad-mask"},
         ],
     }
     path = folder / "datalist.json"
@@ -86,9 +98,10 @@ def first_run(raw_datalist, tmp_path_factory):
 
 def test_outputs_manifest_and_datalist(first_run, raw_datalist):
     out, records = first_run
-    assert len(records) == 7
+    assert len(records) == 11
     rows = read_manifest(out)
-    assert set(rows) == {"sub-0002", "sub-0004", "bad-garbage", "bad-4d", "bad-empty", "bad-missing", "bad-noise"}
+    assert set(rows) == {"sub-0002", "sub-0004", "bad-garbage", "bad-4d", "bad-empty", "bad-missing", "bad-noise",
+                         "bad-truncated", "bad-nan", "bad-2d", "bad-mask"}
     for subject in ("sub-0002", "sub-0004"):
         row = rows[subject]
         assert (row["status"], row["reason"], row["skull_strip"], row["cached"]) == ("ok", "", "template", "false")
@@ -104,6 +117,10 @@ def test_outputs_manifest_and_datalist(first_run, raw_datalist):
     assert reasons["bad-garbage"] == f"load: not a readable NIfTI file (File {garbage} is not a gzip file)"
     assert reasons["bad-missing"].startswith("load: [Errno 2] No such file or directory")
     assert reasons["bad-noise"].startswith("register: registration diverged: ")
+    assert reasons["bad-truncated"].startswith("load: not a readable NIfTI file (")
+    assert re.fullmatch(r"load: 2[45]\.\d% of the voxels are NaN/Inf", reasons["bad-nan"]), reasons["bad-nan"]
+    assert reasons["bad-2d"] == "load: expected a 3D volume, got an image of shape (60, 60)"
+    assert reasons["bad-mask"] == "load: only 2 distinct intensities: a label map or mask, not a T1w image"
     assert all("\n" not in r for r in reasons.values())
 
     datalist = json.loads((out / "datalist.json").read_text())
@@ -135,6 +152,7 @@ def test_a_second_run_does_no_work(first_run, raw_datalist):
         records = preprocess.preprocess_datalist(raw_datalist, out, config_chain(), num_workers=1, progress=False)
     assert {r["subject"]: r["cached"] for r in records} == {
         "sub-0002": True, "sub-0004": True, "bad-garbage": True, "bad-4d": True, "bad-empty": True, "bad-noise": True,
+        "bad-truncated": True, "bad-nan": True, "bad-2d": True, "bad-mask": True,
         "bad-missing": False,  # nothing to cache: there are no bytes to key on
     }
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted((out / "slices").iterdir())} == before
@@ -162,7 +180,7 @@ def test_a_killed_run_resumes(first_run, raw_datalist, tmp_path):
     again = nib.load(out / result["sub-0004"]["slice"]).get_fdata()
     assert correlation(again, nib.load(done / by_subject["sub-0004"]["slice"]).get_fdata()) > 0.99
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
-    assert len(read_manifest(out)) == 7
+    assert len(read_manifest(out)) == 11
 
 
 def test_failures_are_redone_only_on_request(first_run, raw_datalist):

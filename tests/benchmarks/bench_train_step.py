@@ -1,4 +1,4 @@
-"""Time the training step and age inference of the paper-size model on this machine; prints JSON.
+"""Time the training step and age inference of the paper-size model on this machine; prints (and writes) JSON.
 
 Training step = DiffusionPrepareBatch + DiffusionAutoencoderInferer + SemiSupervisedLoss + backward + Adam step,
 i.e. what MONAI's SupervisedTrainer runs per iteration minus its handlers. Inference = encoder + age head
@@ -7,6 +7,10 @@ i.e. what MONAI's SupervisedTrainer runs per iteration minus its handlers. Infer
     .venv/bin/python tests/benchmarks/bench_train_step.py                 # fp32 and bf16, contiguous and NHWC
     .venv/bin/python tests/benchmarks/bench_train_step.py --dtypes bf16 --layouts channels_last --steps 10
     .venv/bin/python tests/benchmarks/bench_train_step.py --threads 1 --clock cpu   # on a shared, busy machine
+
+Each setting also reports the FLOPs of one call (``torch.utils.flop_counter``: convolutions, matmuls, attention)
+and the achieved GFLOP/s as a share of this machine's measured matmul peak (a large square matmul, fp32 and
+bf16), and the run reports its peak resident memory. ``--out FILE.json`` keeps the report.
 
 Other processes on the same cores distort wall-clock numbers badly (each op waits until all its threads are
 scheduled); ``--threads 1 --clock cpu`` measures this process' CPU time instead, which holds up under load.
@@ -53,11 +57,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: elapsed time; cpu: this process' CPU time (use with --threads 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul of the peak test")
+    parser.add_argument("--out", default=None, help="also write the JSON report to this file")
     return parser.parse_args(argv)
 
 
 def clock(args: argparse.Namespace) -> float:
     return time.process_time() if args.clock == "cpu" else time.perf_counter()
+
+
+def matmul_peak(args: argparse.Namespace) -> dict:
+    """GFLOP/s of a large square matmul in fp32 and bf16: the machine's practical compute ceiling."""
+    n = args.matmul_size
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        times = []
+        for _ in range(5):
+            start = clock(args)
+            a @ b
+            times.append(clock(args) - start)
+        peaks[name] = round(2 * n**3 / min(times) / 1e9, 1)
+    return peaks
+
+
+def count_flops(function) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return int(counter.get_total_flops())
+
+
+def peak_memory_mib() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # kB on Linux
 
 
 def make_batch(args: argparse.Namespace, layout: str) -> dict[str, torch.Tensor]:
@@ -94,7 +131,10 @@ def time_training(args: argparse.Namespace, dtype: str, layout: str) -> dict:
         step()
     times = [step() for _ in range(args.steps)]
     median = statistics.median(times)
+    flops = count_flops(step)
     return {
+        "gflop_per_step": round(flops / 1e9, 2),
+        "achieved_gflop_per_s": round(flops / median / 1e9, 1),
         "dtype": dtype,
         "layout": layout,
         "batch_size": args.batch_size,
@@ -123,7 +163,11 @@ def time_inference(args: argparse.Namespace, dtype: str, layout: str, batch_size
             predictor(images)
             times.append(clock(args) - start)
     median = statistics.median(times)
+    with torch.inference_mode(), autocast:
+        flops = count_flops(lambda: predictor(images))
     return {
+        "gflop_per_image": round(flops / batch_size / 1e9, 3),
+        "achieved_gflop_per_s": round(flops / median / 1e9, 1),
         "dtype": dtype,
         "layout": layout,
         "batch_size": batch_size,
@@ -157,7 +201,15 @@ def main(argv: list[str] | None = None) -> dict:
             for batch_size in args.infer_batches
         ],
     }
-    print(json.dumps(report, indent=2))
+    report["matmul_peak_gflop_per_s"] = peaks = matmul_peak(args)
+    for entry in report["train_step"] + report["age_inference"]:
+        entry["share_of_matmul_peak"] = round(entry["achieved_gflop_per_s"] / peaks[entry["dtype"]], 3)
+    report["peak_memory_mib"] = peak_memory_mib()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
     return report
 
 

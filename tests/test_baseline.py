@@ -1,0 +1,59 @@
+"""The DenseNet121 baseline overlay (configs/baseline_densenet.yaml): same trainer, data, outputs and analyses."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from scripts import analysis
+from scripts.engine import LabelledAgeLoss
+from scripts.inference import read_predictions
+from scripts.networks import AgeRegressor
+
+
+def test_labelled_age_loss_is_the_standardised_mse_over_labelled_images_only():
+    model = AgeRegressor(torch.nn.Linear(2, 1), age_mean=50.0, age_std=10.0)
+    pred = torch.tensor([[60.0], [40.0], [70.0]], requires_grad=True)
+    target = torch.tensor([[50.0], [float("nan")], [50.0]])
+    loss = LabelledAgeLoss(model)(pred, target)
+    assert float(loss) == ((1.0**2) + (2.0**2)) / 2  # (10/10)^2 and (20/10)^2; the NaN target is left out
+    loss.backward()
+    assert pred.grad[1] == 0 and pred.grad[0] != 0
+    unlabelled = LabelledAgeLoss(model)(pred, torch.full((3, 1), float("nan")))
+    assert float(unlabelled) == 0.0
+
+
+def test_densenet_baseline_trains_and_evaluates_through_the_same_workflow(run_workflow, slice_dataset, tmp_path):
+    overlays = ["train.yaml", "baseline_densenet.yaml"]
+    ckpt = tmp_path / "models" / "baseline.pt"
+    settings = {"datalist": str(slice_dataset / "datalist.json"), "ckpt_path": str(ckpt), "batch_size": 4,
+                "val_batch_size": 8}
+    workflow = run_workflow(overlays, "training", output_dir=str(tmp_path / "run"), max_epochs=2, **settings)
+    network = workflow.parser.get_parsed_content("network")
+    assert isinstance(network, AgeRegressor) and type(network.backbone).__name__ == "DenseNet121"
+    # trained on the labelled training items only, with their age statistics
+    training = json.loads((slice_dataset / "datalist.json").read_text())["training"]
+    labelled = [item for item in training if "age" in item]
+    assert len(workflow.parser.get_parsed_content("train_items")) == len(labelled) < len(training)
+    state = torch.load(ckpt, weights_only=True)
+    assert float(state["age_std"]) > 0 and any(key.startswith("backbone.features") for key in state)
+    assert (tmp_path / "models" / "baseline_bias_correction.json").is_file()
+
+    out = tmp_path / "eval"
+    run_workflow([*overlays, "evaluate.yaml"], "evaluate", output_dir=str(out), **settings)
+    with open(out / "predictions.csv", newline="") as fh:
+        columns = next(csv.reader(fh))
+    assert columns[:8] == ["subject", "image", "predicted_age", "age", "brain_pad", "brain_pad_corrected", "split",
+                           "error"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == len(json.loads((slice_dataset / "datalist.json").read_text())["test"])
+
+    # Table 2 across the two kinds of model: the baseline against a copy of itself shifted by 5 years
+    rows = read_predictions(out / "predictions.csv")
+    shifted = [{**row, "brain_pad": row["brain_pad"] + 5.0} for row in rows]
+    result = analysis.compare_pad_distributions({"densenet": rows, "shifted": shifted})
+    assert result["models"]["shifted"]["mean"] - result["models"]["densenet"]["mean"] == pytest.approx(5.0)
+    assert result["models"]["shifted"]["std"] == pytest.approx(result["models"]["densenet"]["std"])
