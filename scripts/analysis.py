@@ -301,7 +301,7 @@ def compare_pad_distributions(named_rows: dict[str, list[dict]], reference: str 
     if boxplot is not None:
         from scripts.figures import pad_boxplot
 
-        pad_boxplot(pads, boxplot, models, title=f"{pad} by model{_where(split)}")
+        pad_boxplot(pads, boxplot, models, title=f"{pad} by model{_where(split).replace(' (', chr(10) + '(', 1)}")
     return result
 
 
@@ -448,26 +448,32 @@ def interpolate(model: torch.nn.Module, young: torch.Tensor, old: torch.Tensor, 
 
 
 def age_direction_shift(age_head: torch.nn.Module, z_sem: torch.Tensor, target_age: float,
-                        max_iterations: int = 50, tolerance: float = 0.05) -> tuple[torch.Tensor, float]:
+                        latent_scale: torch.Tensor | None = None, max_iterations: int = 50,
+                        tolerance: float = 0.05) -> tuple[torch.Tensor, float]:
     """Move ``z_sem`` (z_dim,) along the direction the age head reads until the head says ``target_age``.
 
-    Newton steps along the head's gradient, ``z <- z + (target - head(z)) * g / |g|^2``: the smallest latent move
-    that changes the predicted age to first order, re-linearised at every step because the head (ReLU, BatchNorm)
-    is only piecewise linear. Returns the shifted latent and the age the head gives it (which may fall short of the
-    target where the head saturates).
+    Newton steps along the head's gradient g, re-linearised at every step because the head (ReLU, BatchNorm) is
+    only piecewise linear: ``z <- z + (target - head(z)) * d / (g . d)`` with ``d = latent_scale**2 * g``, the
+    gradient measured in units of how much each latent dimension varies between subjects (``latent_scale``: the
+    per-dimension standard deviation of z_sem over a cohort; None: raw units). Without the scale, the smallest
+    move in raw units follows the few dimensions the head's BatchNorm amplifies most, which barely vary between
+    real subjects and which the decoder may ignore. Returns the shifted latent and the age the head gives it
+    (short of the target where the head saturates).
     """
     z = z_sem.detach().clone().float()[None]
+    scale2 = None if latent_scale is None else latent_scale.detach().float().to(z.device).pow(2)[None]
     with torch.enable_grad():
         for _ in range(max_iterations):
             z.requires_grad_(True)
             age = age_head(z)[0]
-            if abs(float(age) - target_age) <= tolerance:
+            if abs(float(age.detach()) - target_age) <= tolerance:
                 break
             (gradient,) = torch.autograd.grad(age, z)
-            norm2 = float(gradient.pow(2).sum())
-            if norm2 < 1e-12:  # flat region: the head cannot be moved from here
+            direction = gradient if scale2 is None else scale2 * gradient
+            slope = float((gradient * direction).sum())
+            if slope < 1e-12:  # flat region: the head cannot be moved from here
                 break
-            z = (z + (target_age - age.detach()) * gradient / norm2).detach()
+            z = (z + (target_age - age.detach()) * direction / slope).detach()
         z = z.detach()
     return z[0], float(age_head(z)[0])
 
@@ -475,7 +481,8 @@ def age_direction_shift(age_head: torch.nn.Module, z_sem: torch.Tensor, target_a
 @torch.no_grad()
 def counterfactual_ageing(model: torch.nn.Module, image: torch.Tensor, deltas=(-20, -10, 0, 10, 20),
                           ddim_steps: int = 50, batch_size: int = 8,
-                          autocast_dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
+                          autocast_dtype: torch.dtype | str | None = None,
+                          latent_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The same brain decoded younger and older: z_sem moved along the age head's direction, x_T kept.
 
     ``image`` (C, H, W) is encoded once (z_sem and its DDIM-inverted x_T); for each ``delta`` (years relative to
@@ -484,7 +491,8 @@ def counterfactual_ageing(model: torch.nn.Module, image: torch.Tensor, deltas=(-
     each frame minus the unshifted (delta 0) decoding, i.e. the ageing the model has learnt, not reconstruction
     error. ``reencoded_age`` re-reads each decoded frame through encoder and head: whether the change is visible.
     Returns CPU tensors ``deltas``, ``target_age``, ``latent_age`` (what the head gives the shifted z),
-    ``reencoded_age``, ``latent_shift`` (|dz|), ``frames`` and ``differences`` (K, C, H, W).
+    ``reencoded_age``, ``latent_shift`` (|dz|, in units of ``latent_scale`` when given), ``frames`` and
+    ``differences`` (K, C, H, W). ``latent_scale``: see :func:`age_direction_shift` (:func:`latent_spread` gives it).
     """
     deltas = torch.as_tensor(deltas, dtype=torch.float32)
     if deltas.ndim != 1 or len(deltas) == 0:
@@ -495,7 +503,7 @@ def counterfactual_ageing(model: torch.nn.Module, image: torch.Tensor, deltas=(-
         z0, x_T = _in_batches(encode, batch_size, image[None])
         head = model.age_head
         predicted = float(head(z0.to(device))[0])
-        shifted = [age_direction_shift(head, z0[0].to(device), predicted + float(d)) for d in deltas]
+        shifted = [age_direction_shift(head, z0[0].to(device), predicted + float(d), latent_scale) for d in deltas]
         z_sem = torch.stack([z for z, _ in shifted]).cpu()
         (frames,) = _in_batches(decode, batch_size, z_sem, x_T.expand(len(deltas), *x_T.shape[1:]))
         (reencoded_age,) = _in_batches(lambda x: (model.predict_age(x.to(device)),), batch_size, frames)
@@ -504,7 +512,25 @@ def counterfactual_ageing(model: torch.nn.Module, image: torch.Tensor, deltas=(-
         baseline = frames[int(zero[0])] if len(zero) else decode(z0, x_T)[0].cpu()[0]
     return {"deltas": deltas, "predicted_age": torch.tensor(predicted), "target_age": predicted + deltas,
             "latent_age": torch.tensor([age for _, age in shifted]), "reencoded_age": reencoded_age,
-            "latent_shift": (z_sem - z0).norm(dim=1), "frames": frames, "differences": frames - baseline}
+            "latent_shift": ((z_sem - z0) / (1.0 if latent_scale is None else latent_scale.cpu())).norm(dim=1),
+            "frames": frames, "differences": frames - baseline}
+
+
+@torch.no_grad()
+def latent_spread(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 32,
+                  autocast_dtype: torch.dtype | str | None = None) -> torch.Tensor:
+    """Per-dimension standard deviation of z_sem over a cohort of images: the unit latent moves are measured in."""
+    if len(images) < 2:
+        raise ValueError(f"the spread of z_sem needs at least 2 images, got {len(images)}")
+    from scripts.engine import _autocast
+
+    device = next(model.parameters()).device
+    with _eval_mode(model):
+        latents = []
+        for chunk in images.split(batch_size):
+            with _autocast(device, autocast_dtype):
+                latents.append(model.encode(chunk.to(device)).float().cpu())
+    return torch.cat(latents).std(0).clamp_min(1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -539,6 +565,15 @@ def load_model(config_file: str | Path, ckpt_path: str | Path | None = None, dev
     load_weights(network, ckpt_path or parser.get_parsed_content("ckpt_path"))
     network.to(parser.get_parsed_content("device")).eval()
     return network, parser.get_parsed_content("slice_transforms")
+
+
+def config_ddim_steps(config_file: str | Path, default: int = 50) -> int:
+    """The ``ddim_steps`` key of a bundle config (``configs/inference.yaml``: 50), or ``default``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    return int(parser.get_parsed_content("ddim_steps")) if "ddim_steps" in parser else default
 
 
 def _load_slices(items: list[dict], transforms) -> torch.Tensor:
@@ -682,22 +717,30 @@ def _run_counterfactual(args) -> None:
     from scripts.figures import counterfactual_grid
     from scripts.inference import resolve_inputs
 
+    cohort = resolve_inputs(args.datalist or args.reference, [args.split]) if (args.datalist or args.reference) else []
     if args.datalist:
-        items = _spread_by_age(resolve_inputs(args.datalist, [args.split]), 1)
+        items = _spread_by_age(cohort, 1)
         if not items:
             raise ValueError(f"{args.datalist}: no items in split {args.split!r}")
     else:
         items = [{"image": args.image, "subject": subject_from_path(args.image)}]
     model, transforms = load_model(args.config_file, args.ckpt_path, args.device)
     image = _load_slices(items, transforms)[0]
+    scale = None
+    if cohort:
+        reference = [cohort[int(i)] for i in np.linspace(0, len(cohort) - 1, min(len(cohort), args.reference_size))]
+        scale = latent_spread(model, _load_slices(reference, transforms), args.batch_size, _autocast_arg(args))
+        print(f"latent moves in units of the spread of z_sem over {len(reference)} {args.split} images")
     print(f"decoding {len(args.deltas)} counterfactual ages ({args.ddim_steps} DDIM steps each way)...")
-    result = counterfactual_ageing(model, image, args.deltas, args.ddim_steps, args.batch_size, _autocast_arg(args))
+    result = counterfactual_ageing(model, image, args.deltas, args.ddim_steps, args.batch_size, _autocast_arg(args),
+                                   latent_scale=scale)
     subject = _describe(items[0])
     frames = [{"delta": float(d), "target_age": float(t), "latent_age": float(a), "reencoded_age": float(r),
                "latent_shift": float(s), "mean_abs_difference": float(diff.abs().mean())}
               for d, t, a, r, s, diff in zip(result["deltas"], result["target_age"], result["latent_age"],
                                              result["reencoded_age"], result["latent_shift"], result["differences"])]
-    print(_text_table(["delta (y)", "target (y)", "age from z (y)", "age re-encoded (y)", "|dz|", "mean |diff|"], [
+    print(_text_table(["delta (y)", "target (y)", "age from z (y)", "age re-encoded (y)", "|dz| (spread units)"
+                       if scale is not None else "|dz|", "mean |diff|"], [
         [f"{f['delta']:+.0f}", f"{f['target_age']:.1f}", f"{f['latent_age']:.1f}", f"{f['reencoded_age']:.1f}",
          f"{f['latent_shift']:.2f}", f"{f['mean_abs_difference']:.4f}"] for f in frames]))
     out = Path(args.out)
@@ -706,7 +749,7 @@ def _run_counterfactual(args) -> None:
                                       for f in frames],
                               title=f"{_label(subject)}: z_sem moved along the age head's direction "
                                     f"(model says {float(result['predicted_age']):.1f} y)")
-    summary = {"ddim_steps": args.ddim_steps, "subject": subject,
+    summary = {"ddim_steps": args.ddim_steps, "subject": subject, "latent_units": "spread" if scale is not None else "raw",
                "predicted_age": float(result["predicted_age"]), "frames": frames}
     print(f"wrote {png} and {_write_json(summary, out / 'counterfactual.json')}")
 
@@ -719,8 +762,8 @@ def _model_options(parser) -> None:
     parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0; None: the config's device")
     parser.add_argument("--autocast-dtype", choices=AUTOCAST_CHOICES, default="none",
                         help="autocast dtype of the network passes; none = float32, safest for DDIM inversion")
-    parser.add_argument("--ddim-steps", type=cli.positive_int, default=50,
-                        help="DDIM steps each way; must divide 1000")
+    parser.add_argument("--ddim-steps", type=cli.positive_int, default=None,
+                        help="DDIM steps each way, dividing 1000; None: the config's ddim_steps (50 if it has none)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=8, help="images per network pass")
 
 
@@ -788,6 +831,11 @@ def build_parser():
     p.add_argument("--split", default="test", help="datalist split for --datalist")
     p.add_argument("--deltas", type=float, nargs="+", default=[-20, -10, 0, 10, 20],
                    help="age changes in years, relative to the model's prediction for the image")
+    p.add_argument("--reference", default=None,
+                   help="with --image: a datalist whose --split images give the spread of z_sem that latent moves "
+                        "are measured in (--datalist serves itself); None: raw latent units")
+    p.add_argument("--reference-size", type=cli.positive_int, default=64,
+                   help="images of the reference split used for the spread")
     _model_options(p)
     p.add_argument("--out", default="eval/analysis", help="output folder for counterfactual.png/.json")
     p.set_defaults(run=_run_counterfactual)
@@ -805,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "counterfactual" and bool(args.image) == bool(args.datalist):
         parser.error("give --image, or --datalist (its median-age labelled subject)")
     try:
+        if hasattr(args, "ddim_steps") and args.ddim_steps is None:
+            args.ddim_steps = config_ddim_steps(args.config_file)
         args.run(args)
     except (FileNotFoundError, ValueError) as err:  # includes datalist and checkpoint problems: one line, exit 2
         parser.error(" ".join(str(err).split()))

@@ -611,6 +611,9 @@ class _AtomicFileSaver(BaseSaveHandler):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        # a run killed while saving leaves its temporary file (never read: its name is not the checkpoint's)
+        for stale in path.parent.glob(f".{path.name}.tmp*"):
+            stale.unlink(missing_ok=True)
 
     def remove(self, filename: str) -> None:
         if self.filename is None and (not dist.is_initialized() or dist.get_rank() == 0):

@@ -107,7 +107,8 @@ def pad_boxplot(pads: dict, out: str | Path, stats: dict | None = None, title: s
             label += f"\nKS D = {entry['ks_statistic']:.2f}, p = {entry['ks_p']:.1e}"
         labels.append(label)
     ax.set_xticks(range(1, len(names) + 1), labels, fontsize=8)
-    ax.set(ylabel="brain-PAD (years)", title=title or "Brain-PAD by model")
+    ax.set_ylabel("brain-PAD (years)")
+    ax.set_title(title or "Brain-PAD by model", fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
 

@@ -232,6 +232,24 @@ def test_age_direction_shift_reaches_the_target_along_the_head_gradient():
     z, _ = analysis.age_direction_shift(model.age_head, z0.detach(), start + 0.01, max_iterations=1, tolerance=0)
     cosine = torch.nn.functional.cosine_similarity(z - z0.detach(), gradient, dim=0)
     assert float(cosine) == pytest.approx(1.0, abs=1e-5)
+    # with a latent scale the step follows scale^2 * gradient: dimensions that vary more between subjects move more
+    scale = torch.linspace(0.1, 2.0, TINY["z_dim"])
+    z, age = analysis.age_direction_shift(model.age_head, z0.detach(), start + 0.01, scale, max_iterations=1,
+                                          tolerance=0)
+    cosine = torch.nn.functional.cosine_similarity(z - z0.detach(), scale**2 * gradient, dim=0)
+    assert float(cosine) == pytest.approx(1.0, abs=1e-5)
+    z, age = analysis.age_direction_shift(model.age_head, z0.detach(), start + 8.0, scale)
+    assert age == pytest.approx(start + 8.0, abs=0.05)
+
+
+def test_latent_spread_is_the_per_dimension_std_of_z_sem():
+    model = tiny_model(seed=6)
+    x0 = images(5, seed=3)
+    with torch.no_grad():
+        expected = model.eval().encode(x0).std(0)
+    torch.testing.assert_close(analysis.latent_spread(model, x0, batch_size=2), expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        analysis.latent_spread(model, x0[:1])
 
 
 def test_counterfactual_ageing_keeps_x_t_and_moves_only_the_latent_age():
@@ -295,11 +313,20 @@ def test_cli_reconstruct_and_interpolate_write_figures_and_json(tiny_bundle, cap
     assert (tiny_bundle / "out" / "interpolation.png").is_file()
 
     assert analysis.main(["counterfactual", "--datalist", datalist, "--deltas", "-5", "0", "5", *common]) == 0
+    assert json.loads((tiny_bundle / "out" / "counterfactual.json").read_text())["ddim_steps"] == 2
     summary = json.loads((tiny_bundle / "out" / "counterfactual.json").read_text())
     assert summary["subject"]["subject"] == "sub-a"  # the median-age labelled subject
     assert [frame["delta"] for frame in summary["frames"]] == [-5.0, 0.0, 5.0]
     assert summary["frames"][1]["mean_abs_difference"] == 0.0
     assert (tiny_bundle / "out" / "counterfactual.png").is_file()
+
+    # without --ddim-steps: the config's ddim_steps key
+    config = json.loads((tiny_bundle / "config.json").read_text())
+    (tiny_bundle / "config.json").write_text(json.dumps({**config, "ddim_steps": 4}))
+    assert analysis.main(["reconstruct", "--input", datalist, "--n", "1", "--config_file", str(tiny_bundle / "config.json"),
+                          "--out", str(tiny_bundle / "out")]) == 0
+    assert json.loads((tiny_bundle / "out" / "reconstructions.json").read_text())["ddim_steps"] == 4
+    assert analysis.config_ddim_steps("configs/inference.yaml") == 50
 
 
 def test_cli_metrics_association_and_ks(predictions_csv, tmp_path, capsys):
@@ -349,7 +376,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, reason, predictions_csv, tin
                      "--ddim-steps", "--batch-size", "--out"]),
     ("interpolate", ["--young", "--old", "--datalist", "--split", "--frames", "--config_file", "--ckpt_path",
                      "--device", "--autocast-dtype", "--ddim-steps", "--batch-size", "--out"]),
-    ("counterfactual", ["--image", "--datalist", "--split", "--deltas", "--config_file", "--ckpt_path", "--device",
+    ("counterfactual", ["--image", "--datalist", "--reference", "--reference-size", "--split", "--deltas", "--config_file", "--ckpt_path", "--device",
                         "--autocast-dtype", "--ddim-steps", "--batch-size", "--out"]),
 ])
 def test_cli_help_documents_every_option(command, options, capsys):

@@ -124,3 +124,30 @@ def test_a_training_run_killed_with_sigkill_resumes_losing_at_most_one_epoch(bun
     final = torch.load(out / "last.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 6 * saved["trainer"]["epoch_length"]
     assert not list(tmp_path.rglob(".*.tmp*"))
+
+
+def _files(root) -> set:
+    skip = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
+    return {p.relative_to(root) for p in root.rglob("*") if not skip.intersection(p.relative_to(root).parts)}
+
+
+def test_workflows_write_only_under_their_output_folders(run_workflow, bundle_root, slice_dataset, tmp_path):
+    before = _files(bundle_root)
+    run_workflow("train.yaml", "training", datalist=str(slice_dataset / "datalist.json"), max_epochs=1, batch_size=4,
+                 val_batch_size=8, output_dir=str(tmp_path / "run"), ckpt_path=str(tmp_path / "models" / "model.pt"))
+    run_workflow("inference.yaml", "inference", input=str(slice_dataset / "datalist.json"), input_splits=["test"],
+                 output_dir=str(tmp_path / "predicted"), ckpt_path=str(tmp_path / "models" / "model.pt"))
+    assert _files(bundle_root) == before  # nothing new in the bundle (or the current folder, which is the bundle)
+    assert {p.name for p in tmp_path.iterdir()} == {"run", "models", "predicted"}
+    assert {p.name for p in (tmp_path / "models").iterdir()} == {"model.pt", "model_bias_correction.json"}
+
+
+def test_checkpoint_saves_are_atomic_and_clear_temporaries_of_a_killed_save(tmp_path):
+    from scripts.engine import _AtomicFileSaver
+
+    (tmp_path / "last.pt").write_bytes(b"previous complete checkpoint")
+    (tmp_path / ".last.pt.tmp4242").write_bytes(b"half a checkpoint")  # the save a SIGKILL interrupted
+    (tmp_path / ".other.pt.tmp4242").write_bytes(b"not ours")
+    _AtomicFileSaver(tmp_path, "last.pt")({"weight": torch.ones(3)}, "ignored-name.pt")
+    assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["weight"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.tmp4242", "last.pt"]
