@@ -125,6 +125,50 @@ def test_unusable_volumes_are_rejected_with_the_reason(tmp_path, data, reason):
         EnsureSingleVolumed("image")(LOAD({"image": str(path)}))
 
 
+def head_like(shape=(64, 64, 48), seed=0) -> np.ndarray:
+    """A smooth positive volume with many intensities: passes every check a T1w scan should pass."""
+    rng = np.random.default_rng(seed)
+    return (ndimage.gaussian_filter(rng.random(shape), 2) * 1000).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "voxel_mm, data, reason",
+    [
+        ((0.05, 0.05, 0.05), None, "absurd voxel size 0.05x0.05x0.05 mm"),
+        ((50.0, 3.0, 3.0), None, "absurd voxel size 50x3x3 mm"),
+        ((0.5, 0.5, 0.5), None, "field of view 32x32x24 mm cannot be a head"),
+        ((3.0, 3.0, 3.0), "ct", "a CT in Hounsfield units"),
+        ((3.0, 3.0, 3.0), "labels", "only 4 distinct intensities: a label map or mask"),
+        ((3.0, 3.0, 3.0), "nan", "3.1% of the voxels are NaN/Inf"),
+    ],
+)
+def test_implausible_scans_are_rejected_with_the_reason(tmp_path, voxel_mm, data, reason):
+    volume = head_like()
+    if data == "ct":
+        air = np.ones(volume.shape, bool)
+        air[16:48, 16:48, 12:36] = False
+        volume = np.where(air, -1000.0, volume / 20).astype(np.float32)  # air at -1000 HU around ~25 HU tissue
+    elif data == "labels":
+        volume = np.digitize(volume, np.quantile(volume, [0.25, 0.5, 0.75])).astype(np.int16)
+    elif data == "nan":
+        volume[:2] = np.nan  # 2 of 64 planes
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([*voxel_mm, 1.0])), path)
+    with pytest.raises(PreprocessingError, match=reason.replace(".", r"\.")):
+        EnsureSingleVolumed("image")(LOAD({"image": str(path)}))
+
+
+def test_a_few_nan_voxels_are_zeroed_with_a_warning(tmp_path, caplog):
+    volume = head_like()
+    volume[0, 0, :5] = [np.nan, np.inf, -np.inf, np.nan, np.nan]
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([3.0, 3.0, 3.0, 1.0])), path)
+    with caplog.at_level(logging.WARNING, logger="scripts.transforms"):
+        image = EnsureSingleVolumed("image")(LOAD({"image": str(path)}))["image"]
+    assert torch.isfinite(image).all() and float(image[0, 0, 0, :5].abs().sum()) == 0.0
+    assert "5 NaN/Inf voxels set to 0" in caplog.text
+
+
 def test_registration_failure_is_reported_as_divergence():
     """Noise has nothing to align: the result is a failure with the reason, not a wrong slice."""
     rng = np.random.default_rng(0)
