@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ import torch
 from scipy import stats
 
 from scripts import cli
+from scripts.atomic import write_json
 
 BIAS_CORRECTION_METHODS = ("beheshti", "cole", "none")
 
@@ -98,11 +98,7 @@ class BiasCorrection:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> "BiasCorrection":
@@ -204,10 +200,7 @@ def evaluate_predictions(predictions_csv: str | Path, output_dir: str | Path,
     age = np.array([r["age"] for r in rows])
     metrics = regression_metrics(predicted, age, correction)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".metrics.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
     prediction_scatter(predicted, age, out / "scatter.png", metrics)
     print(format_table(metrics, f"Brain-age accuracy on {predictions_csv} (uncorrected predictions)"))
     return metrics
@@ -540,14 +533,6 @@ def latent_spread(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
 AUTOCAST_CHOICES = ("none", "bfloat16", "float16")
 
 
-def _write_json(data: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-    return path
-
-
 def load_model(config_file: str | Path, ckpt_path: str | Path | None = None, device: str | None = None):
     """The network a bundle config defines, with trained weights, in eval mode; and the config's slice transforms.
 
@@ -633,7 +618,7 @@ def _run_association(args) -> None:
 
     result = pad_outcome_association(read_predictions(args.predictions), args.outcome, args.pad, args.split)
     print(format_association(result))
-    print(f"wrote {_write_json({**result, 'predictions': args.predictions}, Path(args.out) / 'association.json')}")
+    print(f"wrote {write_json(Path(args.out) / 'association.json', {**result, 'predictions': args.predictions})}")
 
 
 def _run_ks(args) -> None:
@@ -653,7 +638,7 @@ def _run_ks(args) -> None:
     result = compare_pad_distributions(named_rows, args.reference, args.pad, split, out / "pad_boxplot.png")
     result["predictions"] = dict(zip(names, args.predictions))
     print(format_pad_table(result))
-    print(f"wrote {_write_json(result, out / 'pad_distributions.json')} and {out / 'pad_boxplot.png'}")
+    print(f"wrote {write_json(out / 'pad_distributions.json', result)} and {out / 'pad_boxplot.png'}")
 
 
 def _run_reconstruct(args) -> None:
@@ -680,7 +665,7 @@ def _run_reconstruct(args) -> None:
                               title=f"DDIM reconstructions ({args.ddim_steps} steps, deterministic encoding of x_T)")
     summary = {"ddim_steps": args.ddim_steps, "checkpoint": str(args.ckpt_path or "config default"),
                "mean_mse": float(result["mse"].mean()), "mean_mae": float(result["mae"].mean()), "images": described}
-    print(f"wrote {png} and {_write_json(summary, out / 'reconstructions.json')}")
+    print(f"wrote {png} and {write_json(out / 'reconstructions.json', summary)}")
 
 
 def _run_interpolate(args) -> None:
@@ -709,7 +694,7 @@ def _run_interpolate(args) -> None:
                              reencoded_ages=result["reencoded_age"].numpy(),
                              title=f"{_label(young)} -> {_label(old)}: z_sem linear, x_T spherical interpolation")
     summary = {"ddim_steps": args.ddim_steps, "young": young, "old": old, "frames": frames}
-    print(f"wrote {png} and {_write_json(summary, out / 'interpolation.json')}")
+    print(f"wrote {png} and {write_json(out / 'interpolation.json', summary)}")
 
 
 def _run_counterfactual(args) -> None:
@@ -751,7 +736,7 @@ def _run_counterfactual(args) -> None:
                                     f"(model says {float(result['predicted_age']):.1f} y)")
     summary = {"ddim_steps": args.ddim_steps, "subject": subject, "latent_units": "spread" if scale is not None else "raw",
                "predicted_age": float(result["predicted_age"]), "frames": frames}
-    print(f"wrote {png} and {_write_json(summary, out / 'counterfactual.json')}")
+    print(f"wrote {png} and {write_json(out / 'counterfactual.json', summary)}")
 
 
 def _model_options(parser) -> None:

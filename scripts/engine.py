@@ -603,14 +603,9 @@ class _AtomicFileSaver(BaseSaveHandler):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
-        self.dirname.mkdir(parents=True, exist_ok=True)
-        path = self.dirname / (self.filename or filename)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        from scripts.atomic import write_atomic
+
+        path = write_atomic(self.dirname / (self.filename or filename), lambda tmp: torch.save(checkpoint, tmp))
         # a run killed while saving leaves its temporary file (never read: its name is not the checkpoint's)
         for stale in path.parent.glob(f".{path.name}.tmp*"):
             stale.unlink(missing_ok=True)

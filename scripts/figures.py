@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from scripts import cli  # noqa: E402
+from scripts.atomic import write_atomic  # noqa: E402
 
 
 def show_slice(ax, image: np.ndarray, title: str | None = None, vmax: float = 1.0) -> None:
@@ -178,13 +179,10 @@ def counterfactual_grid(frames: np.ndarray, differences: np.ndarray, out: str | 
 
 
 def _save(fig, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    try:
+        return write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +20,7 @@ import torch
 
 from scripts import data as datalists
 from scripts.analysis import BiasCorrection
+from scripts.atomic import write_atomic, write_csv
 from scripts.mni import SLICE_SIZE, slice_affine
 
 logger = logging.getLogger(__name__)
@@ -259,21 +259,14 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     columns = list(PREDICTION_COLUMNS)
     for row in rows:
         columns += [k for k in row if k not in columns]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n", restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    write_csv(path, rows, columns, restval="")
 
 
 def _save_latents(folder: Path, items: list[dict], latents: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for item, z in zip(items, latents):
         name = f"{item.get('split', '') + '_' if item.get('split') else ''}{item['subject']}.npy"
-        tmp = folder / f".{name}.tmp{os.getpid()}.npy"
-        np.save(tmp, z.astype(np.float32))
-        os.replace(tmp, folder / name)
+        write_atomic(folder / name, lambda tmp, z=z: np.save(tmp, z.astype(np.float32)))
 
 
 def read_predictions(path: str | Path) -> list[dict]:

@@ -17,7 +17,6 @@ a record is done: a second run, or a run resumed after a kill, skips it. A run e
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -32,6 +31,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+
+from scripts.atomic import write_atomic, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -70,22 +71,6 @@ def scan_name(item: dict, key: str) -> str:
     """File-name stem of a scan's outputs: the subject (or the input's file name) and the key."""
     subject = str(item.get("subject") or re.sub(r"\.nii(\.gz)?$", "", Path(item["image"]).name))
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', subject)}_{key[:12]}"
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename: a reader never sees a half-written file under ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
 def _read_record(path: Path) -> dict | None:
@@ -158,7 +143,7 @@ def preprocess_scan(item: dict, output_dir: str | Path, transform, settings: lis
         image = np.asarray(data["image"], dtype=np.float32)
         mask = np.asarray(data["brain_mask"]) if "brain_mask" in data else None
         slice_file, qc_file = f"slices/{name}.nii.gz", f"qc/{name}.png"
-        _write_atomic(out / slice_file, lambda tmp: slice_nifti(image, data.get("slice_offset", 0)).to_filename(tmp))
+        write_atomic(out / slice_file, lambda tmp: slice_nifti(image, data.get("slice_offset", 0)).to_filename(tmp))
         title = str(record["subject"] or name)
         if "registration" in data:
             title += f"  r={data['registration']['template_correlation']:.2f}"
@@ -171,7 +156,7 @@ def preprocess_scan(item: dict, output_dir: str | Path, transform, settings: lis
     record["registration"] = data.get("registration", {})
     record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     record["seconds_total"] = round(time.perf_counter() - start, 3)
-    _write_json(record_path, record)
+    write_json(record_path, record)
     return {**record, "cached": False}
 
 
@@ -274,13 +259,7 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
             **{f"seconds_{s}": seconds.get(s, "") for s in STAGES}, "seconds_total": r.get("seconds_total", ""),
         }
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(row(r) for r in rows)
-
-    _write_atomic(path, write)
+    write_csv(path, [row(r) for r in rows], MANIFEST_COLUMNS)
 
 
 def preprocess_datalist(datalist: str | Path, output_dir: str | Path, transform, num_workers: int = 1,
@@ -302,7 +281,7 @@ def preprocess_datalist(datalist: str | Path, output_dir: str | Path, transform,
     for (split, item), record in zip(entries, records):
         if record["status"] == "ok":
             result[split].append({**item, "image": record["slice"]})
-    _write_json(out / "datalist.json", result)
+    write_json(out / "datalist.json", result)
     write_manifest(out / "manifest.csv", records)
 
     ok = [r for r in records if r["status"] == "ok"]

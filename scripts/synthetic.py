@@ -28,7 +28,6 @@ Run ``python -m scripts.synthetic --help``.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from scipy import ndimage, stats
 
 from scripts import cli
+from scripts.atomic import write_atomic, write_csv, write_json
 from scripts.mni import GRID_SHAPE, axial_index, grid_affine, load_template, slice_points
 from scripts.transforms import finalise_slice, slice_nifti
 
@@ -673,10 +673,7 @@ def true_survival_association(spec: CohortSpec, n: int = 200_000) -> float:
 # Writing datasets
 # --------------------------------------------------------------------------------------------
 def _save_nifti(image: nib.Nifti1Image, path: Path) -> None:
-    """Write atomically: a half-written file never appears under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.nii.gz")
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: nib.save(image, tmp))
 
 
 def write_slice(subject: Subject, path: Path, channels: int = 1, slice_offset: int = 0, acquire: bool = True) -> None:
@@ -772,7 +769,7 @@ def generate(spec: CohortSpec, out: str | Path, mode: str = "slices", channels: 
             item["survival_months"] = s.survival_months
         item.update({k: v for k, v in by_id[s.subject].items() if k in ("truth_slice", "orientation", "voxel_mm")})
         datalist[s.split].append(item)
-    _write_text(out / "datalist.json", json.dumps(datalist, indent=1))
+    write_json(out / "datalist.json", datalist)
 
     rows = [
         {"participant_id": s.subject, "age": s.age, "brain_age": s.brain_age, "delta": round(s.delta, 2),
@@ -781,12 +778,8 @@ def generate(spec: CohortSpec, out: str | Path, mode: str = "slices", channels: 
          "image": by_id[s.subject]["image"]}
         for s in subjects
     ]
-    with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(PARTICIPANT_COLUMNS), delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(fh.name, out / "participants.tsv")
-    _write_text(out / "participants.json", json.dumps({k: {"Description": v} for k, v in PARTICIPANT_COLUMNS.items()}, indent=1))
+    write_csv(out / "participants.tsv", rows, PARTICIPANT_COLUMNS, delimiter="\t")
+    write_json(out / "participants.json", {k: {"Description": v} for k, v in PARTICIPANT_COLUMNS.items()})
 
     floor = accuracy_floor(spec.age_min, spec.age_max, spec.sigma)
     test = [s for s in subjects if s.split == "test"]
@@ -803,7 +796,7 @@ def generate(spec: CohortSpec, out: str | Path, mode: str = "slices", channels: 
         "disease_sample_pad_survival_r": _sample_r([s for s in subjects if s.cohort == "disease"]),
         "seconds_per_subject": float(np.mean([r["seconds"] for r in results])),
     }
-    _write_text(out / "phantom.json", json.dumps(summary, indent=1))
+    write_json(out / "phantom.json", summary)
     return summary
 
 
@@ -824,10 +817,6 @@ def _sample_r(subjects: list[Subject]) -> float | None:
     return float(np.corrcoef([s.delta for s in subjects], [s.survival_months for s in subjects])[0, 1])
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def ensure_dataset(folder: str | Path, spec: CohortSpec | None = None, mode: str = "slices", channels: int = 1,

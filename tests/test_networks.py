@@ -20,21 +20,10 @@ from scripts.networks import (
     count_parameters,
 )
 
-AUTHORS_PARAMETER_COUNT = 10_611_394  # printed by the authors' code as "10.12 M" (= count / 2**20)
+# tests/ is on sys.path under pytest: the tiny model sizes shared with the engine tests
+from test_engine import TINY
 
-TINY = dict(
-    base_channels=8,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    encoder_num_res_blocks=1,
-    attention_resolutions=(8,),
-    image_size=16,
-    embed_dim=32,
-    z_dim=16,
-    dropout=0.0,
-    head_hidden_features=(8, 4),
-    head_dropout=0.0,
-)
+AUTHORS_PARAMETER_COUNT = 10_611_394  # printed by the authors' code as "10.12 M" (= count / 2**20)
 
 
 @pytest.fixture(autouse=True)

@@ -151,3 +151,21 @@ def test_checkpoint_saves_are_atomic_and_clear_temporaries_of_a_killed_save(tmp_
     _AtomicFileSaver(tmp_path, "last.pt")({"weight": torch.ones(3)}, "ignored-name.pt")
     assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["weight"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.tmp4242", "last.pt"]
+
+
+def test_atomic_writes_keep_the_old_file_when_writing_fails_and_keep_the_extension(tmp_path):
+    from scripts.atomic import temporary_path, write_atomic, write_json
+
+    target = write_json(tmp_path / "sub" / "record.json", {"status": "ok"})
+    assert json.loads(target.read_text()) == {"status": "ok"}
+
+    def crash(tmp):
+        tmp.write_text('{"status": "ha')  # the kill or error comes half-way through
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, crash)
+    assert json.loads(target.read_text()) == {"status": "ok"} and sorted(os.listdir(target.parent)) == ["record.json"]
+    # writers that pick the format by suffix (nibabel, numpy, matplotlib) see the target's extension
+    assert temporary_path(tmp_path / "s.nii.gz").name.endswith(".nii.gz")
+    assert temporary_path(tmp_path / "qc.png").name.startswith(".qc.png.tmp")
