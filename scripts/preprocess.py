@@ -230,12 +230,11 @@ def preprocess_items(items: list[dict], output_dir: str | Path, transform, num_w
 # -- datalists ---------------------------------------------------------------------------------
 def read_datalist(path: str | Path) -> dict:
     """A datalist whose item ``image`` paths are made absolute (relative ones resolve against its folder)."""
+    from scripts.data import read_json
+
     path = Path(path)
-    try:
-        datalist = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read the datalist ({err})") from None
-    if not isinstance(datalist, dict) or not any(isinstance(v, list) for v in datalist.values()):
+    datalist = read_json(path)  # DatalistError (a ValueError) when missing, not JSON or not an object
+    if not any(isinstance(v, list) for v in datalist.values()):
         raise ValueError(f"{path}: a datalist is a JSON object of item lists, e.g. {{\"training\": [...]}}")
     for split, items in datalist.items():
         if isinstance(items, list):

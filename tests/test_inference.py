@@ -67,9 +67,6 @@ def test_predictions_match_the_model_on_the_same_slices(run_workflow, trained_mo
         expected = network(x)[:, 0].numpy()
     # inference runs the CPU network channels_last (another float32 summation order): agreement to 0.01 years
     np.testing.assert_allclose([float(r["predicted_age"]) for r in rows[:4]], expected, atol=1e-2)
-    with torch.no_grad():
-        contiguous = network(x.contiguous(memory_format=torch.channels_last))[:, 0].numpy()
-    assert np.abs(contiguous - expected).max() < 1e-2
 
 
 def test_raw_scans_are_preprocessed_then_predicted(run_workflow, trained_model, volume_dataset, tmp_path):

@@ -214,8 +214,10 @@ def test_nothing_usable_stops_with_an_error(raw_datalist, tmp_path):
 
 
 @pytest.mark.parametrize("content, reason", [
-    (None, "cannot read the datalist"),
-    ('["a", "b"]', "a datalist is a JSON object of item lists"),
+    (None, "datalist not found"),
+    ('{"training": [', "not valid JSON"),
+    ('["a", "b"]', "expected an object with split lists"),
+    ('{"name": "no lists"}', "a datalist is a JSON object of item lists"),
     ('{"training": [{"subject": "x"}]}', "item 0 of 'training' has no 'image'"),
 ])
 def test_bad_datalists_are_named_with_the_reason(tmp_path, content, reason):
