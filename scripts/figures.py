@@ -90,7 +90,7 @@ def prediction_scatter(predicted, age, out: str | Path, metrics: dict | None = N
 def pad_boxplot(pads: dict, out: str | Path, stats: dict | None = None, title: str | None = None) -> Path:
     """Brain-PAD distribution per model (paper Figure 2): a box per model, every subject as a point.
 
-    ``stats``: per-model results of ``scripts.analysis.compare_pad_distributions``, printed under the names.
+    ``stats``: per-model results of ``scripts.statistics.compare_pad_distributions``, printed under the names.
     """
     names = list(pads)
     fig, ax = plt.subplots(figsize=(1.8 + 1.5 * len(names), 4.4))
@@ -115,64 +115,148 @@ def pad_boxplot(pads: dict, out: str | Path, stats: dict | None = None, title: s
 
 
 def reconstruction_grid(originals: np.ndarray, reconstructions: np.ndarray, out: str | Path,
-                        labels: list[str] | None = None, title: str | None = None) -> Path:
-    """Originals, their reconstructions and the absolute error (paper Figure 4); images are (N, C, H, W)."""
+                        labels: list[str] | None = None, title: str | None = None,
+                        swapped: np.ndarray | None = None) -> Path:
+    """Originals, their reconstructions and the absolute error (paper Figure 4); images are (N, C, H, W).
+
+    With ``swapped`` (each image's x_T decoded with the next image's z_sem) two more rows show that control and
+    its error: the latent is at work only where the swapped row is visibly worse than the reconstruction.
+    """
     originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
     centre = originals.shape[1] // 2
     errors = np.abs(reconstructions - originals)[:, centre]
-    vmax_error = max(float(errors.max()), 1e-6)
+    rows = [("original", None), ("reconstruction\n(own z)", None), ("|error|", errors)]
+    # one error scale for both rows, set by the own-z errors (a control that leaves the data range saturates it)
+    vmax_error = max(4 * float(np.percentile(errors, 99.5)), 1e-6)
+    if swapped is not None:
+        swapped = np.asarray(swapped)
+        swapped_errors = np.abs(swapped - originals)[:, centre]
+        rows += [("control:\nnext image's z", None), ("|error|\n(control)", swapped_errors)]
     n = len(originals)
-    fig, axes = plt.subplots(3, n, figsize=(2.2 * n + 1.0, 7.0), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n, figsize=(2.2 * n + 1.4, 2.35 * len(rows)), squeeze=False)
     for i in range(n):
         show_slice(axes[0, i], originals[i, centre], labels[i] if labels else None)
+        own_error = np.abs(reconstructions[i, centre] - originals[i, centre])
         show_slice(axes[1, i], np.clip(reconstructions[i, centre], 0.0, 1.0),
-                   f"MSE {np.mean(errors[i] ** 2):.1e}, MAE {np.mean(errors[i]):.3f}")
-        shown = axes[2, i].imshow(errors[i].T, origin="lower", cmap="magma", vmin=0.0, vmax=vmax_error,
+                   f"MSE {np.mean(own_error ** 2):.1e}, MAE {np.mean(own_error):.3f}")
+        shown = axes[2, i].imshow(own_error.T, origin="lower", cmap="magma", vmin=0.0, vmax=vmax_error,
                                   interpolation="nearest")
         axes[2, i].set_axis_off()
-    for row, name in enumerate(("original", "reconstruction", "|error|")):
-        axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right")
-    fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.015, pad=0.015, label="absolute error (intensity)")
+        if swapped is not None:
+            control_error = np.abs(swapped[i, centre] - originals[i, centre])
+            show_slice(axes[3, i], np.clip(swapped[i, centre], 0.0, 1.0),
+                       f"MSE {np.mean(control_error ** 2):.1e}, MAE {np.mean(control_error):.3f}")
+            axes[4, i].imshow(control_error.T, origin="lower", cmap="magma", vmin=0.0, vmax=vmax_error,
+                              interpolation="nearest")
+            axes[4, i].set_axis_off()
+    for row, (name, _) in enumerate(rows):
+        axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right",
+                          fontsize=8)
+    fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.015, pad=0.015, extend="max",
+                 label="absolute error (intensity)")
     fig.suptitle(title or "Reconstructions", fontsize=10)
     return _save(fig, out)
 
 
+def generation_grid(originals: np.ndarray, decodes: np.ndarray, nearest, out: str | Path,
+                    labels: list[str] | None = None, title: str | None = None) -> Path:
+    """Generation from z alone: the originals above, the decodes of one shared x_T with each z below.
+
+    Each decode is titled with the original it is closest to (green when its own, red otherwise).
+    """
+    originals, decodes = np.asarray(originals), np.asarray(decodes)
+    centre = originals.shape[1] // 2
+    n = len(originals)
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n + 1.0, 4.6), squeeze=False)
+    for i in range(n):
+        show_slice(axes[0, i], originals[i, centre], labels[i] if labels else None)
+        show_slice(axes[1, i], np.clip(decodes[i, centre], 0.0, 1.0))
+        own = int(nearest[i]) == i
+        axes[1, i].set_title("nearest: own" if own else f"nearest: #{int(nearest[i]) + 1}", fontsize=8,
+                             color="tab:green" if own else "tab:red")
+    for row, name in enumerate(("original", "decoded from z\n(shared x_T)")):
+        axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right",
+                          fontsize=8)
+    fig.suptitle(title or "Generation from z_sem alone", fontsize=10)
+    return _save(fig, out)
+
+
 def interpolation_grid(frames: np.ndarray, ages, out: str | Path, reencoded_ages=None,
-                       title: str | None = None) -> Path:
-    """Decoded frames of a latent interpolation in a row, each titled with its predicted age (paper Figure 3)."""
+                       title: str | None = None, control_frames: np.ndarray | None = None,
+                       control_ages=None) -> Path:
+    """Decoded frames of a latent interpolation in a row, each titled with its ages (paper Figure 3).
+
+    ``control_frames`` (the same x_T path with z held at the first frame's z) go in a second row: whatever
+    changes there comes from x_T, not from the latent.
+    """
     frames = np.asarray(frames)
     centre = frames.shape[1] // 2
     n = len(frames)
-    fig, axes = plt.subplots(1, n, figsize=(1.9 * n, 2.6), squeeze=False)
+    rows = 1 if control_frames is None else 2
+    fig, axes = plt.subplots(rows, n, figsize=(1.9 * n + 0.6, 2.7 * rows), squeeze=False)
     for i, ax in enumerate(axes[0]):
         label = f"z: {float(ages[i]):.1f} y"
         if reencoded_ages is not None:
             label += f"\nimage: {float(reencoded_ages[i]):.1f} y"
         show_slice(ax, np.clip(frames[i, centre], 0.0, 1.0), label)
+    if control_frames is not None:
+        control_frames = np.asarray(control_frames)
+        for i, ax in enumerate(axes[1]):
+            label = None if control_ages is None else f"image: {float(control_ages[i]):.1f} y"
+            show_slice(ax, np.clip(control_frames[i, centre], 0.0, 1.0), label)
+        for row, name in enumerate(("z and x_T", "control: x_T only")):
+            axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center",
+                              ha="right", fontsize=8)
     fig.suptitle(title or "Age interpolation", fontsize=10)
     fig.tight_layout()
     return _save(fig, out)
 
 
 def counterfactual_grid(frames: np.ndarray, differences: np.ndarray, out: str | Path, labels: list[str] | None = None,
-                        title: str | None = None) -> Path:
+                        title: str | None = None, control_frames: np.ndarray | None = None,
+                        control_differences: np.ndarray | None = None, control_labels: list[str] | None = None,
+                        reference: np.ndarray | None = None) -> Path:
     """Counterfactual ageing: decoded frames on top, their difference from the unshifted decoding below.
 
     Differences on a symmetric blue-red scale: red where the older-looking frame is brighter (CSF is dark on T1w,
-    so ventricles and sulci widening with age show in blue).
+    so ventricles and sulci widening with age show in blue). The control (a random latent direction of the same
+    length) adds two rows on the same scale. ``reference`` (C, H, W), e.g. the phantom's true ageing over the
+    same span, is drawn at the right of the last difference row.
     """
     frames, differences = np.asarray(frames), np.asarray(differences)
     centre = frames.shape[1] // 2
-    limit = max(float(np.abs(differences[:, centre]).max()), 1e-6)
+    maps = [differences[:, centre]]
+    rows = [("decoded", "frame"), ("difference", "map")]
+    if control_frames is not None:
+        control_frames, control_differences = np.asarray(control_frames), np.asarray(control_differences)
+        maps.append(control_differences[:, centre])
+        rows += [("control:\nrandom direction", "control_frame"), ("difference\n(control)", "control_map")]
+    limit = max(float(np.abs(np.concatenate(maps)).max()), 1e-6)
     n = len(frames)
-    fig, axes = plt.subplots(2, n, figsize=(1.9 * n + 1.0, 4.6), squeeze=False)
+    columns = n + (reference is not None)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.9 * columns + 1.0, 2.3 * len(rows)), squeeze=False)
     for i in range(n):
         show_slice(axes[0, i], np.clip(frames[i, centre], 0.0, 1.0), labels[i] if labels else None)
         shown = axes[1, i].imshow(differences[i, centre].T, origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit,
                                   interpolation="nearest")
         axes[1, i].set_axis_off()
-    for row, name in enumerate(("decoded", "difference")):
-        axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right")
+        if control_frames is not None:
+            show_slice(axes[2, i], np.clip(control_frames[i, centre], 0.0, 1.0),
+                       control_labels[i] if control_labels else None)
+            axes[3, i].imshow(control_differences[i, centre].T, origin="lower", cmap="RdBu_r", vmin=-limit,
+                              vmax=limit, interpolation="nearest")
+            axes[3, i].set_axis_off()
+    if reference is not None:
+        for row in range(len(rows)):
+            axes[row, -1].set_axis_off()
+        ref = np.asarray(reference)[np.asarray(reference).shape[0] // 2]
+        ref_limit = max(float(np.abs(ref).max()), 1e-6)
+        axes[1, -1].imshow(ref.T, origin="lower", cmap="RdBu_r", vmin=-ref_limit, vmax=ref_limit,
+                           interpolation="nearest")
+        axes[1, -1].set_title("true ageing\n(phantom)", fontsize=8)
+    for row, (name, _) in enumerate(rows):
+        axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right",
+                          fontsize=8)
     fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.02, pad=0.02, label="intensity change vs 0 y")
     fig.suptitle(title or "Counterfactual ageing", fontsize=10)
     return _save(fig, out)

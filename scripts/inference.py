@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from scripts import data as datalists
-from scripts.analysis import BiasCorrection
+from scripts.calibration import BiasCorrection
 from scripts.atomic import write_atomic, write_csv
 from scripts.mni import SLICE_SIZE, slice_affine
 
@@ -203,6 +203,8 @@ def predict(
 
     predictions: dict[int, float] = {}
     collector = _Collector()
+    precision = f"{autocast_dtype} autocast (the encoder and age head run in float32)" if autocast_dtype else "float32"
+    logger.info(f"inference: {len(ready)} slices on {torch.device(device)}, precision {precision}")
     if ready:
         load_weights(network, ckpt_path).eval()
         # NHWC on CPU: oneDNN's fastest layout for the encoder's convolutions (not for training; see benchmarks)

@@ -32,6 +32,9 @@ from torch import nn
 
 __all__ = ["AgeHead", "AgePredictor", "AgeRegressor", "ConditionalUNet", "DiffusionAutoencoder", "SemanticEncoder", "count_parameters"]
 
+LATENT_NORMS = ("batch", "layer", "none")
+HEAD_NORMS = ("batch", "layer", "none")
+
 # diffae/guided-diffusion normalisation: 32 groups, or one group per channel below 32 channels.
 MAX_NORM_GROUPS = 32
 
@@ -184,7 +187,17 @@ class SemanticEncoder(nn.Module):
 
     Layout: conv_in; per level ``num_res_blocks`` blocks (+ attention where the resolution is listed) and a
     down-sampling residual block between levels; middle = res / attention / res; GN -> SiLU -> global average
-    pool -> linear to ``z_dim`` (diffae's "adaptivenonzero" pooling, whose 1x1 conv is this linear layer).
+    pool -> linear to ``z_dim`` (diffae's "adaptivenonzero" pooling, whose 1x1 conv is this linear layer) ->
+    ``latent_norm``.
+
+    ``latent_norm="batch"`` (default) standardises every latent dimension over the batch (BatchNorm without
+    affine parameters; running statistics at evaluation), so z_sem has an O(1) between-subject scale by
+    construction, at initialisation and throughout training. Without it (``"none"``, the paper's and diffae's
+    plain linear output) the between-subject spread is ~1-5 % of |z| at initialisation and the denoising loss
+    shrinks it further, so the decoder ignores z and the age head reads a vanishing signal (docs/latent.md).
+    ``"layer"`` normalises each latent on its own, which fixes |z| but not the spread between subjects.
+    ``latent_gain`` scales the output layer at initialisation (an alternative measured in docs/latent.md).
+    With ``float32`` (default) the whole encoder runs in float32 under any autocast (see ``_features_fp32``).
     """
 
     def __init__(
@@ -197,8 +210,14 @@ class SemanticEncoder(nn.Module):
         image_size: int = 128,
         num_heads: int = 1,
         z_dim: int = 512,
+        latent_norm: str = "batch",
+        latent_gain: float = 1.0,
+        float32: bool = True,
     ) -> None:
         super().__init__()
+        self.float32 = float32
+        if latent_norm not in LATENT_NORMS:
+            raise ValueError(f"latent_norm must be one of {LATENT_NORMS}, got {latent_norm!r}")
         resolutions = _resolutions(image_size, len(channel_mult))
         ch = base_channels * channel_mult[0]
         blocks: list[nn.Module] = [nn.Conv2d(in_channels, ch, 3, padding=1)]
@@ -214,10 +233,39 @@ class SemanticEncoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.out_norm = group_norm(ch)
         self.out = nn.Linear(ch, z_dim)
+        if latent_gain != 1.0:
+            with torch.no_grad():
+                self.out.weight.mul_(latent_gain)
+                self.out.bias.mul_(latent_gain)
+        if latent_norm == "batch":
+            self.latent_norm: nn.Module = nn.BatchNorm1d(z_dim, affine=False)
+        elif latent_norm == "layer":
+            self.latent_norm = nn.LayerNorm(z_dim, elementwise_affine=False)
+        else:
+            self.latent_norm = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.latent_norm(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent before its standardisation, (B, z_dim) in float32 (what ``latent_norm`` normalises)."""
+        if torch.jit.is_scripting():
+            return self._features(x)
+        if not self.float32:  # the autocast dtype of the caller (wave-1 behaviour, kept for the comparison)
+            return self._features(x).float()
+        return self._features_fp32(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.out_norm(self.blocks(x)))
         return self.out(h.mean(dim=(2, 3)))
+
+    @torch.jit.unused
+    def _features_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 under any autocast: between subjects, the pooled features differ by ~1 % of their size, the order
+        # of bf16 rounding; with a bf16 encoder, predicted ages moved by 0.5 years on average (docs/latent.md).
+        # The encoder is ~10 % of a training step's FLOPs; the U-Net keeps the autocast dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._features(x.to(torch.promote_types(x.dtype, torch.float32)))
 
 
 class UNetStage(nn.Module):
@@ -326,7 +374,12 @@ class ConditionalUNet(nn.Module):
 
 
 class AgeHead(nn.Module):
-    """f_psi: z_sem -> age in years; MLP 512 -> 128 -> 32 -> 1 with ReLU, BatchNorm and dropout between layers.
+    """f_psi: z_sem -> age in years; MLP 512 -> 128 -> 32 -> 1 with ReLU, a normalisation and dropout between layers.
+
+    ``norm="batch"`` is the paper's BatchNorm (Appendix D); on a standardised z_sem the head measures better
+    without it (``"none"``, the default of the bundle's configs; docs/latent.md): BatchNorm is scale-invariant,
+    so it amplified whatever small signal reached it, and its batch statistics over the few labelled images
+    of a training batch are noisy. The head runs in float32 under any autocast.
 
     The last layer predicts a standardised age; ``age_mean``/``age_std`` buffers (saved with the weights) map it
     back to years so every consumer of the model sees years, and the loss uses the same buffers to standardise
@@ -340,17 +393,31 @@ class AgeHead(nn.Module):
         dropout: float = 0.5,
         age_mean: float = 56.0,
         age_std: float = 20.9,
+        norm: str = "none",
     ) -> None:
         super().__init__()
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"head norm must be one of {HEAD_NORMS}, got {norm!r}")
         layers: list[nn.Module] = []
         width = in_features
         for hidden in hidden_features:
-            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.BatchNorm1d(hidden), nn.Dropout(dropout)]
+            if norm == "batch":
+                normalise: nn.Module = nn.BatchNorm1d(hidden)
+            elif norm == "layer":
+                normalise = nn.LayerNorm(hidden)
+            else:
+                normalise = nn.Identity()
+            layers += [nn.Linear(width, hidden), nn.ReLU(), normalise, nn.Dropout(dropout)]
             width = hidden
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
         self.register_buffer("age_mean", torch.tensor(float(age_mean)))
         self.register_buffer("age_std", torch.tensor(float(age_std)))
+
+    @property
+    def has_batchnorm(self) -> bool:
+        """Whether the head normalises over the batch (the paper's ``norm="batch"``)."""
+        return any(isinstance(m, nn.BatchNorm1d) for m in self.mlp)
 
     def set_age_stats(self, mean: float, std: float) -> None:
         """Set the standardisation statistics (training-label mean and std), e.g. before training starts."""
@@ -360,11 +427,21 @@ class AgeHead(nn.Module):
         self.age_std.fill_(float(std))
 
     def forward(self, z_sem: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.years(z_sem)
+        return self._years_fp32(z_sem)
+
+    def years(self, z_sem: torch.Tensor) -> torch.Tensor:
         standardised = self.mlp(z_sem).squeeze(1)
-        # At least float32 before mapping to years: under bf16 autocast the 0-d buffers would not promote the
-        # product, and bf16 years are rounded to 0.25-year steps at age 60.
+        # at least float32 before mapping to years (bf16 years would be rounded to 0.25-year steps at age 60)
         standardised = standardised.to(torch.promote_types(standardised.dtype, torch.float32))
         return standardised * self.age_std + self.age_mean
+
+    @torch.jit.unused
+    def _years_fp32(self, z_sem: torch.Tensor) -> torch.Tensor:
+        # the head in float32 under any autocast: a bf16 latent or hidden layer would move the age
+        with torch.autocast(z_sem.device.type, enabled=False):
+            return self.years(z_sem.to(torch.promote_types(z_sem.dtype, torch.float32)))
 
 
 class DiffusionAutoencoder(nn.Module):
@@ -396,6 +473,10 @@ class DiffusionAutoencoder(nn.Module):
         head_dropout: float = 0.5,
         age_mean: float = 56.0,
         age_std: float = 20.9,
+        latent_norm: str = "batch",
+        latent_gain: float = 1.0,
+        head_norm: str = "none",
+        encoder_fp32: bool = True,
     ) -> None:
         super().__init__()
         self.encoder = SemanticEncoder(
@@ -409,6 +490,9 @@ class DiffusionAutoencoder(nn.Module):
             image_size=image_size,
             num_heads=num_heads,
             z_dim=z_dim,
+            latent_norm=latent_norm,
+            latent_gain=latent_gain,
+            float32=encoder_fp32,
         )
         self.unet = ConditionalUNet(
             in_channels=in_channels,
@@ -422,7 +506,7 @@ class DiffusionAutoencoder(nn.Module):
             z_dim=z_dim,
             dropout=dropout,
         )
-        self.age_head = AgeHead(z_dim, head_hidden_features, head_dropout, age_mean, age_std)
+        self.age_head = AgeHead(z_dim, head_hidden_features, head_dropout, age_mean, age_std, head_norm)
 
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
         """z_sem = s_phi(x0), shape (B, z_dim)."""
@@ -458,13 +542,16 @@ class DiffusionAutoencoder(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """One encoder pass serving both losses: ``{"eps": eps_hat, "age": years (B,), NaN where not predicted}``.
 
-        The head runs on the labelled images only (``labelled`` mask, all if None), so its BatchNorm statistics,
-        and therefore its gradients, come from labelled images alone, as the paper's "without producing an age
-        prediction" for unlabelled ones. In training mode BatchNorm cannot normalise a single item, so a batch
-        with one labelled image gets no age prediction (warned; the sampler avoids such batches). A batch without
-        an age prediction leaves the head unused: under DistributedDataParallel wrap with
-        ``find_unused_parameters=True``.
+        The head runs on the labelled images only (``labelled`` mask, all if None), as the paper's "without
+        producing an age prediction" for unlabelled ones: with the paper's BatchNorm head its batch statistics come
+        from labelled images alone. (The encoder, latent standardisation included, sees every image: it is what
+        the diffusion arm trains.) A BatchNorm head in training mode cannot normalise a single item, so a batch
+        with one labelled image then gets no age prediction (warned). A batch without an age prediction leaves the
+        head unused: under DistributedDataParallel wrap with ``find_unused_parameters=True``.
         """
+        if self.training and x0.shape[0] < 2 and isinstance(self.encoder.latent_norm, nn.BatchNorm1d):
+            raise ValueError("a training batch needs at least 2 images: z_sem is standardised over the batch "
+                             "(latent_norm='batch')")
         z_sem = self.encoder(x0)
         eps = self.unet(x_t, timesteps, z_sem)
         if labelled is None:
@@ -473,10 +560,11 @@ class DiffusionAutoencoder(nn.Module):
         age_dtype = torch.promote_types(x0.dtype, torch.float32)
         age = torch.full((x0.shape[0],), float("nan"), dtype=age_dtype, device=x0.device)
         n_labelled = int(labelled.sum())
-        if n_labelled > 1 or (n_labelled == 1 and not self.age_head.training):
+        batch_statistics = self.age_head.training and self.age_head.has_batchnorm
+        if n_labelled > 1 or (n_labelled == 1 and not batch_statistics):
             age = age.masked_scatter(labelled, self.age_head(z_sem[labelled]))
         elif n_labelled == 1:
-            warnings.warn("a batch with a single labelled image gets no age prediction (BatchNorm needs >= 2)")
+            warnings.warn("a batch with a single labelled image gets no age prediction (the head's BatchNorm needs >= 2)")
         return {"eps": eps, "age": age}
 
     def age_predictor(self) -> AgePredictor:

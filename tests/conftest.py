@@ -38,13 +38,16 @@ def run_workflow(bundle_root):
     """Run a bundle workflow in this process (as ``python -m monai.bundle run``), tiny network and CPU."""
     from monai.bundle import ConfigWorkflow
 
-    def run(config_files, run_id: str, **overrides):
+    def run(config_files, run_id: str, before_run=None, **overrides):
+        """``before_run(workflow)``, if given, runs after ``initialize`` (e.g. to attach a test's own handlers)."""
         files = [str(bundle_root / "configs" / f) for f in ([config_files] if isinstance(config_files, str) else config_files)]
-        settings = {"bundle_root": str(bundle_root), "device": "$torch.device('cpu')", "autocast_dtype": None,
+        settings = {"bundle_root": str(bundle_root), "device": "$torch.device('cpu')", "autocast_dtype": "float32",
                     **TINY_NETWORK, **overrides}
         workflow = ConfigWorkflow(config_file=files, meta_file=str(bundle_root / "configs" / "metadata.json"),
                                   logging_file=False, workflow_type=None, run_id=run_id, **settings)
         workflow.initialize()
+        if before_run is not None:
+            before_run(workflow)
         workflow.run()
         return workflow
 

@@ -12,10 +12,9 @@ import pytest
 import torch
 from scipy import stats
 # tests/ is on sys.path under pytest; one_thread: the autouse single-thread fixture, tiny tensors gain nothing from threads
-from test_engine import TINY, TimeOnlyNoise, one_thread, tiny_model  # noqa: F401
+from test_engine import TINY, one_thread, tiny_model  # noqa: F401
 
-from scripts import analysis
-from scripts.engine import ddim_encode, ddim_scheduler
+from scripts import analysis, statistics
 from scripts.inference import read_predictions
 from scripts.mni import slice_affine
 
@@ -60,13 +59,13 @@ def test_association_is_pearson_over_complete_pairs_of_the_split(predictions_csv
         x, y = pads[selected], survival[selected]
         keep = np.isfinite(x) & np.isfinite(y)
         expected = stats.pearsonr(x[keep], y[keep])
-        result = analysis.pad_outcome_association(rows, split=split)
+        result = statistics.pad_outcome_association(rows, split=split)
         assert result["n"] == keep.sum() == (26 if split else 36)
         assert result["r"] == pytest.approx(expected.statistic, abs=1e-12)
         assert result["p"] == pytest.approx(expected.pvalue, rel=1e-9)
         assert result["r"] < -0.5 and (result["outcome"], result["pad"], result["split"]) == ("survival_months", "brain_pad", split)
 
-    corrected = analysis.pad_outcome_association(rows, pad="brain_pad_corrected", split="disease")
+    corrected = statistics.pad_outcome_association(rows, pad="brain_pad_corrected", split="disease")
     x = np.array([r["brain_pad_corrected"] for r in rows[:30]])
     keep = np.isfinite(x) & np.isfinite(survival[:30])  # the corrected column is complete: only survival is missing
     assert corrected["n"] == 28
@@ -76,12 +75,12 @@ def test_association_is_pearson_over_complete_pairs_of_the_split(predictions_csv
 def test_association_rejects_unknown_columns_splits_and_text(predictions_csv):
     rows = read_predictions(predictions_csv)
     with pytest.raises(ValueError, match="no column 'grade'"):
-        analysis.pad_outcome_association(rows, outcome="grade")
+        statistics.pad_outcome_association(rows, outcome="grade")
     with pytest.raises(ValueError, match="no predictions in split 'validation'.*disease, test"):
-        analysis.pad_outcome_association(rows, split="validation")
+        statistics.pad_outcome_association(rows, split="validation")
     rows[0]["survival_months"] = "alive"
     with pytest.raises(ValueError, match="sub-000: 'alive' is not a number"):
-        analysis.pad_outcome_association(rows)
+        statistics.pad_outcome_association(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------- KS tests
@@ -98,7 +97,7 @@ def test_pad_distributions_match_scipy_and_write_the_box_plot(tmp_path):
     named_rows["brainager"] += [{**named_rows["brainager"][0], "split": "test"}]  # another split: filtered out
 
     png = tmp_path / "box.png"
-    result = analysis.compare_pad_distributions(named_rows, split="disease", boxplot=png)
+    result = statistics.compare_pad_distributions(named_rows, split="disease", boxplot=png)
     assert result["reference"] == "diffae"
     for name, pads in samples.items():
         model = result["models"][name]
@@ -111,161 +110,18 @@ def test_pad_distributions_match_scipy_and_write_the_box_plot(tmp_path):
         expected = stats.ks_2samp(rounded[name], rounded["diffae"])
         assert result["models"][name]["ks_statistic"] == pytest.approx(expected.statistic, abs=1e-12)
         assert result["models"][name]["ks_p"] == pytest.approx(expected.pvalue, rel=1e-9)
-    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
-    assert "KS D" in analysis.format_pad_table(result) and "brainager" in analysis.format_pad_table(result)
+    from PIL import Image
 
-    against_densenet = analysis.compare_pad_distributions(named_rows, reference="densenet", split="disease")
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 400 and image.height > 300
+    assert "KS D" in statistics.format_pad_table(result) and "brainager" in statistics.format_pad_table(result)
+
+    against_densenet = statistics.compare_pad_distributions(named_rows, reference="densenet", split="disease")
     assert against_densenet["models"]["diffae"]["ks_statistic"] == pytest.approx(result["models"]["densenet"]["ks_statistic"])
     with pytest.raises(ValueError, match="reference 'x' is not one of"):
-        analysis.compare_pad_distributions(named_rows, reference="x")
+        statistics.compare_pad_distributions(named_rows, reference="x")
     with pytest.raises(ValueError, match="at least two models"):
-        analysis.compare_pad_distributions({"diffae": named_rows["diffae"]})
-
-
-# ---------------------------------------------------------------------------------------------------- reconstruction
-
-
-def images(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def test_reconstruct_returns_the_ddim_latents_and_errors_deterministically():
-    model = tiny_model().train()
-    x0 = images(3)
-    first = analysis.reconstruct(model, x0, ddim_steps=10, batch_size=2)
-    assert model.training  # the caller's mode comes back
-    second = analysis.reconstruct(model, x0, ddim_steps=10, batch_size=2)
-    assert set(first) == {"z_sem", "x_T", "reconstructions", "mse", "mae"}
-    for key, value in first.items():
-        assert torch.equal(value, second[key]), key
-
-    assert first["z_sem"].shape == (3, TINY["z_dim"])
-    assert first["x_T"].shape == first["reconstructions"].shape == x0.shape
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(first["z_sem"], model.encode(x0))
-        z_sem, scheduler = first["z_sem"], ddim_scheduler(10)
-        # batch by batch as reconstruct ran it: float32 kernels round differently for other batch shapes
-        x_T = torch.cat([ddim_encode(model, x0[:2], z_sem[:2], scheduler), ddim_encode(model, x0[2:], z_sem[2:], scheduler)])
-        torch.testing.assert_close(first["x_T"], x_T)
-    difference = first["reconstructions"] - x0
-    torch.testing.assert_close(first["mse"], (difference**2).mean(dim=(1, 2, 3)))
-    torch.testing.assert_close(first["mae"], difference.abs().mean(dim=(1, 2, 3)))
-    assert (first["mse"] > 1e-6).all()  # a random eps_theta does depend on x_t: the round trip is not exact
-
-
-def test_reconstruct_is_exact_when_eps_ignores_x_t(monkeypatch):
-    model = tiny_model()
-    monkeypatch.setattr(model, "denoise", TimeOnlyNoise().denoise)
-    x0 = images(2)
-    result = analysis.reconstruct(model, x0, ddim_steps=20)
-    assert result["x_T"].std() > 0.3  # really noised
-    torch.testing.assert_close(result["reconstructions"], x0, atol=2e-4, rtol=0)
-    assert result["mae"].max() < 1e-4 and result["mse"].max() < 1e-8
-
-
-# ----------------------------------------------------------------------------------------------------- interpolation
-
-
-def test_interpolation_ends_are_the_reconstructions_and_predictions_of_the_two_images():
-    model = tiny_model(seed=3)
-    x0 = images(2, seed=1)
-    # one image per pass in both calls: float32 kernels round differently for other batch shapes, and a random
-    # eps_theta amplifies such differences over the DDIM steps
-    result = analysis.interpolate(model, x0[0], x0[1], n_frames=5, ddim_steps=10, batch_size=1)
-    assert result["frames"].shape == (5, 1, 16, 16)
-    assert result["weights"].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
-
-    ends = analysis.reconstruct(model, x0, ddim_steps=10, batch_size=1)
-    for frame, end in ((0, 0), (-1, 1)):
-        assert torch.equal(result["z_sem"][frame], ends["z_sem"][end])
-        torch.testing.assert_close(result["x_T"][frame], ends["x_T"][end], atol=0, rtol=1e-7)
-        torch.testing.assert_close(result["frames"][frame], ends["reconstructions"][end])
-    with torch.no_grad():
-        torch.testing.assert_close(result["predicted_age"][[0, -1]], model.eval().predict_age(x0))
-        torch.testing.assert_close(result["reencoded_age"], model.predict_age(result["frames"]))
-    assert abs(float(result["predicted_age"][0] - result["predicted_age"][-1])) > 1e-3  # the two ends differ
-
-    # z_sem on the straight line, x_T spherically interpolated between the ends' x_T
-    torch.testing.assert_close(result["z_sem"][2], (ends["z_sem"][0] + ends["z_sem"][1]) / 2)
-    torch.testing.assert_close(result["x_T"], analysis.slerp(ends["x_T"][0], ends["x_T"][1], result["weights"]))
-
-    with pytest.raises(ValueError, match="at least 2 frames"):
-        analysis.interpolate(model, x0[0], x0[1], n_frames=1)
-
-
-def test_slerp_walks_the_great_circle_at_constant_norm():
-    start = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(0))
-    end = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(1))
-    end = end * start.norm() / end.norm()
-    weights = torch.linspace(0, 1, 6)
-    path = analysis.slerp(start, end, weights)
-    assert path.shape == (6, 1, 8, 8) and torch.equal(path[0], start)
-    torch.testing.assert_close(path[-1], end)
-    theta = math.acos(float((start * end).sum() / start.norm() ** 2))
-    for point, weight in zip(path, weights.tolist()):
-        assert float(point.norm()) == pytest.approx(float(start.norm()), rel=1e-5)
-        cosine = float((point * start).sum() / start.norm() ** 2)
-        assert math.acos(min(cosine, 1.0)) == pytest.approx(weight * theta, abs=1e-3)
-    # parallel ends: the straight line (no division by sin(0))
-    torch.testing.assert_close(analysis.slerp(start, 2 * start, weights)[2], 1.4 * start)
-
-
-# ------------------------------------------------------------------------------------------------ counterfactual ageing
-
-
-def test_age_direction_shift_reaches_the_target_along_the_head_gradient():
-    model = tiny_model(seed=4).eval()
-    z0 = torch.randn(TINY["z_dim"], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        start = float(model.age_head(z0[None])[0])
-    for delta in (-15.0, 0.0, 12.0):
-        z, age = analysis.age_direction_shift(model.age_head, z0, start + delta)
-        with torch.no_grad():
-            assert float(model.age_head(z[None])[0]) == pytest.approx(age)
-        assert age == pytest.approx(start + delta, abs=0.05)
-        if delta == 0.0:
-            assert torch.equal(z, z0)  # already there: no move
-    # a first step is along the gradient: the shift is parallel to it
-    z0.requires_grad_(True)
-    (gradient,) = torch.autograd.grad(model.age_head(z0[None])[0], z0)
-    z, _ = analysis.age_direction_shift(model.age_head, z0.detach(), start + 0.01, max_iterations=1, tolerance=0)
-    cosine = torch.nn.functional.cosine_similarity(z - z0.detach(), gradient, dim=0)
-    assert float(cosine) == pytest.approx(1.0, abs=1e-5)
-    # with a latent scale the step follows scale^2 * gradient: dimensions that vary more between subjects move more
-    scale = torch.linspace(0.1, 2.0, TINY["z_dim"])
-    z, age = analysis.age_direction_shift(model.age_head, z0.detach(), start + 0.01, scale, max_iterations=1,
-                                          tolerance=0)
-    cosine = torch.nn.functional.cosine_similarity(z - z0.detach(), scale**2 * gradient, dim=0)
-    assert float(cosine) == pytest.approx(1.0, abs=1e-5)
-    z, age = analysis.age_direction_shift(model.age_head, z0.detach(), start + 8.0, scale)
-    assert age == pytest.approx(start + 8.0, abs=0.05)
-
-
-def test_latent_spread_is_the_per_dimension_std_of_z_sem():
-    model = tiny_model(seed=6)
-    x0 = images(5, seed=3)
-    with torch.no_grad():
-        expected = model.eval().encode(x0).std(0)
-    torch.testing.assert_close(analysis.latent_spread(model, x0, batch_size=2), expected, atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="at least 2 images"):
-        analysis.latent_spread(model, x0[:1])
-
-
-def test_counterfactual_ageing_keeps_x_t_and_moves_only_the_latent_age():
-    model = tiny_model(seed=5)
-    x0 = images(1, seed=2)[0]
-    result = analysis.counterfactual_ageing(model, x0, deltas=[-10, 0, 10], ddim_steps=5, batch_size=1)
-    assert result["frames"].shape == result["differences"].shape == (3, 1, 16, 16)
-    torch.testing.assert_close(result["target_age"], result["predicted_age"] + torch.tensor([-10.0, 0.0, 10.0]))
-    torch.testing.assert_close(result["latent_age"], result["target_age"], atol=0.05, rtol=0)
-    # delta 0 is the plain reconstruction and the zero point of the difference maps
-    reconstruction = analysis.reconstruct(model, x0[None], ddim_steps=5, batch_size=1)["reconstructions"][0]
-    torch.testing.assert_close(result["frames"][1], reconstruction)
-    assert result["latent_shift"][1] == 0 and torch.count_nonzero(result["differences"][1]) == 0
-    assert result["latent_shift"][0] > 0 and result["differences"][0].abs().max() > 0
-    with torch.no_grad():
-        torch.testing.assert_close(result["reencoded_age"], model.eval().predict_age(result["frames"]))
+        statistics.compare_pad_distributions({"diffae": named_rows["diffae"]})
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI
@@ -274,7 +130,12 @@ def test_counterfactual_ageing_keeps_x_t_and_moves_only_the_latent_age():
 @pytest.fixture
 def tiny_bundle(tmp_path, bundle_root):
     """A config + checkpoint of a tiny model and three labelled model-input slices in a datalist."""
-    torch.save(tiny_model(seed=2).state_dict(), tmp_path / "tiny.pt")
+    from scripts.engine import BatchNormRecalibration
+
+    model = tiny_model(seed=2)  # its latent statistics from training-like images, as training leaves them
+    BatchNormRecalibration(model, [{"image": torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(9)),
+                                    "age": torch.full((16,), 50.0)}])()
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
     config = {
         "imports": ["$import torch"],
         "device": "$torch.device('cpu')",
@@ -303,13 +164,34 @@ def test_cli_reconstruct_and_interpolate_write_figures_and_json(tiny_bundle, cap
     assert [image["subject"] for image in summary["images"]] == ["sub-b", "sub-c", "sub-a"]
     assert [image["age"] for image in summary["images"]] == [23.0, 81.0, None]
     assert all(0 < image["mae"] <= math.sqrt(image["mse"]) < math.inf for image in summary["images"])
-    assert (tiny_bundle / "out" / "reconstructions.png").stat().st_size > 10_000
-    assert "sub-c" in capsys.readouterr().out
+    # the swapped-z control: every image's x_T decoded with the next image's z, in the JSON and in the figure
+    assert [image["swapped_z_from"] for image in summary["images"]] == ["sub-c", "sub-a", "sub-b"]
+    assert all(image["swapped_mse"] > 0 for image in summary["images"])
+    mean_mse = sum(image["mse"] for image in summary["images"]) / 3
+    mean_swapped = sum(image["swapped_mse"] for image in summary["images"]) / 3
+    assert summary["swap_penalty"] == pytest.approx(mean_swapped / mean_mse - 1, rel=1e-4, abs=1e-6)
+    from PIL import Image
+
+    with Image.open(tiny_bundle / "out" / "reconstructions.png") as png:
+        assert png.height > 1000  # five rows: original, reconstruction, error, control, control error
+    printed = capsys.readouterr().out
+    assert "sub-c" in printed and "swapped-z control" in printed
+
+    assert analysis.main(["generate", "--input", datalist, "--n", "3", *common]) == 0
+    summary = json.loads((tiny_bundle / "out" / "generation.json").read_text())
+    assert [image["subject"] for image in summary["images"]] == ["sub-b", "sub-a", "sub-c"]  # by age
+    assert summary["chance_share"] == pytest.approx(1 / 3)
+    assert summary["nearest_own_share"] in (0.0, pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0)
+    assert {image["nearest"] for image in summary["images"]} <= {"sub-a", "sub-b", "sub-c"}
+    assert (tiny_bundle / "out" / "generation.png").is_file()
 
     assert analysis.main(["interpolate", "--datalist", datalist, "--frames", "3", *common]) == 0
     summary = json.loads((tiny_bundle / "out" / "interpolation.json").read_text())
     assert (summary["young"]["subject"], summary["old"]["subject"]) == ("sub-b", "sub-c")
     assert [frame["weight"] for frame in summary["frames"]] == [0.0, 0.5, 1.0]
+    ages = [frame["reencoded_age"] for frame in summary["frames"]]
+    assert summary["monotonic"] == (ages[0] <= ages[1] <= ages[2])
+    assert summary["frames"][0]["control_reencoded_age"] == pytest.approx(ages[0], abs=1e-3)  # same z, same x_T
     assert (tiny_bundle / "out" / "interpolation.png").is_file()
 
     assert analysis.main(["counterfactual", "--datalist", datalist, "--deltas", "-5", "0", "5", *common]) == 0
@@ -318,6 +200,8 @@ def test_cli_reconstruct_and_interpolate_write_figures_and_json(tiny_bundle, cap
     assert summary["subject"]["subject"] == "sub-a"  # the median-age labelled subject
     assert [frame["delta"] for frame in summary["frames"]] == [-5.0, 0.0, 5.0]
     assert summary["frames"][1]["mean_abs_difference"] == 0.0
+    assert summary["frames"][1]["reread_shift"] == 0.0 and summary["frames"][1]["control_reread_shift"] == 0.0
+    assert summary["frames"][0]["control_mean_abs_difference"] > 0
     assert (tiny_bundle / "out" / "counterfactual.png").is_file()
 
     # without --ddim-steps: the config's ddim_steps key
@@ -376,8 +260,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, reason, predictions_csv, tin
                      "--ddim-steps", "--batch-size", "--out"]),
     ("interpolate", ["--young", "--old", "--datalist", "--split", "--frames", "--config_file", "--ckpt_path",
                      "--device", "--autocast-dtype", "--ddim-steps", "--batch-size", "--out"]),
-    ("counterfactual", ["--image", "--datalist", "--reference", "--reference-size", "--split", "--deltas", "--config_file", "--ckpt_path", "--device",
-                        "--autocast-dtype", "--ddim-steps", "--batch-size", "--out"]),
+    ("counterfactual", ["--image", "--datalist", "--reference", "--reference-size", "--split", "--deltas", "--seed",
+                        "--config_file", "--ckpt_path", "--device", "--autocast-dtype", "--ddim-steps", "--batch-size",
+                        "--out"]),
+    ("generate", ["--input", "--split", "--n", "--seed", "--config_file", "--ckpt_path", "--device", "--autocast-dtype",
+                  "--ddim-steps", "--batch-size", "--out"]),
 ])
 def test_cli_help_documents_every_option(command, options, capsys):
     with pytest.raises(SystemExit) as exit_info:

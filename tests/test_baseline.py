@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from scripts import analysis
+from scripts import statistics
 from scripts.engine import LabelledAgeLoss
 from scripts.inference import read_predictions
 from scripts.networks import AgeRegressor
@@ -54,6 +54,6 @@ def test_densenet_baseline_trains_and_evaluates_through_the_same_workflow(run_wo
     # Table 2 across the two kinds of model: the baseline against a copy of itself shifted by 5 years
     rows = read_predictions(out / "predictions.csv")
     shifted = [{**row, "brain_pad": row["brain_pad"] + 5.0} for row in rows]
-    result = analysis.compare_pad_distributions({"densenet": rows, "shifted": shifted})
+    result = statistics.compare_pad_distributions({"densenet": rows, "shifted": shifted})
     assert result["models"]["shifted"]["mean"] - result["models"]["densenet"]["mean"] == pytest.approx(5.0)
     assert result["models"]["shifted"]["std"] == pytest.approx(result["models"]["densenet"]["std"])

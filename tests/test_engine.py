@@ -10,26 +10,28 @@ import torch
 from ignite.engine import Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from monai.handlers import MeanAbsoluteError, from_engine
 from monai.networks.schedulers import DDPMScheduler
 from torch.utils.data import DataLoader
 
 from scripts.engine import (
     AgeInferer,
-    BatchNormRecalibration,
     AgePrepareBatch,
+    BatchNormRecalibration,
+    GradientClipping,
+    WrongLatentPenalty,
     DiffusionAutoencoderInferer,
     DiffusionPrepareBatch,
     LabelledRatioBatchSampler,
     LossComponentsHandler,
     SemiSupervisedLoss,
-    ddim_decode,
-    ddim_encode,
-    ddim_scheduler,
     default_autocast_dtype,
     loss_log_transform,
+    resolve_autocast_dtype,
+    wrong_latent_penalty,
 )
-from scripts.networks import DiffusionAutoencoder
+from scripts.networks import ConditionedResBlock, DiffusionAutoencoder
 
 TINY = dict(
     base_channels=8,
@@ -200,22 +202,30 @@ def test_unlabelled_only_batch_sends_no_gradient_to_the_age_head():
     assert all(g is not None for g in grads["encoder"])
 
 
-def test_age_head_gradient_comes_from_labelled_items_only():
+@pytest.mark.parametrize("head_norm", ["none", "batch"])
+def test_age_head_gradient_comes_from_labelled_items_only(head_norm):
+    """The age loss reaches the head through the labelled rows alone: its gradient equals that of the head run on
+    just those rows' z_sem. (z_sem itself is standardised over the whole batch, as every layer of the encoder,
+    which the diffusion arm trains on every image, sees the whole batch.)"""
     ages = [50.0, NAN, 72.0, NAN, 64.0, NAN]
     mixed = batch(ages, seed=3)
     labelled_rows = [0, 2, 4]
-    labelled_only = {"image": mixed["image"][labelled_rows], "age": mixed["age"][labelled_rows]}
-
-    # float64: in float32 the convolutions' algorithm (hence rounding) depends on the batch size
-    model = tiny_model().train().double()
-    mixed["image"], labelled_only["image"] = mixed["image"].double(), labelled_only["image"].double()
+    model = tiny_model().train().double()  # float64: the comparison below is to rounding error
+    model.age_head = type(model.age_head)(TINY["z_dim"], TINY["head_hidden_features"], 0.0, 60.0, 10.0,
+                                          head_norm).double()
+    mixed["image"] = mixed["image"].double()
+    latents = []
+    model.encoder.register_forward_hook(lambda *args: latents.append(args[2]))
     loss_mixed, grads_mixed = training_step_grads(model, mixed)
-    loss_labelled, grads_labelled = training_step_grads(model, labelled_only)
-
-    torch.testing.assert_close(loss_mixed.components["age"], loss_labelled.components["age"])
     assert total_abs(grads_mixed["age_head"]) > 0
-    for g_mixed, g_labelled in zip(grads_mixed["age_head"], grads_labelled["age_head"]):
-        torch.testing.assert_close(g_mixed, g_labelled, atol=1e-12, rtol=1e-9)
+
+    z = latents[-1].detach()[labelled_rows]
+    model.zero_grad(set_to_none=True)
+    error = (model.age_head(z) - torch.tensor([50.0, 72.0, 64.0], dtype=torch.float64)) / model.age_head.age_std
+    (error**2).mean().backward()
+    torch.testing.assert_close(loss_mixed.components["age"], (error**2).mean().detach(), rtol=1e-9, atol=0)
+    for p, g_mixed in zip(model.age_head.parameters(), grads_mixed["age_head"]):
+        torch.testing.assert_close(g_mixed, p.grad, atol=1e-12, rtol=1e-9)
 
 
 def test_lambda_zero_leaves_the_age_head_without_gradient_signal():
@@ -224,13 +234,17 @@ def test_lambda_zero_leaves_the_age_head_without_gradient_signal():
     assert all(g is None or not g.any() for g in grads["age_head"])
 
 
-def test_a_lone_labelled_image_in_a_training_batch_is_skipped_not_nan():
+def test_a_lone_labelled_image_in_a_training_batch_is_skipped_by_a_batchnorm_head_not_nan():
     model = tiny_model().train()
+    model.age_head = type(model.age_head)(TINY["z_dim"], TINY["head_hidden_features"], 0.0, 60.0, 10.0, "batch")
     with pytest.warns(UserWarning, match="single labelled"):
         loss_fn, grads = training_step_grads(model, batch([50.0, NAN, NAN]))
     assert float(loss_fn.components["age"]) == 0.0 and int(loss_fn.components["labelled"]) == 0
     assert all(g is None for g in grads["age_head"])
     assert all(torch.isfinite(g).all() for g in grads["unet"] + grads["encoder"])
+    # the default head (no BatchNorm) learns from it
+    loss_fn, grads = training_step_grads(tiny_model().train(), batch([50.0, NAN, NAN]))
+    assert int(loss_fn.components["labelled"]) == 1 and total_abs(grads["age_head"]) > 0
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
@@ -371,8 +385,7 @@ def test_sampler_falls_back_when_one_pool_is_empty():
     none_labelled = LabelledRatioBatchSampler(np.zeros(10, dtype=bool), batch_size=4, labelled_ratio=0.5)
     batches = list(none_labelled)
     assert [len(b) for b in batches] == [4, 4] and len({i for b in batches for i in b}) == 8
-    with pytest.warns(UserWarning, match="1 labelled item per batch"):
-        few_labelled = LabelledRatioBatchSampler(np.arange(12) == 0, batch_size=4, labelled_ratio=0.5)
+    few_labelled = LabelledRatioBatchSampler(np.arange(12) == 0, batch_size=4, labelled_ratio=0.5)
     assert all(sum(i == 0 for i in b) == 1 for b in few_labelled)  # the only label, once per batch
     with pytest.raises(ValueError):
         LabelledRatioBatchSampler(np.ones(3, dtype=bool), batch_size=4)
@@ -380,80 +393,120 @@ def test_sampler_falls_back_when_one_pool_is_empty():
         LabelledRatioBatchSampler(np.ones(8, dtype=bool), batch_size=4, labelled_ratio=1.5)
 
 
-# ------------------------------------------------------------------------------------------------------------- DDIM
-
-
-class TimeOnlyNoise(torch.nn.Module):
-    """eps(x_t, t, z) that ignores x_t: DDIM inversion is then exact, which checks the timestep bookkeeping."""
-
-    def denoise(self, x_t, t, z):
-        t = t.float()[:, None, None, None]
-        wave = torch.linspace(-1.0, 1.0, x_t.shape[-1])
-        eps = torch.sin(t / 37.0) * z.mean(1)[:, None, None, None] + torch.cos(t / 100.0) * wave
-        return eps.expand_as(x_t)
-
-
-def test_ddim_scheduler_steps_are_consistent_both_ways():
-    scheduler = ddim_scheduler(10)
-    assert scheduler.timesteps.tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
-    assert not scheduler.clip_sample
-    with pytest.raises(ValueError):
-        ddim_scheduler(7)
-
-
-@pytest.mark.parametrize("num_steps", [1, 10, 50])
-def test_ddim_round_trip_is_exact_when_eps_ignores_x_t(num_steps):
-    scheduler = ddim_scheduler(num_steps)
-    x0 = torch.rand(2, 1, 16, 16)
-    z = torch.randn(2, 16)
-    x_T = ddim_encode(TimeOnlyNoise(), x0, z, scheduler)
-    assert x_T.std() > 0.3  # really noised, not a copy of x0
-    torch.testing.assert_close(ddim_decode(TimeOnlyNoise(), x_T, z, scheduler), x0, atol=2e-4, rtol=0)
-
-
-def test_ddim_with_the_untrained_unet_is_an_exact_scaling_and_deterministic():
-    torch.manual_seed(0)
-    model = DiffusionAutoencoder(**TINY).eval()  # zero-initialised output: eps_hat = 0
-    scheduler = ddim_scheduler(20)
-    x0 = torch.rand(2, 1, 16, 16)
-    z = model.encode(x0)
-    x_T = ddim_encode(model, x0, z, scheduler)
-    torch.testing.assert_close(x_T, scheduler.alphas_cumprod[999].sqrt() * x0)
-    torch.testing.assert_close(ddim_decode(model, x_T, z, scheduler), x0, atol=1e-5, rtol=1e-5)
-
-    trained_like = tiny_model().eval()
-    z = trained_like.encode(x0)
-    first = ddim_encode(trained_like, x0, z, scheduler)
-    assert torch.equal(first, ddim_encode(trained_like, x0, z, scheduler))
-    assert torch.equal(ddim_decode(trained_like, first, z, scheduler), ddim_decode(trained_like, first, z, scheduler))
-
-
 # ----------------------------------------------------------------------------------------------- BatchNorm statistics
 
 
-def test_batchnorm_recalibration_stores_the_exact_statistics_of_the_labelled_images():
+def test_batchnorm_recalibration_stores_the_exact_statistics_training_uses():
+    """The latent's standardisation gets the statistics of every training image, the head's BatchNorm those of the
+    labelled ones (after the standardisation, with dropout off): what evaluation will then see."""
     model = tiny_model()
-    model.age_head.mlp[3].p = 0.5  # dropout on, as in training: the recalibration must switch it off
+    model.age_head = type(model.age_head)(TINY["z_dim"], TINY["head_hidden_features"], 0.5, 60.0, 10.0, "batch")
     images = torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-    loader = [{"image": images[:6]}, {"image": images[6:]}]
+    ages = torch.tensor([50.0, NAN, 61.0, 70.0, NAN, 33.0, 45.0, NAN, 80.0, 58.0])
+    loader = [{"image": images[:6], "age": ages[:6]}, {"image": images[6:], "age": ages[6:]}]
     model.train()
     for _ in range(3):  # running statistics drift away from what evaluation will see
         model.age_head(model.encode(torch.rand(4, 1, 16, 16)))
     BatchNormRecalibration(model, loader)()
     assert model.training  # mode restored
-    first_bn = model.age_head.mlp[2]
-    assert first_bn.momentum == 0.1  # momentum restored for further training
+    latent_bn, head_bn = model.encoder.latent_norm, model.age_head.mlp[2]
+    assert head_bn.momentum == 0.1  # momentum untouched for further training
+    labelled = ~torch.isnan(ages)
     with torch.no_grad():
-        features = model.age_head.mlp[1](model.age_head.mlp[0](model.encode(images)))  # Linear -> ReLU
-    torch.testing.assert_close(first_bn.running_mean, features.mean(0))
-    torch.testing.assert_close(first_bn.running_var, features.var(0, unbiased=True))
-    # Evaluation now reproduces the batch-statistics output of the whole labelled set (up to BatchNorm's
-    # unbiased running variance against the biased batch variance, a factor 10/9 here).
-    model.eval()
+        features = model.encoder.features(images)
+        torch.testing.assert_close(latent_bn.running_mean, features.mean(0))
+        torch.testing.assert_close(latent_bn.running_var, features.var(0, unbiased=True))
+        model.eval()
+        hidden = model.age_head.mlp[1](model.age_head.mlp[0](model.encode(images[labelled])))  # Linear -> ReLU
+    torch.testing.assert_close(head_bn.running_mean, hidden.mean(0))
+    torch.testing.assert_close(head_bn.running_var, hidden.var(0, unbiased=True))
+    # evaluation now standardises z_sem over the training images: mean 0, sd 1 per dimension (up to BatchNorm's
+    # eps, which matters for this tiny random model's nearly constant features)
     with torch.no_grad():
-        evaluated = model.predict_age(images)
-        head = model.age_head
-        head.mlp[2].train(), head.mlp[6].train()
-        batch_stats = head(model.encode(images))
-    torch.testing.assert_close(evaluated, batch_stats, rtol=0.03, atol=0.0)
+        z = model.encode(images)
+    torch.testing.assert_close(z.mean(0), torch.zeros(TINY["z_dim"]), atol=1e-5, rtol=0)
+    variance = latent_bn.running_var
+    torch.testing.assert_close(z.std(0), (variance / (variance + latent_bn.eps)).sqrt(), atol=1e-4, rtol=0)
 
+
+def test_gradient_clipping_caps_the_norm_between_backward_and_step():
+    model = tiny_model()
+    data = [batch([50.0, NAN, 70.0, 64.0], seed=s) for s in range(2)]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss_function=SemiSupervisedLoss(model.age_head),
+        inferer=DiffusionAutoencoderInferer(DDPMScheduler(1000)), prepare_batch=DiffusionPrepareBatch(),
+        train_handlers=[GradientClipping(max_norm=0.01)], decollate=False)
+    norms_at_step = []
+    trainer.add_event_handler(
+        IterationEvents.MODEL_COMPLETED,
+        lambda engine: norms_at_step.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                                                                  if p.grad is not None]))))
+    trainer.run()
+    assert float(trainer.state.output["grad_norm"]) > 0.01  # the norm before clipping is logged
+    assert all(norm == pytest.approx(0.01, rel=1e-4) for norm in norms_at_step)  # what the optimizer saw
+    assert GradientClipping(max_norm=0).max_norm == 0  # 0 / None: not attached, gradients untouched
+    unclipped = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=data[:1], network=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss_function=SemiSupervisedLoss(model.age_head),
+        inferer=DiffusionAutoencoderInferer(DDPMScheduler(1000)), prepare_batch=DiffusionPrepareBatch(),
+        train_handlers=[GradientClipping(max_norm=0)], decollate=False)
+    unclipped.run()
+    assert "grad_norm" not in unclipped.state.output
+
+
+class LatentOracle(torch.nn.Module):
+    """A decoder that reads x0 from z (z is x0, flattened) and so predicts the noise almost exactly."""
+
+    def __init__(self, scheduler):
+        super().__init__()
+        self.alphas = scheduler.alphas_cumprod
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # gives the wrapper a device
+
+    def encode(self, x0):
+        return x0.flatten(1)
+
+    def denoise(self, x_t, t, z):
+        alpha = self.alphas[t][:, None, None, None]
+        return 0.9 * (x_t - alpha.sqrt() * z.view_as(x_t)) / (1 - alpha).sqrt()
+
+
+def test_wrong_latent_penalty_is_zero_for_a_decoder_that_ignores_z_and_positive_when_it_uses_it():
+    images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    scheduler = DDPMScheduler(1000)
+    ignores = DiffusionAutoencoder(**TINY)  # zero-initialised output: eps_hat = 0 whatever z
+    result = wrong_latent_penalty(ignores, images, scheduler, timestep=300)
+    assert result["penalty"] == 0.0 and result["mse_own"] == pytest.approx(result["mse_wrong"])
+    oracle = LatentOracle(scheduler)
+    uses = wrong_latent_penalty(oracle, images, scheduler, timestep=300)
+    assert uses["mse_own"] == pytest.approx(0.01, rel=0.1)  # (1 - 0.9)^2 of unit-variance noise
+    assert uses["penalty"] > 5.0
+    assert uses["penalty"] == pytest.approx(uses["mse_wrong"] / uses["mse_own"] - 1)
+    assert wrong_latent_penalty(oracle, images, scheduler, timestep=300) == uses  # fixed noise: reproducible
+    with pytest.raises(ValueError, match="at least 2"):
+        wrong_latent_penalty(oracle, images[:1], scheduler)
+
+
+def test_wrong_latent_penalty_handler_logs_a_validation_metric():
+    model = tiny_model().eval()
+    data = [batch([50.0, 60.0, 70.0], seed=s) for s in range(3)]
+    probe = WrongLatentPenalty(DDPMScheduler(1000), timestep=300, num_images=5)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=data, network=model, inferer=AgeInferer(),
+        prepare_batch=AgePrepareBatch(), key_val_metric={"val_mae": MeanAbsoluteError(output_transform=from_engine(["pred", "label"]))},
+        val_handlers=[probe], decollate=False)
+    evaluator.run()
+    images = torch.cat([d["image"] for d in data])[:5]  # the first num_images the evaluator saw
+    expected = wrong_latent_penalty(model, images, DDPMScheduler(1000), timestep=300)["penalty"]
+    assert evaluator.state.metrics["val_wrong_z_penalty"] == pytest.approx(expected)
+
+
+def test_autocast_setting_resolves_strings_for_the_command_line():
+    native = default_autocast_dtype("cpu")
+    assert resolve_autocast_dtype("auto", "cpu") == native
+    for full in ("float32", "fp32", "none", "None", "null", "off", None):
+        assert resolve_autocast_dtype(full, "cpu") is None
+    assert resolve_autocast_dtype("bf16", "cpu") == "bfloat16"
+    assert resolve_autocast_dtype(torch.bfloat16, "cpu") == "bfloat16"
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        resolve_autocast_dtype("int8", "cpu")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts import analysis, inference
+from scripts import calibration, inference, statistics
 
 
 def read_csv(path):
@@ -27,11 +27,30 @@ def predict(run_workflow, trained_model, input, output_dir, **overrides):
     return read_csv(output_dir / "predictions.csv")
 
 
-def test_training_fits_the_bias_correction_on_validation(trained_model):
-    correction = json.loads(trained_model["bias_correction_path"].read_text())
-    validation = json.loads(trained_model["datalist"].read_text())["validation"]
-    assert correction["method"] == "beheshti"
-    assert correction["n"] == len(validation)  # fitted on the validation predictions, nothing else
+def best_model_predictions(trained_model, tiny_network, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The saved best model's predictions and the true ages on a datalist split, computed here independently."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config("configs/inference.yaml")
+    parser.update({**tiny_network, "autocast_dtype": "float32"})
+    network = inference.load_weights(parser.get_parsed_content("network_def"), trained_model["ckpt_path"]).eval()
+    items = json.loads(trained_model["datalist"].read_text())[split]
+    root = trained_model["datalist"].parent
+    images = [nib.load(root / it["image"]).get_fdata(dtype=np.float32) for it in items]
+    size = tiny_network["image_size"]
+    x = torch.nn.functional.interpolate(torch.from_numpy(np.stack(images))[:, None], size=(size, size), mode="area")
+    with torch.no_grad():
+        return network(x)[:, 0].numpy(), np.array([it["age"] for it in items])
+
+
+def test_training_fits_the_bias_correction_on_validation(trained_model, tiny_network):
+    """The correction beside model.pt is the fit to *that* model's validation predictions (its best epoch)."""
+    correction = calibration.BiasCorrection.load(trained_model["bias_correction_path"])
+    predicted, age = best_model_predictions(trained_model, tiny_network, "validation")
+    expected = calibration.BiasCorrection.fit(predicted, age, "beheshti")
+    assert correction.method == "beheshti" and correction.n == len(age)
+    assert (correction.slope, correction.intercept) == pytest.approx((expected.slope, expected.intercept), abs=1e-3)
 
 
 def test_datalist_slices_predicted_with_pad_and_corrected_pad(run_workflow, trained_model, tmp_path):
@@ -40,7 +59,7 @@ def test_datalist_slices_predicted_with_pad_and_corrected_pad(run_workflow, trai
     datalist = json.loads(trained_model["datalist"].read_text())
     assert len(rows) == len(datalist["test"]) + len(datalist["disease"])
     assert list(rows[0])[:8] == list(inference.PREDICTION_COLUMNS)
-    correction = analysis.BiasCorrection.load(trained_model["bias_correction_path"])
+    correction = calibration.BiasCorrection.load(trained_model["bias_correction_path"])
     for row in rows:
         predicted, age = float(row["predicted_age"]), float(row["age"])
         assert 0 < predicted < 150 and row["error"] == ""
@@ -50,7 +69,17 @@ def test_datalist_slices_predicted_with_pad_and_corrected_pad(run_workflow, trai
     disease = [r for r in rows if r["split"] == "disease"]
     assert disease and all(float(r["survival_months"]) > 0 for r in disease)  # datalist columns carried over
     latent = np.load(tmp_path / "latents" / f"test_{rows[0]['subject']}.npy")
-    assert latent.shape == (16,) and np.isfinite(latent).all()
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config("configs/inference.yaml")
+    parser.update({"image_size": 32, "base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                   "attention_resolutions": [8], "embed_dim": 32, "z_dim": 16, "head_hidden_features": [8, 4]})
+    network = inference.load_weights(parser.get_parsed_content("network_def"), trained_model["ckpt_path"]).eval()
+    image = torch.from_numpy(nib.load(rows[0]["image"]).get_fdata(dtype=np.float32))[None, None]
+    with torch.no_grad():
+        expected = network.encode(torch.nn.functional.interpolate(image, size=(32, 32), mode="area"))[0].numpy()
+    np.testing.assert_allclose(latent, expected, atol=1e-4)  # the scan's own z_sem, not just any 16 numbers
 
 
 def test_predictions_match_the_model_on_the_same_slices(run_workflow, trained_model, tiny_network, tmp_path):
@@ -69,6 +98,34 @@ def test_predictions_match_the_model_on_the_same_slices(run_workflow, trained_mo
     np.testing.assert_allclose([float(r["predicted_age"]) for r in rows[:4]], expected, atol=1e-2)
 
 
+def test_the_float32_override_reaches_inference_and_bf16_does_not_move_the_ages(trained_model, bundle_root,
+                                                                                 tiny_network, tmp_path):
+    """Through the real command line: `python -m monai.bundle run` drops a None override, so the setting is a
+    string; the encoder and head run in float32 either way, so the ages agree."""
+    import subprocess
+    import sys
+
+    network_args = []
+    for key, value in tiny_network.items():
+        network_args += [f"--{key}", json.dumps(value)]
+    ages, logs = {}, {}
+    for setting in ("float32", "bfloat16"):
+        out = tmp_path / setting
+        proc = subprocess.run(
+            [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml",
+             "--input", str(trained_model["datalist"]), "--input_splits", "['test']", "--output_dir", str(out),
+             "--ckpt_path", str(trained_model["ckpt_path"]), "--device", "$torch.device('cpu')",
+             "--autocast_dtype", setting, *network_args],
+            cwd=bundle_root, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        logs[setting] = proc.stdout + proc.stderr
+        ages[setting] = np.array([float(r["predicted_age"]) for r in read_csv(out / "predictions.csv")])
+    assert "precision float32" in logs["float32"] and "bfloat16 autocast" not in logs["float32"]
+    assert "precision bfloat16 autocast" in logs["bfloat16"]
+    difference = np.abs(ages["float32"] - ages["bfloat16"])
+    assert len(ages["float32"]) > 3 and difference.mean() <= 0.1 and difference.max() <= 0.5
+
+
 def test_raw_scans_are_preprocessed_then_predicted(run_workflow, trained_model, volume_dataset, tmp_path):
     folder = tmp_path / "scans"
     folder.mkdir()
@@ -80,10 +137,17 @@ def test_raw_scans_are_preprocessed_then_predicted(run_workflow, trained_model, 
     by_subject = {r["subject"]: r for r in rows}
     assert set(by_subject) == {"sub-0001_T1w", "sub-0002_T1w", "broken_T1w"}
     for subject in ("sub-0001_T1w", "sub-0002_T1w"):
-        assert float(by_subject[subject]["predicted_age"]) > 0 and by_subject[subject]["error"] == ""
+        assert by_subject[subject]["error"] == ""
         assert by_subject[subject]["age"] == ""  # unknown for bare files: no PAD
     assert by_subject["broken_T1w"]["predicted_age"] == "" and "not a readable NIfTI" in by_subject["broken_T1w"]["error"]
-    assert len(list((out / "preprocessed" / "slices").glob("*.nii.gz"))) == 2
+    slices = sorted((out / "preprocessed" / "slices").glob("*.nii.gz"))
+    assert len(slices) == 2
+    # each raw scan's age is the model's age for the slice the chain made of that scan
+    again = {r["subject"]: float(r["predicted_age"]) for r in predict(run_workflow, trained_model, out / "preprocessed"
+                                                                       / "slices", tmp_path / "again")}
+    for subject in ("sub-0001_T1w", "sub-0002_T1w"):
+        (name,) = [key for key in again if key.startswith(subject)]
+        assert float(by_subject[subject]["predicted_age"]) == pytest.approx(again[name], abs=1e-3)
 
 
 def test_single_file_input_and_unusable_inputs(run_workflow, trained_model, slice_dataset, tmp_path):
@@ -115,8 +179,18 @@ def test_evaluate_overlay_writes_metrics_table_and_scatter(run_workflow, trained
     age = np.array([r["age"] for r in rows])
     assert metrics["mae"] == pytest.approx(np.abs(predicted - age).mean(), abs=1e-3)
     assert metrics["r"] == pytest.approx(np.corrcoef(predicted, age)[0, 1], abs=1e-3)
-    assert metrics["bias_correction"] == "beheshti" and "pad_corrected_age_r" in metrics
-    assert (out / "scatter.png").stat().st_size > 10_000
+    assert metrics["bias_correction"] == "beheshti"
+    # corrected with the validation fit, never refitted here: a refit on these rows would make this exactly 0
+    correction = calibration.BiasCorrection.load(trained_model["bias_correction_path"])
+    expected = np.corrcoef(correction.corrected_pad(predicted, age), age)[0, 1]
+    assert metrics["pad_corrected_age_r"] == pytest.approx(expected, abs=1e-3)
+    refit = calibration.BiasCorrection.fit(predicted, age, "beheshti")
+    assert abs(np.corrcoef(refit.corrected_pad(predicted, age), age)[0, 1]) < 1e-6
+    assert abs(metrics["pad_corrected_age_r"]) > 1e-3
+    from PIL import Image
+
+    with Image.open(out / "scatter.png") as png:
+        assert png.width > 400 and png.height > 400
     printed = capsys.readouterr().out
     assert "MAE (years)" in printed and "corr(corrected PAD, age)" in printed
 
@@ -143,22 +217,22 @@ def test_bias_corrections_remove_the_age_dependence_they_were_fitted_on():
     age = rng.uniform(20, 90, 500)
     predicted = 0.7 * age + 16 + rng.normal(0, 4, age.size)  # regression to the mean
     for method in ("beheshti", "cole"):
-        correction = analysis.BiasCorrection.fit(predicted, age, method)
+        correction = calibration.BiasCorrection.fit(predicted, age, method)
         corrected = correction.corrected_pad(predicted, age)
         assert abs(np.corrcoef(corrected, age)[0, 1]) < 0.05
         assert abs(np.corrcoef(predicted - age, age)[0, 1]) > 0.5
-    cole = analysis.BiasCorrection.fit(predicted, age, "cole")
+    cole = calibration.BiasCorrection.fit(predicted, age, "cole")
     assert cole.slope == pytest.approx(0.7, abs=0.02) and cole.intercept == pytest.approx(16, abs=1.5)
-    none = analysis.BiasCorrection.fit(predicted, age, "none")
+    none = calibration.BiasCorrection.fit(predicted, age, "none")
     np.testing.assert_allclose(none.corrected_pad(predicted, age), predicted - age)
     with pytest.raises(ValueError, match="unknown bias correction"):
-        analysis.BiasCorrection.fit(predicted, age, "quantile")
+        calibration.BiasCorrection.fit(predicted, age, "quantile")
 
 
 def test_regression_metrics_values():
     age = np.array([20.0, 40.0, 60.0, 80.0])
     predicted = np.array([25.0, 38.0, 61.0, 70.0])
-    m = analysis.regression_metrics(predicted, age)
+    m = statistics.regression_metrics(predicted, age)
     assert m["mae"] == pytest.approx(np.mean([5, 2, 1, 10]))
     assert m["rmse"] == pytest.approx(math.sqrt(np.mean([25, 4, 1, 100])))
     assert m["r2"] == pytest.approx(1 - 130 / 2000)

@@ -136,9 +136,22 @@ def test_outputs_manifest_and_datalist(first_run, raw_datalist):
         data = image.get_fdata()
         assert data.min() == 0.0 and data.max() == pytest.approx(1.0)
         assert correlation(data, nib.load(item["truth"]).get_fdata()) > 0.9
-        assert (out / rows[item["subject"]]["qc"]).stat().st_size > 5000
-    assert (out / "qc_montage.png").stat().st_size > 5000
+        assert_drawn(out / rows[item["subject"]]["qc"])
+    assert_drawn(out / "qc_montage.png")
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def assert_drawn(png_path, min_side: int = 150) -> None:
+    """A real picture: big enough, and with a brain in it (bright pixels) and a red mask outline."""
+    from PIL import Image
+
+    with Image.open(png_path) as png:
+        rgb = np.asarray(png.convert("RGB"), dtype=np.float32)
+    assert min(rgb.shape[:2]) >= min_side
+    grey = rgb.mean(2)
+    assert grey.std() > 20  # not a blank canvas
+    red = (rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)
+    assert red.sum() > 50  # the mask's outline is drawn
 
 
 def test_a_second_run_does_no_work(first_run, raw_datalist):

@@ -153,6 +153,27 @@ def test_checkpoint_saves_are_atomic_and_clear_temporaries_of_a_killed_save(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.tmp4242", "last.pt"]
 
 
+def test_a_checkpoint_save_that_fails_half_way_leaves_the_previous_file_loadable(tmp_path, monkeypatch):
+    """The best model and last.pt go through the same saver: a save that dies mid-write must not touch them."""
+    from scripts.engine import _AtomicFileSaver
+
+    saver = _AtomicFileSaver(tmp_path, "model.pt")
+    saver({"weight": torch.ones(3)}, "ignored.pt")
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:  # keep only the first half of what was written, then the process "dies"
+            fh.truncate(max(1, fh.seek(0, 2) // 2))
+        raise OSError("killed while saving")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="killed while saving"):
+        saver({"weight": torch.zeros(3)}, "ignored.pt")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], torch.ones(3))
+
+
 def test_atomic_writes_keep_the_old_file_when_writing_fails_and_keep_the_extension(tmp_path):
     from scripts.atomic import temporary_path, write_atomic, write_json
 

@@ -24,14 +24,15 @@ def test_training_writes_best_model_last_state_and_logs(run_workflow, slice_data
     trainer = wf.parser.get_parsed_content("train#trainer")
     evaluator = wf.parser.get_parsed_content("validate#evaluator")
     assert trainer.state.epoch == 2
-    assert set(evaluator.state.metrics) == {"val_mae", "val_r"}
+    assert set(evaluator.state.metrics) == {"val_mae", "val_r", "val_wrong_z_penalty"}
     assert 0 < evaluator.state.metrics["val_mae"] < 100
     best = torch.load(outputs["ckpt_path"], weights_only=True)
     assert "age_head.age_mean" in best  # the weights only, loadable without pickled code
     network = wf.parser.get_parsed_content("network")
     assert set(best) == set(network.state_dict())
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert set(last) == {"network", "optimizer", "lr_scheduler", "trainer"}
+    assert set(last) == {"network", "optimizer", "lr_scheduler", "trainer", "ema", "best_metric", "best_model_saver",
+                         "random_state"}
     assert last["trainer"]["iteration"] == 2 * last["trainer"]["epoch_length"]
     assert list((tmp_path / "run").glob("events.out.tfevents.*")), "TensorBoard events expected"
     assert not list(tmp_path.rglob(".*.tmp*")), "no temporary checkpoint files left behind"
@@ -39,6 +40,36 @@ def test_training_writes_best_model_last_state_and_logs(run_workflow, slice_data
     items = json.loads((slice_dataset / "datalist.json").read_text())["training"]
     ages = [it["age"] for it in items if "age" in it]
     assert float(best["age_head.age_mean"]) == pytest.approx(sum(ages) / len(ages), rel=1e-5)
+
+
+def test_validation_and_the_checkpoint_use_the_ema_weights(run_workflow, slice_dataset, outputs, tmp_path):
+    """ignite's EMAHandler averages the weights every step; the evaluator validates that average and the best-model
+    file holds it (with exact BatchNorm statistics), not the last online weights."""
+    wf = run_training(run_workflow, datalist=str(slice_dataset / "datalist.json"), max_epochs=1,
+                      ema_momentum=0.2, ema_warmup_momentum=0.5, ema_warmup_iters=2, **outputs)
+    network = wf.parser.get_parsed_content("network")
+    ema_model = wf.parser.get_parsed_content("ema").ema_model
+    assert wf.parser.get_parsed_content("validate#evaluator").network is ema_model
+    best = torch.load(outputs["ckpt_path"], weights_only=True)
+    online = network.state_dict()
+    for key, value in ema_model.state_dict().items():
+        torch.testing.assert_close(best[key], value, rtol=0, atol=0)
+    weights = [key for key in best if key.endswith("weight") and best[key].dtype == torch.float32]
+    moved = [key for key in weights if not torch.equal(best[key], online[key])]
+    assert len(moved) > 0.5 * len(weights)  # the average lags the online weights
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    for key, value in ema_model.state_dict().items():  # the resumable state carries the EMA too
+        torch.testing.assert_close(last["ema"]["model"][key], value, rtol=0, atol=0)
+
+
+def test_without_ema_the_trained_network_is_validated_and_saved(run_workflow, slice_dataset, outputs):
+    wf = run_training(run_workflow, datalist=str(slice_dataset / "datalist.json"), max_epochs=1, use_ema=False,
+                      **outputs)
+    network = wf.parser.get_parsed_content("network")
+    assert wf.parser.get_parsed_content("validate#evaluator").network is network
+    best = torch.load(outputs["ckpt_path"], weights_only=True)
+    for key, value in network.state_dict().items():
+        torch.testing.assert_close(best[key], value, rtol=0, atol=0)
 
 
 def test_interrupted_run_resumes_with_epoch_count_and_optimizer_state(run_workflow, slice_dataset, outputs, tmp_path):

@@ -1,26 +1,30 @@
-"""Accuracy benchmark on data with a known answer: the paper's Table 1, ours against the DenseNet121 baseline.
+"""Accuracy benchmark on data with a known answer: several seeds per model, paired tests between models.
 
-    .venv/bin/python tests/benchmarks/bench_accuracy.py --out docs/benchmarks/accuracy     # ~45 min on 2 CPU cores
-    .venv/bin/python tests/benchmarks/bench_accuracy.py --full --out runs/accuracy_full    # paper sizes, for a GPU
+    .venv/bin/python tests/benchmarks/bench_accuracy.py --models semi-mixed sup25 --seeds 0 1 2 --out runs/bench_semi
+    .venv/bin/python tests/benchmarks/bench_accuracy.py --models full densenet --seeds 0 1 2 --out runs/bench_base
+    .venv/bin/python tests/benchmarks/bench_accuracy.py --full ...     # paper sizes (128x128, 6000 steps), for a GPU
 
-One run, every model through the bundle's own commands (``monai.bundle run training`` / ``evaluate``):
+Every model is trained and evaluated through the bundle's own commands (``monai.bundle run training`` /
+``evaluate``):
 
-1. Generates the synthetic phantom twice from the same seed: research grade (training, validation, test and the
+1. The synthetic phantom is generated twice from one seed: research grade (training, validation, test and the
    disease cohort) and clinical grade (thick slices, low SNR, strong bias field, ghosting). Same seed, same
-   people: the clinical test set is the research test set re-acquired badly, so the two columns differ only in
-   image quality.
-2. Trains on the research-grade training set:
-   * ours, semi-supervised: 25 % of the training labels + the other 75 % as unlabelled scans;
-   * ours, supervised only: the same 25 % labelled scans alone;
-   * ours, 100 % labels;
-   * DenseNet121 (``configs/baseline_densenet.yaml``), 100 % labels, as the paper's baselines were.
-   Every run gets the same number of optimizer steps (``--steps``), so label efficiency is compared at equal
-   compute; validation MAE picks the checkpoint as in any training run.
-3. Evaluates each model on the research test set, the clinical test set and the disease cohort (brain-PAD
-   against survival, which the phantom generated with a known negative association), and writes
-   ``OUT/accuracy.md`` (the table, with the phantom's accuracy floor) and ``OUT/accuracy.json``.
+   people: the clinical test set is the research test set re-acquired badly.
+2. Models (``--models``; each trained once per ``--seeds`` value, which also draws its labelled subset):
+   * ``semi-mixed``: 25 % of the training subjects labelled (research grade) + the other 75 % unlabelled, half of
+     them clinical grade: the paper's situation of plenty of unlabelled low-quality scans. Batch 16 with 8
+     labelled, so every step sees as many labelled images as ``sup25``;
+   * ``sup25``: the same 25 % labelled scans alone, batch 8;
+   * ``full``: ours with every training label (research grade), batch 8;
+   * ``densenet``: the DenseNet121 baseline (``configs/baseline_densenet.yaml``) with every label.
+   Every run gets the same number of optimizer steps (``--steps``); validation MAE picks the checkpoint.
+3. Each model is evaluated on the research test set, the clinical test set and the disease cohort (brain-PAD
+   against survival, which the phantom generated with a known negative association).
+4. For each pair in ``PAIRS`` present, per evaluation set: mean +/- sd of MAE over seeds, a paired t-test over
+   seeds (same seed = same labelled subset and initialisation) and a Wilcoxon signed-rank test over test subjects
+   of their absolute error averaged over seeds. A difference is called one only when p < 0.05.
 
-The CPU default shrinks the problem to fit ~45 minutes (64x64 slices, a fixed step budget); the table says so.
+Writes ``OUT/accuracy.json`` and ``OUT/accuracy.md``. The CPU default (64x64, 800 steps) is sized for this machine.
 """
 
 from __future__ import annotations
@@ -41,19 +45,18 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from scripts import synthetic  # noqa: E402
-from scripts.analysis import pad_outcome_association  # noqa: E402
 from scripts.data import is_labelled, load_datalist  # noqa: E402
 from scripts.engine import LabelledRatioBatchSampler  # noqa: E402
 from scripts.inference import read_predictions  # noqa: E402
+from scripts.statistics import pad_outcome_association  # noqa: E402
 
-MODELS = {  # name: (training datalist, config overlays, batch size)
-    "ours, semi-supervised (25% labels + 75% unlabelled)": ("semi25", [], 8),
-    "ours, supervised only (the same 25% labels)": ("sup25", [], 8),
-    "ours, 100% labels": ("full", [], 8),
-    "DenseNet121 baseline, 100% labels": ("full", ["configs/baseline_densenet.yaml"], 8),
-    # as many labelled images per step as the supervised-only run, plus as many unlabelled (not in the default run)
-    "ours, semi-supervised, batch 16 (8 labelled + 8 unlabelled)": ("semi25", [], 16),
+MODELS = {  # name: (description, training datalist, config overlays, batch size, labelled ratio)
+    "semi-mixed": ("ours, 25 % labels + 75 % unlabelled (half clinical grade)", "semi_mixed", [], 16, 0.5),
+    "sup25": ("ours, the same 25 % labels alone", "sup25", [], 8, 1.0),
+    "full": ("ours, 100 % labels", "full", [], 8, 1.0),
+    "densenet": ("DenseNet121 baseline, 100 % labels", "full", ["configs/baseline_densenet.yaml"], 8, 1.0),
 }
+PAIRS = [("semi-mixed", "sup25"), ("full", "densenet")]
 EVAL_SETS = {"research": ("full", "test"), "clinical": ("clinical", "test"), "disease": ("full", "disease")}
 
 
@@ -61,42 +64,55 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="runs/bench_accuracy", help="output folder (data, runs, table)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["semi-mixed", "sup25"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one training run per seed and model")
     parser.add_argument("--full", action="store_true", help="the paper's sizes: 128x128, more steps (for a GPU)")
     parser.add_argument("--n", type=int, default=600, help="healthy subjects (+ n/5 disease)")
     parser.add_argument("--image-size", type=int, default=None, help="network input side (default 64; 128 with --full)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per model (default 1200; 6000 with --full)")
-    parser.add_argument("--labelled-share", type=float, default=0.25, help="labels kept in the label-efficiency runs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", nargs="+", default=[0, 1, 2, 3], type=int,
-                        help="which models to run (indices into the table's rows)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 800; 6000 with --full)")
+    parser.add_argument("--labelled-share", type=float, default=0.25, help="labels kept in the 25 % runs")
+    parser.add_argument("--phantom-seed", type=int, default=0, help="seed of the phantom (the people)")
     args = parser.parse_args(argv)
     args.image_size = args.image_size or (128 if args.full else 64)
-    args.steps = args.steps or (6000 if args.full else 1200)
+    args.steps = args.steps or (6000 if args.full else 800)
     return args
 
 
-def make_data(args, out: Path) -> dict[str, Path]:
-    """Research and clinical phantoms (same people) and the training datalists of the label-efficiency runs."""
-    spec = synthetic.CohortSpec(n=args.n, seed=args.seed, unlabelled_fraction=0.0)
-    research = Path(synthetic.ensure_dataset(out / "phantom_research", spec)).parent
-    clinical = Path(synthetic.ensure_dataset(out / "phantom_clinical", synthetic.CohortSpec(
-        n=args.n, seed=args.seed, unlabelled_fraction=0.0, grade="clinical"))).parent
-    full = load_datalist(research / "datalist.json")
-    rng = np.random.default_rng(args.seed)
-    training = full["training"]
-    keep = set(rng.choice(len(training), round(args.labelled_share * len(training)), replace=False).tolist())
-    semi = [item if i in keep else {k: v for k, v in item.items() if k not in ("age", "brain_age")}
-            for i, item in enumerate(training)]
-    lists = {"full": {**full}, "semi25": {**full, "training": semi},
-             "sup25": {**full, "training": [item for i, item in enumerate(training) if i in keep]},
-             "clinical": load_datalist(clinical / "datalist.json")}
-    paths = {}
-    for name, datalist in lists.items():
-        clean = {split: [{k: v for k, v in item.items() if not (k == "age" and isinstance(v, float) and math.isnan(v))}
-                         for item in items] for split, items in datalist.items()}
-        paths[name] = out / f"datalist_{name}.json"
-        paths[name].write_text(json.dumps(clean, indent=1))
+def _clean(datalist: dict) -> dict:
+    """A datalist as JSON: NaN ages (unlabelled) left out, as a user would write it."""
+    return {split: [{k: v for k, v in item.items() if not (k == "age" and isinstance(v, float) and math.isnan(v))}
+                    for item in items] for split, items in datalist.items()}
+
+
+def make_data(args, out: Path) -> dict:
+    """Research and clinical phantoms (same people) and, per seed, the training datalists of the 25 % runs."""
+    spec = dict(n=args.n, seed=args.phantom_seed, unlabelled_fraction=0.0)
+    research = Path(synthetic.ensure_dataset(out / "phantom_research", synthetic.CohortSpec(**spec))).parent
+    clinical = Path(synthetic.ensure_dataset(out / "phantom_clinical",
+                                             synthetic.CohortSpec(**spec, grade="clinical"))).parent
+    full, clinical_lists = load_datalist(research / "datalist.json"), load_datalist(clinical / "datalist.json")
+    clinical_by_subject = {item["subject"]: item for item in clinical_lists["training"]}
+    paths = {"full": out / "datalist_full.json", "clinical": out / "datalist_clinical.json"}
+    paths["full"].write_text(json.dumps(_clean(full), indent=1))
+    paths["clinical"].write_text(json.dumps(_clean(clinical_lists), indent=1))
+    for seed in args.seeds:
+        rng = np.random.default_rng([seed, 1])
+        training = full["training"]
+        keep = set(rng.choice(len(training), round(args.labelled_share * len(training)), replace=False).tolist())
+        unlabelled = [i for i in range(len(training)) if i not in keep]
+        as_clinical = set(rng.choice(unlabelled, len(unlabelled) // 2, replace=False).tolist())
+        semi = []
+        for i, item in enumerate(training):
+            if i in keep:
+                semi.append(item)
+            else:
+                source = clinical_by_subject[item["subject"]] if i in as_clinical else item
+                semi.append({k: v for k, v in source.items() if k not in ("age", "brain_age")})
+        lists = {"semi_mixed": {**full, "training": semi},
+                 "sup25": {**full, "training": [item for i, item in enumerate(training) if i in keep]}}
+        for name, datalist in lists.items():
+            paths[f"{name}_{seed}"] = out / f"datalist_{name}_seed{seed}.json"
+            paths[f"{name}_{seed}"].write_text(json.dumps(_clean(datalist), indent=1))
     return paths
 
 
@@ -117,54 +133,92 @@ def bundle(run_id: str, configs: list[str], log: Path, **overrides) -> float:
     return time.perf_counter() - start
 
 
-def train_and_evaluate(args, name: str, index: int, data: dict[str, Path], out: Path) -> dict:
-    training_list, overlays, batch_size = MODELS[name]
-    folder = out / f"model{index}"
+def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dict:
+    description, training_list, overlays, batch_size, labelled_ratio = MODELS[name]
+    datalist = data[training_list] if training_list in data else data[f"{training_list}_{seed}"]
+    folder = out / name / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    labelled_ratio = 1.0 if overlays else 0.5
-    per_epoch = steps_per_epoch(data[training_list], batch_size, labelled_ratio)
+    per_epoch = steps_per_epoch(datalist, batch_size, labelled_ratio)
     epochs = max(1, math.ceil(args.steps / per_epoch))
     common = {"ckpt_path": folder / "model.pt", "image_size": args.image_size, "batch_size": batch_size}
-    print(f"[{name}] {epochs} epochs x {per_epoch} steps", flush=True)
-    seconds = bundle("training", ["configs/train.yaml", *overlays], folder / "train.log",
-                     datalist=data[training_list], output_dir=folder / "run", max_epochs=epochs,
-                     val_interval=max(1, epochs // 15), **common)
-    result = {"model": name, "epochs": epochs, "steps": epochs * per_epoch, "train_seconds": round(seconds, 1)}
-    for label, (datalist, split) in EVAL_SETS.items():
+    print(f"[{name}, seed {seed}] {epochs} epochs x {per_epoch} steps", flush=True)
+    seconds = bundle("training", ["configs/train.yaml", *overlays], folder / "train.log", datalist=datalist,
+                     output_dir=folder / "run", max_epochs=epochs, val_interval=max(1, epochs // 15),
+                     labelled_ratio=labelled_ratio, seed=seed, **common)
+    result = {"model": name, "description": description, "seed": seed, "epochs": epochs, "steps": epochs * per_epoch,
+              "train_seconds": round(seconds, 1), "errors": {}}
+    for label, (eval_list, split) in EVAL_SETS.items():
         target = folder / f"eval_{label}"
         bundle("evaluate", ["configs/train.yaml", *overlays, "configs/evaluate.yaml"], folder / f"eval_{label}.log",
-               datalist=data[datalist], eval_split=split, output_dir=target, **common)
+               datalist=data[eval_list], eval_split=split, output_dir=target, **common)
         metrics = json.loads((target / "metrics.json").read_text())
         result[label] = {key: metrics[key] for key in ("n", "r", "mae", "r2", "rmse", "pad_mean", "pad_std")}
+        rows = read_predictions(target / "predictions.csv")
+        result["errors"][label] = {r["subject"]: abs(r["predicted_age"] - r["age"]) for r in rows}
         if label == "disease":
-            result[label]["survival"] = pad_outcome_association(read_predictions(target / "predictions.csv"),
-                                                                "survival_months", "brain_pad_corrected")
-    print(json.dumps(result), flush=True)
+            result[label]["survival"] = pad_outcome_association(rows, "survival_months", "brain_pad_corrected")
+    print(json.dumps({k: v for k, v in result.items() if k != "errors"}), flush=True)
     return result
 
 
-def table(args, results: list[dict], floor: dict, truth: dict, minutes: float) -> str:
-    def cell(value, spec=".2f"):
-        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+def compare(results: list[dict], first: str, second: str, label: str) -> dict | None:
+    """Paired comparison of two models on one evaluation set (negative difference: ``first`` is better)."""
+    from scipy import stats
 
-    lines = [
-        "| model | research r | research MAE | research R² | clinical r | clinical MAE | clinical R² "
-        "| PAD–survival r (p), disease cohort |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        s = r["disease"]["survival"]
-        lines.append(f"| {r['model']} | {cell(r['research']['r'])} | {cell(r['research']['mae'])} | "
-                     f"{cell(r['research']['r2'])} | {cell(r['clinical']['r'])} | {cell(r['clinical']['mae'])} | "
-                     f"{cell(r['clinical']['r2'])} | {cell(s['r'])} ({cell(s['p'], '.1e')}) |")
-    lines.append(f"| *accuracy floor (knows brain age exactly)* | {floor['r']:.2f} | {floor['mae']:.2f} | "
-                 f"{floor['r2']:.2f} | {floor['r']:.2f} | {floor['mae']:.2f} | {floor['r2']:.2f} | "
-                 f"{truth['sample_r']:.2f} (true δ of these subjects) |")
-    settings = (f"{args.image_size}×{args.image_size} slices, {args.steps} optimizer steps per model (batch 8 unless "
-                f"named), "
-                f"{args.n} healthy + {args.n // 5} disease phantom subjects (seed {args.seed}), "
-                f"labels kept in the 25 % runs: {args.labelled_share:.0%}")
-    return "\n".join(lines) + f"\n\nSettings: {settings}. Wall time {minutes:.0f} min.\n"
+    runs = {(r["model"], r["seed"]): r for r in results}
+    seeds = sorted(s for (m, s) in runs if m == first and (second, s) in runs)
+    if not seeds:
+        return None
+    a = np.array([runs[first, s][label]["mae"] for s in seeds])
+    b = np.array([runs[second, s][label]["mae"] for s in seeds])
+    subjects = sorted(runs[first, seeds[0]]["errors"][label])
+    per_a = np.array([np.mean([runs[first, s]["errors"][label][x] for s in seeds]) for x in subjects])
+    per_b = np.array([np.mean([runs[second, s]["errors"][label][x] for s in seeds]) for x in subjects])
+    t = stats.ttest_rel(a, b) if len(seeds) > 1 else None
+    w = stats.wilcoxon(per_a, per_b)
+    p_seeds = float(t.pvalue) if t is not None else math.nan
+    return {"first": first, "second": second, "set": label, "seeds": seeds,
+            "mae_first": [float(v) for v in a], "mae_second": [float(v) for v in b],
+            "mean_difference": float((a - b).mean()), "paired_t_p_over_seeds": p_seeds,
+            "n_subjects": len(subjects), "wilcoxon_p_over_subjects": float(w.pvalue),
+            "significant": bool(p_seeds < 0.05 and float(w.pvalue) < 0.05)}
+
+
+def _cell(values, spec=".2f") -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(float(np.mean(values)), spec)} ± {format(float(np.std(values, ddof=1)), spec)}"
+
+
+def table(args, results: list[dict], comparisons: list[dict], floor: dict, truth: dict, minutes: float) -> str:
+    lines = ["| model | seeds | research MAE | research r | clinical MAE | clinical r | PAD–survival r, disease |",
+             "|---|---|---|---|---|---|---|"]
+    for name in args.models:
+        runs = [r for r in results if r["model"] == name]
+        if not runs:
+            continue
+        lines.append(
+            f"| {MODELS[name][0]} | {len(runs)} | {_cell([r['research']['mae'] for r in runs])} | "
+            f"{_cell([r['research']['r'] for r in runs])} | {_cell([r['clinical']['mae'] for r in runs])} | "
+            f"{_cell([r['clinical']['r'] for r in runs])} | {_cell([r['disease']['survival']['r'] for r in runs])} |")
+    lines.append(f"| *accuracy floor (knows brain age exactly)* | – | {floor['mae']:.2f} | {floor['r']:.2f} | "
+                 f"{floor['mae']:.2f} | {floor['r']:.2f} | {truth['sample_r']:.2f} (true δ) |")
+    text = "\n".join(lines)
+    if comparisons:
+        text += ("\n\n| comparison | test set | MAE difference (first − second) | paired t over seeds, p | "
+                 "Wilcoxon over subjects, p | verdict |\n|---|---|---|---|---|---|\n")
+        for c in comparisons:
+            verdict = ("first better" if c["mean_difference"] < 0 else "second better") if c["significant"] else \
+                "no significant difference"
+            text += (f"| {c['first']} vs {c['second']} | {c['set']} | {c['mean_difference']:+.2f} | "
+                     f"{c['paired_t_p_over_seeds']:.3f} | {c['wilcoxon_p_over_subjects']:.3f} | {verdict} |\n")
+    settings = (f"{args.image_size}×{args.image_size} slices, {args.steps} optimizer steps per run, seeds "
+                f"{', '.join(map(str, args.seeds))}, {args.n} healthy + {args.n // 5} disease phantom subjects "
+                f"(phantom seed {args.phantom_seed})")
+    return text + f"\n\nMAE in years (mean ± sd over seeds). Settings: {settings}. Wall time {minutes:.0f} min.\n"
 
 
 def main(argv=None) -> int:
@@ -173,17 +227,18 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = make_data(args, out)
-    phantom = json.loads((Path(data["full"]).parent / "phantom_research" / "phantom.json").read_text())
+    phantom = json.loads((out / "phantom_research" / "phantom.json").read_text())
     floor = phantom["accuracy_floor"]
     truth = {"r": phantom["disease_true_pad_survival_r"], "sample_r": phantom["disease_sample_pad_survival_r"]}
-    names = list(MODELS)
-    results = [train_and_evaluate(args, names[i], i, data, out) for i in args.models]
+    results = [train_and_evaluate(args, name, seed, data, out) for seed in args.seeds for name in args.models]
+    comparisons = [c for first, second in PAIRS if first in args.models and second in args.models
+                   for label in EVAL_SETS if label != "disease" for c in [compare(results, first, second, label)] if c]
     minutes = (time.perf_counter() - start) / 60
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
               "settings": vars(args), "accuracy_floor": floor, "true_survival_association": truth,
-              "results": results, "minutes": round(minutes, 1)}
+              "results": results, "comparisons": comparisons, "minutes": round(minutes, 1)}
     (out / "accuracy.json").write_text(json.dumps(report, indent=1, default=str))
-    text = table(args, results, floor, truth, minutes)
+    text = table(args, results, comparisons, floor, truth, minutes)
     (out / "accuracy.md").write_text(text)
     print(text)
     return 0
