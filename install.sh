@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Create (or update) ./.venv with everything the bundle needs. Idempotent; runs offline from a
 # local wheel mirror as well as from PyPI.
-#   TORCH_SPEC   torch requirement installed first (default torch==2.13.0, the CPU wheel here;
-#                on a GPU machine install the CUDA build of torch into .venv before this script)
-#   PYTHON       interpreter used to create .venv (default python3)
+#   TORCH_SPEC   torch requirement installed first (default torch==2.13.0, the CPU wheel here; elsewhere
+#                e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for the CPU
+#                build, or install the CUDA build of torch into .venv before this script)
+#   PYTHON       interpreter used to create .venv (default python3; 3.10, 3.11 and 3.12 resolve)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -11,8 +12,10 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # torch first: with torch present, later packages that depend on it install nothing more.
-.venv/bin/python -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
+# shellcheck disable=SC2086  # TORCH_SPEC may carry pip options
+.venv/bin/python -c "import torch" 2>/dev/null || pip install $TORCH_SPEC
 pip install -r requirements.txt
 pip install --no-deps -r requirements-hdbet.txt
+pip install -r requirements-dev.txt   # the Model Zoo's code-style checks (tests/test_code_style.py)
 # HD-BET's prediction path: its module, and the nnU-Net trainer module that rebuilds its network.
 .venv/bin/python -c "import torch, monai, ants, SimpleITK, HD_BET.hd_bet_prediction, nnunetv2.training.nnUNetTrainer.nnUNetTrainer; print(f'ok: torch {torch.__version__}, monai {monai.__version__}')"

@@ -7,7 +7,6 @@ The statistics live in :mod:`scripts.statistics`, the generative analyses (with 
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -50,7 +49,7 @@ def load_model(config_file: str | Path, ckpt_path: str | Path | None = None, dev
     network = parser.get_parsed_content("network_def")
     load_weights(network, ckpt_path or parser.get_parsed_content("ckpt_path"))
     network.to(parser.get_parsed_content("device")).eval()
-    return network, parser.get_parsed_content("slice_transforms")
+    return network, parser.get_parsed_content("preprocessing")
 
 
 def config_ddim_steps(config_file: str | Path, default: int = 50) -> int:
@@ -72,8 +71,10 @@ def _load_slices(items: list[dict], transforms) -> torch.Tensor:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
         if not is_model_input(path):
-            raise ValueError(f"{path}: not a 128x128 MNI model-input slice; preprocess raw scans first "
-                             "(python -m monai.bundle run preprocess --config_file configs/preprocess.yaml ...)")
+            raise ValueError(
+                f"{path}: not a 128x128 MNI model-input slice; preprocess raw scans first "
+                "(python -m monai.bundle run preprocess --config_file configs/preprocess.yaml ...)"
+            )
         images.append(torch.as_tensor(transforms({"image": path})["image"], dtype=torch.float32))
     return torch.stack(images)
 
@@ -132,7 +133,9 @@ def _run_ks(args) -> None:
         raise ValueError(f"model names must be unique, got {', '.join(names)}; set them with --names")
     splits = args.split or [None]
     if len(splits) not in (1, len(names)):
-        raise ValueError(f"--split gives {len(splits)} splits for {len(names)} predictions files; give one or one per file")
+        raise ValueError(
+            f"--split gives {len(splits)} splits for {len(names)} predictions files; give one or one per file"
+        )
     split = splits[0] if len(splits) == 1 else dict(zip(names, splits))
     named_rows = {name: read_predictions(path) for name, path in zip(names, args.predictions)}
     out = Path(args.out)
@@ -148,7 +151,11 @@ def _cohort(args, default_n: int | None = None) -> list[dict]:
     if len(args.n) not in (1, len(args.input)):
         raise ValueError(f"--n gives {len(args.n)} counts for {len(args.input)} inputs; give one or one per input")
     counts = args.n * len(args.input) if len(args.n) == 1 else args.n
-    return [item for source, n in zip(args.input, counts) for item in _spread_by_age(resolve_inputs(source, [args.split]), n)]
+    return [
+        item
+        for source, n in zip(args.input, counts)
+        for item in _spread_by_age(resolve_inputs(source, [args.split]), n)
+    ]
 
 
 def _run_reconstruct(args) -> None:
@@ -160,27 +167,56 @@ def _run_reconstruct(args) -> None:
     print(f"reconstructing {len(items)} images ({args.ddim_steps} DDIM steps each way), with the swapped-z control...")
     result = reconstruct(model, images, args.ddim_steps, args.batch_size, _autocast_arg(args))
     swapped = "swapped_mse" in result
-    described = [{**_describe(item), "mse": float(result["mse"][i]), "mae": float(result["mae"][i]),
-                  **({"swapped_mse": float(result["swapped_mse"][i]), "swapped_z_from": items[(i + 1) % len(items)].get(
-                      "subject", "")} if swapped else {})}
-                 for i, item in enumerate(items)]
+    described = [
+        {
+            **_describe(item),
+            "mse": float(result["mse"][i]),
+            "mae": float(result["mae"][i]),
+            **(
+                {
+                    "swapped_mse": float(result["swapped_mse"][i]),
+                    "swapped_z_from": items[(i + 1) % len(items)].get("subject", ""),
+                }
+                if swapped
+                else {}
+            ),
+        }
+        for i, item in enumerate(items)
+    ]
     header = ["subject", "age", "grade", "MSE own z", "MAE own z"] + (["MSE next z"] if swapped else [])
-    print(_text_table(header, [
-        [d["subject"], _number(d["age"], ".1f"), d["grade"] or "-", f"{d['mse']:.2e}", f"{d['mae']:.4f}"]
-        + ([f"{d['swapped_mse']:.2e}"] if swapped else []) for d in described]))
-    summary = {"ddim_steps": args.ddim_steps, "checkpoint": str(args.ckpt_path or "config default"),
-               "mean_mse": float(result["mse"].mean()), "mean_mae": float(result["mae"].mean()), "images": described}
+    print(
+        _text_table(
+            header,
+            [
+                [d["subject"], _number(d["age"], ".1f"), d["grade"] or "-", f"{d['mse']:.2e}", f"{d['mae']:.4f}"]
+                + ([f"{d['swapped_mse']:.2e}"] if swapped else [])
+                for d in described
+            ],
+        )
+    )
+    summary = {
+        "ddim_steps": args.ddim_steps,
+        "checkpoint": str(args.ckpt_path or "config default"),
+        "mean_mse": float(result["mse"].mean()),
+        "mean_mae": float(result["mae"].mean()),
+        "images": described,
+    }
     if swapped:
-        summary.update(mean_swapped_mse=float(result["swapped_mse"].mean()),
-                       swap_penalty=float(result["swap_penalty"]))
-        print(f"swapped-z control: MSE {summary['mean_swapped_mse']:.2e} against {summary['mean_mse']:.2e} with the "
-              f"own z ({100 * summary['swap_penalty']:+.0f} %; about 0 when the decoder ignores z)")
+        summary.update(mean_swapped_mse=float(result["swapped_mse"].mean()), swap_penalty=float(result["swap_penalty"]))
+        print(
+            f"swapped-z control: MSE {summary['mean_swapped_mse']:.2e} against {summary['mean_mse']:.2e} with the "
+            f"own z ({100 * summary['swap_penalty']:+.0f} %; about 0 when the decoder ignores z)"
+        )
     out = Path(args.out)
-    png = reconstruction_grid(images.numpy(), result["reconstructions"].numpy(), out / "reconstructions.png",
-                              labels=[_label(d) for d in described],
-                              swapped=result["swapped_reconstructions"].numpy() if swapped else None,
-                              title=f"DDIM reconstructions ({args.ddim_steps} steps, deterministic encoding of x_T), "
-                                    "with each image's x_T decoded with the next image's z as control")
+    png = reconstruction_grid(
+        images.numpy(),
+        result["reconstructions"].numpy(),
+        out / "reconstructions.png",
+        labels=[_label(d) for d in described],
+        swapped=result["swapped_reconstructions"].numpy() if swapped else None,
+        title=f"DDIM reconstructions ({args.ddim_steps} steps, deterministic encoding of x_end), "
+        "with each image's x_end decoded with the next image's z as control",
+    )
     print(f"wrote {png} and {write_json(out / 'reconstructions.json', summary)}")
 
 
@@ -192,24 +228,55 @@ def _run_generate(args) -> None:
         raise ValueError("generation from z needs at least 2 images; raise --n")
     model, transforms = load_model(args.config_file, args.ckpt_path, args.device)
     images = _load_slices(items, transforms)
-    print(f"decoding one shared x_T with the z of {len(items)} images ({args.ddim_steps} DDIM steps)...")
+    print(f"decoding one shared x_end with the z of {len(items)} images ({args.ddim_steps} DDIM steps)...")
     result = generate_from_latent(model, images, args.ddim_steps, args.batch_size, _autocast_arg(args), args.seed)
-    described = [{**_describe(item), "nearest": items[int(result["nearest"][i])].get("subject", ""),
-                  "distance_own": float(result["distances"][i, i]),
-                  "predicted_age": float(result["predicted_age"][i]), "decoded_age": float(result["decoded_age"][i])}
-                 for i, item in enumerate(items)]
-    print(_text_table(["subject", "nearest original", "RMS to own", "age (original)", "age (decode)"], [
-        [d["subject"], d["nearest"], f"{d['distance_own']:.4f}", f"{d['predicted_age']:.1f}", f"{d['decoded_age']:.1f}"]
-        for d in described]))
-    summary = {"ddim_steps": args.ddim_steps, "seed": args.seed, "nearest_own_share": result["nearest_own_share"],
-               "chance_share": result["chance_share"], "age_r": result["age_r"], "images": described}
-    print(f"decodes nearest their own subject: {100 * result['nearest_own_share']:.0f} % (chance "
-          f"{100 * result['chance_share']:.0f} %); r(decoded age, original's predicted age) = {_number(result['age_r'], '.2f')}")
+    described = [
+        {
+            **_describe(item),
+            "nearest": items[int(result["nearest"][i])].get("subject", ""),
+            "distance_own": float(result["distances"][i, i]),
+            "predicted_age": float(result["predicted_age"][i]),
+            "decoded_age": float(result["decoded_age"][i]),
+        }
+        for i, item in enumerate(items)
+    ]
+    print(
+        _text_table(
+            ["subject", "nearest original", "RMS to own", "age (original)", "age (decode)"],
+            [
+                [
+                    d["subject"],
+                    d["nearest"],
+                    f"{d['distance_own']:.4f}",
+                    f"{d['predicted_age']:.1f}",
+                    f"{d['decoded_age']:.1f}",
+                ]
+                for d in described
+            ],
+        )
+    )
+    summary = {
+        "ddim_steps": args.ddim_steps,
+        "seed": args.seed,
+        "nearest_own_share": result["nearest_own_share"],
+        "chance_share": result["chance_share"],
+        "age_r": result["age_r"],
+        "images": described,
+    }
+    print(
+        f"decodes nearest their own subject: {100 * result['nearest_own_share']:.0f} % (chance "
+        f"{100 * result['chance_share']:.0f} %); r(decoded age, original's predicted age) = {_number(result['age_r'], '.2f')}"
+    )
     out = Path(args.out)
-    png = generation_grid(images.numpy(), result["decodes"].numpy(), result["nearest"].numpy(), out / "generation.png",
-                          labels=[_label(d) for d in described],
-                          title=f"One shared x_T decoded with each subject's z_sem: {100 * result['nearest_own_share']:.0f} % "
-                                f"nearest their own subject (chance {100 * result['chance_share']:.0f} %)")
+    png = generation_grid(
+        images.numpy(),
+        result["decodes"].numpy(),
+        result["nearest"].numpy(),
+        out / "generation.png",
+        labels=[_label(d) for d in described],
+        title=f"One shared x_end decoded with each subject's z_sem: {100 * result['nearest_own_share']:.0f} % "
+        f"nearest their own subject (chance {100 * result['chance_share']:.0f} %)",
+    )
     print(f"wrote {png} and {write_json(out / 'generation.json', summary)}")
 
 
@@ -226,26 +293,53 @@ def _run_interpolate(args) -> None:
         ends = [{"image": path, "subject": subject_from_path(path)} for path in (args.young, args.old)]
     model, transforms = load_model(args.config_file, args.ckpt_path, args.device)
     images = _load_slices(ends, transforms)
-    print(f"interpolating {args.frames} frames ({args.ddim_steps} DDIM steps each way), with the x_T-only control...")
-    result = interpolate(model, images[0], images[1], args.frames, args.ddim_steps, args.batch_size,
-                         _autocast_arg(args))
+    print(f"interpolating {args.frames} frames ({args.ddim_steps} DDIM steps each way), with the x_end-only control...")
+    result = interpolate(
+        model, images[0], images[1], args.frames, args.ddim_steps, args.batch_size, _autocast_arg(args)
+    )
     young, old = (_describe(item) for item in ends)
-    frames = [{"weight": float(w), "predicted_age": float(a), "reencoded_age": float(r), "control_reencoded_age": float(c)}
-              for w, a, r, c in zip(result["weights"], result["predicted_age"], result["reencoded_age"],
-                                    result["control_reencoded_age"])]
-    print(_text_table(["weight", "age from z (y)", "age re-encoded (y)", "control: x_T only (y)"], [
-        [f"{f['weight']:.2f}", f"{f['predicted_age']:.1f}", f"{f['reencoded_age']:.1f}",
-         f"{f['control_reencoded_age']:.1f}"] for f in frames]))
-    print(f"re-encoded ages {'rise monotonically' if result['monotonic'] else 'do not rise monotonically'} "
-          f"(Spearman {_number(result['spearman'], '.2f')})")
+    frames = [
+        {"weight": float(w), "predicted_age": float(a), "reencoded_age": float(r), "control_reencoded_age": float(c)}
+        for w, a, r, c in zip(
+            result["weights"], result["predicted_age"], result["reencoded_age"], result["control_reencoded_age"]
+        )
+    ]
+    print(
+        _text_table(
+            ["weight", "age from z (y)", "age re-encoded (y)", "control: x_end only (y)"],
+            [
+                [
+                    f"{f['weight']:.2f}",
+                    f"{f['predicted_age']:.1f}",
+                    f"{f['reencoded_age']:.1f}",
+                    f"{f['control_reencoded_age']:.1f}",
+                ]
+                for f in frames
+            ],
+        )
+    )
+    print(
+        f"re-encoded ages {'rise monotonically' if result['monotonic'] else 'do not rise monotonically'} "
+        f"(Spearman {_number(result['spearman'], '.2f')})"
+    )
     out = Path(args.out)
-    png = interpolation_grid(result["frames"].numpy(), result["predicted_age"].numpy(), out / "interpolation.png",
-                             reencoded_ages=result["reencoded_age"].numpy(),
-                             control_frames=result["control_frames"].numpy(),
-                             control_ages=result["control_reencoded_age"].numpy(),
-                             title=f"{_label(young)} -> {_label(old)}: z_sem linear, x_T spherical interpolation")
-    summary = {"ddim_steps": args.ddim_steps, "young": young, "old": old, "monotonic": result["monotonic"],
-               "spearman": result["spearman"], "frames": frames}
+    png = interpolation_grid(
+        result["frames"].numpy(),
+        result["predicted_age"].numpy(),
+        out / "interpolation.png",
+        reencoded_ages=result["reencoded_age"].numpy(),
+        control_frames=result["control_frames"].numpy(),
+        control_ages=result["control_reencoded_age"].numpy(),
+        title=f"{_label(young)} -> {_label(old)}: z_sem linear, x_end spherical interpolation",
+    )
+    summary = {
+        "ddim_steps": args.ddim_steps,
+        "young": young,
+        "old": old,
+        "monotonic": result["monotonic"],
+        "spearman": result["spearman"],
+        "frames": frames,
+    }
     print(f"wrote {png} and {write_json(out / 'interpolation.json', summary)}")
 
 
@@ -268,49 +362,121 @@ def _run_counterfactual(args) -> None:
         reference = [cohort[int(i)] for i in np.linspace(0, len(cohort) - 1, min(len(cohort), args.reference_size))]
         scale = latent_spread(model, _load_slices(reference, transforms), args.batch_size, _autocast_arg(args))
         print(f"latent moves in units of the spread of z_sem over {len(reference)} {args.split} images")
-    print(f"decoding {len(args.deltas)} counterfactual ages ({args.ddim_steps} DDIM steps each way), with a "
-          "random-direction control...")
-    result = counterfactual_ageing(model, image, args.deltas, args.ddim_steps, args.batch_size, _autocast_arg(args),
-                                   latent_scale=scale, seed=args.seed)
+    print(
+        f"decoding {len(args.deltas)} counterfactual ages ({args.ddim_steps} DDIM steps each way), with a "
+        "random-direction control..."
+    )
+    result = counterfactual_ageing(
+        model,
+        image,
+        args.deltas,
+        args.ddim_steps,
+        args.batch_size,
+        _autocast_arg(args),
+        latent_scale=scale,
+        seed=args.seed,
+    )
     subject = _describe(items[0])
     zero = float(result["reencoded_age"][result["deltas"].abs().argmin()])
     control_zero = float(result["control_reencoded_age"][result["deltas"].abs().argmin()])
-    frames = [{"delta": float(d), "target_age": float(t), "latent_age": float(a), "reencoded_age": float(r),
-               "reread_shift": float(r) - zero, "latent_shift": float(s), "mean_abs_difference": float(diff.abs().mean()),
-               "control_reencoded_age": float(c), "control_reread_shift": float(c) - control_zero,
-               "control_mean_abs_difference": float(cdiff.abs().mean())}
-              for d, t, a, r, s, diff, c, cdiff in zip(
-                  result["deltas"], result["target_age"], result["latent_age"], result["reencoded_age"],
-                  result["latent_shift"], result["differences"], result["control_reencoded_age"],
-                  result["control_differences"])]
-    print(_text_table(["delta (y)", "target (y)", "age from z (y)", "re-read shift (y)",
-                       "|dz| (spread units)" if scale is not None else "|dz|", "mean |diff|", "control shift (y)"], [
-        [f"{f['delta']:+.0f}", f"{f['target_age']:.1f}", f"{f['latent_age']:.1f}", f"{f['reread_shift']:+.1f}",
-         f"{f['latent_shift']:.2f}", f"{f['mean_abs_difference']:.4f}", f"{f['control_reread_shift']:+.1f}"]
-        for f in frames]))
+    frames = [
+        {
+            "delta": float(d),
+            "target_age": float(t),
+            "latent_age": float(a),
+            "reencoded_age": float(r),
+            "reread_shift": float(r) - zero,
+            "latent_shift": float(s),
+            "mean_abs_difference": float(diff.abs().mean()),
+            "control_reencoded_age": float(c),
+            "control_reread_shift": float(c) - control_zero,
+            "control_mean_abs_difference": float(cdiff.abs().mean()),
+        }
+        for d, t, a, r, s, diff, c, cdiff in zip(
+            result["deltas"],
+            result["target_age"],
+            result["latent_age"],
+            result["reencoded_age"],
+            result["latent_shift"],
+            result["differences"],
+            result["control_reencoded_age"],
+            result["control_differences"],
+        )
+    ]
+    print(
+        _text_table(
+            [
+                "delta (y)",
+                "target (y)",
+                "age from z (y)",
+                "re-read shift (y)",
+                "|dz| (spread units)" if scale is not None else "|dz|",
+                "mean |diff|",
+                "control shift (y)",
+            ],
+            [
+                [
+                    f"{f['delta']:+.0f}",
+                    f"{f['target_age']:.1f}",
+                    f"{f['latent_age']:.1f}",
+                    f"{f['reread_shift']:+.1f}",
+                    f"{f['latent_shift']:.2f}",
+                    f"{f['mean_abs_difference']:.4f}",
+                    f"{f['control_reread_shift']:+.1f}",
+                ]
+                for f in frames
+            ],
+        )
+    )
     out = Path(args.out)
     png = counterfactual_grid(
-        result["frames"].numpy(), result["differences"].numpy(), out / "counterfactual.png",
+        result["frames"].numpy(),
+        result["differences"].numpy(),
+        out / "counterfactual.png",
         labels=[f"{f['delta']:+.0f} y -> {f['target_age']:.0f} y\nre-read {f['reread_shift']:+.1f} y" for f in frames],
-        control_frames=result["control_frames"].numpy(), control_differences=result["control_differences"].numpy(),
+        control_frames=result["control_frames"].numpy(),
+        control_differences=result["control_differences"].numpy(),
         control_labels=[f"re-read {f['control_reread_shift']:+.1f} y" for f in frames],
         title=f"{_label(subject)}: z_sem moved along the age head's direction "
-              f"(model says {float(result['predicted_age']):.1f} y); control: a random direction of the same length")
-    summary = {"ddim_steps": args.ddim_steps, "subject": subject, "latent_units": "spread" if scale is not None else "raw",
-               "predicted_age": float(result["predicted_age"]), "frames": frames}
+        f"(model says {float(result['predicted_age']):.1f} y); control: a random direction of the same length",
+    )
+    summary = {
+        "ddim_steps": args.ddim_steps,
+        "subject": subject,
+        "latent_units": "spread" if scale is not None else "raw",
+        "predicted_age": float(result["predicted_age"]),
+        "frames": frames,
+    }
     print(f"wrote {png} and {write_json(out / 'counterfactual.json', summary)}")
 
 
 def _model_options(parser) -> None:
-    parser.add_argument("--config_file", "--config-file", type=cli.existing_file, default="configs/inference.yaml",
-                        help="bundle config defining network_def, ckpt_path, device and slice_transforms")
-    parser.add_argument("--ckpt_path", "--ckpt-path", default=None,
-                        help="trained weights; None: the config's ckpt_path (models/model.pt)")
+    parser.add_argument(
+        "--config_file",
+        "--config-file",
+        type=cli.existing_file,
+        default="configs/inference.yaml",
+        help="bundle config defining network_def, ckpt_path, device and preprocessing (configs/inference.yaml)",
+    )
+    parser.add_argument(
+        "--ckpt_path",
+        "--ckpt-path",
+        default=None,
+        help="trained weights; None: the config's ckpt_path (models/model.pt)",
+    )
     parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0; None: the config's device")
-    parser.add_argument("--autocast-dtype", choices=AUTOCAST_CHOICES, default="none",
-                        help="autocast dtype of the network passes; none = float32, safest for DDIM inversion")
-    parser.add_argument("--ddim-steps", type=cli.positive_int, default=None,
-                        help="DDIM steps each way, dividing 1000; None: the config's ddim_steps (50 if it has none)")
+    parser.add_argument(
+        "--autocast-dtype",
+        choices=AUTOCAST_CHOICES,
+        default="none",
+        help="autocast dtype of the network passes; none = float32, safest for DDIM inversion",
+    )
+    parser.add_argument(
+        "--ddim-steps",
+        type=cli.positive_int,
+        default=None,
+        help="DDIM steps each way, dividing 1000; None: the config's ddim_steps (50 if it has none)",
+    )
     parser.add_argument("--batch-size", type=cli.positive_int, default=8, help="images per network pass")
 
 
@@ -318,15 +484,20 @@ def build_parser():
     parser = cli.ArgumentParser(
         prog="python -m scripts.analysis",
         description="Analyses of brain-age predictions and of the diffusion autoencoder (paper Tables 1-2, "
-                    "Figures 2-4). Run from the bundle root.")
+        "Figures 2-4). Run from the bundle root.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pad_help = "brain-PAD column: raw, or corrected for age bias with the validation fit"
     pads = ("brain_pad", "brain_pad_corrected")
 
     p = sub.add_parser("metrics", help="accuracy (r, MAE, RMSE, R2) and PAD-age bias: metrics.json + scatter.png")
     p.add_argument("predictions", type=cli.existing_file, metavar="PRED.csv", help="predictions.csv from inference")
-    p.add_argument("--bias-correction", default=None, metavar="JSON",
-                   help="age-bias correction fitted on validation data, to report corrected-PAD statistics")
+    p.add_argument(
+        "--bias-correction",
+        default=None,
+        metavar="JSON",
+        help="age-bias correction fitted on validation data, to report corrected-PAD statistics",
+    )
     p.add_argument("--out", default="eval/analysis", help="output folder")
     p.set_defaults(run=_run_metrics)
 
@@ -339,63 +510,108 @@ def build_parser():
     p.set_defaults(run=_run_association)
 
     p = sub.add_parser("ks", help="PAD mean/std per model and two-sample KS tests (Table 2) + box plot (Figure 2)")
-    p.add_argument("predictions", type=cli.existing_file, nargs="+", metavar="PRED.csv",
-                   help="one predictions.csv per model, on the same cohort")
-    p.add_argument("--names", nargs="+", default=None,
-                   help="model names, one per file; None: each file's folder name")
+    p.add_argument(
+        "predictions",
+        type=cli.existing_file,
+        nargs="+",
+        metavar="PRED.csv",
+        help="one predictions.csv per model, on the same cohort",
+    )
+    p.add_argument("--names", nargs="+", default=None, help="model names, one per file; None: each file's folder name")
     p.add_argument("--reference", default=None, help="the model the others are tested against; None: the first")
     p.add_argument("--pad", choices=pads, default="brain_pad", help=pad_help)
-    p.add_argument("--split", nargs="+", default=None,
-                   help="only rows of this datalist split (e.g. disease), or one split per file; None: all rows")
-    p.add_argument("--out", default="eval/analysis", help="output folder for pad_distributions.json and pad_boxplot.png")
+    p.add_argument(
+        "--split",
+        nargs="+",
+        default=None,
+        help="only rows of this datalist split (e.g. disease), or one split per file; None: all rows",
+    )
+    p.add_argument(
+        "--out", default="eval/analysis", help="output folder for pad_distributions.json and pad_boxplot.png"
+    )
     p.set_defaults(run=_run_ks)
 
     p = sub.add_parser("reconstruct", help="DDIM encode/decode round trips of slices (Figure 4), swapped-z control")
-    p.add_argument("--input", nargs="+", required=True, metavar="DATALIST_or_NIfTI",
-                   help="datalist JSON(s), model-input slice NIfTI file(s) or folders of them")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="DATALIST_or_NIfTI",
+        help="datalist JSON(s), model-input slice NIfTI file(s) or folders of them",
+    )
     p.add_argument("--split", default="test", help="datalist split to draw from")
-    p.add_argument("--n", type=cli.positive_int, nargs="+", default=[4],
-                   help="images per input (one count, or one per input), spread from the youngest to the oldest "
-                        "labelled item of a datalist (one: the median age)")
+    p.add_argument(
+        "--n",
+        type=cli.positive_int,
+        nargs="+",
+        default=[4],
+        help="images per input (one count, or one per input), spread from the youngest to the oldest "
+        "labelled item of a datalist (one: the median age)",
+    )
     _model_options(p)
     p.add_argument("--out", default="eval/analysis", help="output folder for reconstructions.png/.json")
     p.set_defaults(run=_run_reconstruct)
 
-    p = sub.add_parser("generate", help="decode one shared random x_T with each image's z_sem: what z alone carries")
-    p.add_argument("--input", nargs="+", required=True, metavar="DATALIST_or_NIfTI",
-                   help="datalist JSON(s), model-input slice NIfTI file(s) or folders of them")
+    p = sub.add_parser("generate", help="decode one shared random x_end with each image's z_sem: what z alone carries")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="DATALIST_or_NIfTI",
+        help="datalist JSON(s), model-input slice NIfTI file(s) or folders of them",
+    )
     p.add_argument("--split", default="test", help="datalist split to draw from")
-    p.add_argument("--n", type=cli.positive_int, nargs="+", default=[8],
-                   help="images per input (one count, or one per input), spread over the labelled ages")
+    p.add_argument(
+        "--n",
+        type=cli.positive_int,
+        nargs="+",
+        default=[8],
+        help="images per input (one count, or one per input), spread over the labelled ages",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the shared x_T")
     _model_options(p)
     p.add_argument("--out", default="eval/analysis", help="output folder for generation.png/.json")
     p.set_defaults(run=_run_generate)
 
-    p = sub.add_parser("interpolate", help="decode an interpolation between a young and an old brain (Figure 3), "
-                                           "x_T-only control")
+    p = sub.add_parser(
+        "interpolate", help="decode an interpolation between a young and an old brain (Figure 3), " "x_T-only control"
+    )
     p.add_argument("--young", type=cli.existing_file, default=None, help="model-input slice of the young brain")
     p.add_argument("--old", type=cli.existing_file, default=None, help="model-input slice of the old brain")
-    p.add_argument("--datalist", default=None,
-                   help="instead of --young/--old: the youngest and oldest labelled subjects of --split")
+    p.add_argument(
+        "--datalist",
+        default=None,
+        help="instead of --young/--old: the youngest and oldest labelled subjects of --split",
+    )
     p.add_argument("--split", default="test", help="datalist split for --datalist")
     p.add_argument("--frames", type=cli.positive_int, default=7, help="frames including both ends (>= 2)")
     _model_options(p)
     p.add_argument("--out", default="eval/analysis", help="output folder for interpolation.png/.json")
     p.set_defaults(run=_run_interpolate)
 
-    p = sub.add_parser("counterfactual", help="one brain decoded younger and older along the age direction, "
-                                              "random-direction control")
+    p = sub.add_parser(
+        "counterfactual",
+        help="one brain decoded younger and older along the age direction, " "random-direction control",
+    )
     p.add_argument("--image", type=cli.existing_file, default=None, help="model-input slice of the subject")
     p.add_argument("--datalist", default=None, help="instead of --image: the median-age labelled subject of --split")
     p.add_argument("--split", default="test", help="datalist split for --datalist")
-    p.add_argument("--deltas", type=float, nargs="+", default=[-20, -10, 0, 10, 20],
-                   help="age changes in years, relative to the model's prediction for the image")
-    p.add_argument("--reference", default=None,
-                   help="with --image: a datalist whose --split images give the spread of z_sem that latent moves "
-                        "are measured in (--datalist serves itself); None: raw latent units")
-    p.add_argument("--reference-size", type=cli.positive_int, default=64,
-                   help="images of the reference split used for the spread")
+    p.add_argument(
+        "--deltas",
+        type=float,
+        nargs="+",
+        default=[-20, -10, 0, 10, 20],
+        help="age changes in years, relative to the model's prediction for the image",
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="with --image: a datalist whose --split images give the spread of z_sem that latent moves "
+        "are measured in (--datalist serves itself); None: raw latent units",
+    )
+    p.add_argument(
+        "--reference-size", type=cli.positive_int, default=64, help="images of the reference split used for the spread"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the control's random latent direction")
     _model_options(p)
     p.add_argument("--out", default="eval/analysis", help="output folder for counterfactual.png/.json")

@@ -143,7 +143,9 @@ class BiasCorrectionFitter:
             # e.g. cole on an early model whose predictions barely vary with age: refuse, do not stop training;
             # a correction fitted for an earlier best model no longer belongs to the checkpoint, so it goes too
             Path(self.path).unlink(missing_ok=True)
-            logger.warning(f"epoch {engine.state.epoch}: age-bias correction not fitted ({err}); "
-                           f"brain_pad_corrected stays empty until a later best epoch fits one")
+            logger.warning(
+                f"epoch {engine.state.epoch}: age-bias correction not fitted ({err}); "
+                f"brain_pad_corrected stays empty until a later best epoch fits one"
+            )
             return
         correction.save(self.path)

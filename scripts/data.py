@@ -82,7 +82,9 @@ def load_datalist(
     for split in require_age:
         for item in out.get(split, []):
             if not is_labelled(item):
-                raise DatalistError(f"{path}: {split} item {item['subject']} has no 'age'; every {split} item needs one")
+                raise DatalistError(
+                    f"{path}: {split} item {item['subject']} has no 'age'; every {split} item needs one"
+                )
     if check_leakage:
         seen: dict[str, str] = {}
         for split in (s for s in SPLITS if s in raw):
@@ -90,7 +92,9 @@ def load_datalist(
             for it in items:
                 first = seen.setdefault(it["subject"], split)
                 if first != split:
-                    raise DatalistError(f"{path}: subject {it['subject']} is in both '{first}' and '{split}' (data leakage)")
+                    raise DatalistError(
+                        f"{path}: subject {it['subject']} is in both '{first}' and '{split}' (data leakage)"
+                    )
     return out
 
 

@@ -321,8 +321,9 @@ class AgeInferer(Inferer):
     network converted too, bf16 age inference on CPU is ~20% faster (tests/benchmarks/bench_train_step.py).
     """
 
-    def __init__(self, autocast_dtype: torch.dtype | str | None = None, return_latent: bool = False,
-                 channels_last: bool = False) -> None:
+    def __init__(
+        self, autocast_dtype: torch.dtype | str | None = None, return_latent: bool = False, channels_last: bool = False
+    ) -> None:
         super().__init__()
         self.autocast_dtype = autocast_dtype
         self.return_latent = return_latent
@@ -458,8 +459,15 @@ class BatchNormRecalibration:
         interval: recalibrate every N epochs (match the validation interval).
     """
 
-    def __init__(self, network: nn.Module, data_loader, autocast_dtype: torch.dtype | str | None = None,
-                 interval: int = 1, image_key: str = "image", age_key: str = "age") -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        data_loader,
+        autocast_dtype: torch.dtype | str | None = None,
+        interval: int = 1,
+        image_key: str = "image",
+        age_key: str = "age",
+    ) -> None:
         self.network = network
         self.data_loader = data_loader
         self.autocast_dtype = autocast_dtype
@@ -535,9 +543,15 @@ class GradientClipping:
 
 
 @torch.no_grad()
-def wrong_latent_penalty(model: nn.Module, images: torch.Tensor, scheduler: Scheduler, timestep: int = 300,
-                         autocast_dtype: torch.dtype | str | None = None, seed: int = 0,
-                         batch_size: int = 32) -> dict[str, float]:
+def wrong_latent_penalty(
+    model: nn.Module,
+    images: torch.Tensor,
+    scheduler: Scheduler,
+    timestep: int = 300,
+    autocast_dtype: torch.dtype | str | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, float]:
     """How much the decoder needs z_sem: the relative rise in noise-prediction MSE when z is swapped.
 
     Every image is noised to ``timestep`` with fixed noise (``seed``) and its noise predicted twice, once with its
@@ -569,8 +583,7 @@ def wrong_latent_penalty(model: nn.Module, images: torch.Tensor, scheduler: Sche
     finally:
         model.train(was_training)
     penalty = wrong_sq / own_sq - 1.0 if own_sq > 0 else (math.inf if wrong_sq > 0 else 0.0)
-    return {"penalty": penalty,
-            "mse_own": own_sq / noise.numel(), "mse_wrong": wrong_sq / noise.numel()}
+    return {"penalty": penalty, "mse_own": own_sq / noise.numel(), "mse_wrong": wrong_sq / noise.numel()}
 
 
 class WrongLatentPenalty:
@@ -582,9 +595,16 @@ class WrongLatentPenalty:
     Attach it before the logging handlers.
     """
 
-    def __init__(self, scheduler: Scheduler, timestep: int = 300, num_images: int = 32,
-                 autocast_dtype: torch.dtype | str | None = None, network: nn.Module | None = None,
-                 metric_name: str = "val_wrong_z_penalty", seed: int = 0) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        timestep: int = 300,
+        num_images: int = 32,
+        autocast_dtype: torch.dtype | str | None = None,
+        network: nn.Module | None = None,
+        metric_name: str = "val_wrong_z_penalty",
+        seed: int = 0,
+    ) -> None:
         self.scheduler = scheduler
         self.timestep = timestep
         self.num_images = num_images
@@ -646,8 +666,10 @@ class EMAState:
     def state_dict(self) -> dict[str, Any]:
         scheduler = getattr(self.handler, "momentum_scheduler", None)
         # the scheduler's own state_dict holds its warm-up function object, which weights-only loading refuses
-        return {"model": self.handler.ema_model.state_dict(),
-                "warmup_position": int(scheduler.event_index) if scheduler is not None else 0}
+        return {
+            "model": self.handler.ema_model.state_dict(),
+            "warmup_position": int(scheduler.event_index) if scheduler is not None else 0,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.handler.ema_model.load_state_dict(state["model"])
@@ -670,10 +692,18 @@ class RandomState:
         return {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64),
-                       "gauss_next": gauss_next},
+            "numpy": {
+                "kind": kind,
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "position": int(position),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached),
+            },
+            "python": {
+                "version": version,
+                "state": torch.tensor(python_state, dtype=torch.int64),
+                "gauss_next": gauss_next,
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -681,8 +711,9 @@ class RandomState:
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
         n = state["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
-                             n["cached_gaussian"]))
+        np.random.set_state(
+            (n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached_gaussian"])
+        )
         p = state["python"]
         random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
 
@@ -699,8 +730,10 @@ class BestMetricState:
         self.evaluator = evaluator
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_metric": float(self.evaluator.state.best_metric),
-                "best_metric_epoch": int(self.evaluator.state.best_metric_epoch)}
+        return {
+            "best_metric": float(self.evaluator.state.best_metric),
+            "best_metric_epoch": int(self.evaluator.state.best_metric_epoch),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.evaluator.state.best_metric = float(state["best_metric"])
@@ -776,4 +809,3 @@ class AtomicCheckpointSaver(CheckpointSaver):
         """The key-metric tracking (the scores of the checkpoints kept), for the resume checkpoint; MONAI's
         ``load_state_dict`` restores it, so a resumed run replaces the best model only with a better one."""
         return dict(self._key_metric_checkpoint.state_dict()) if self._key_metric_checkpoint is not None else {}
-

@@ -1,12 +1,11 @@
 """Plots and image grids for the docs, QC and the paper's figures.
 
-Every function writes a PNG and returns its path; matplotlib runs headless (Agg).
+Every function writes a PNG and returns its path; matplotlib runs headless (Agg). Drawing only: the modules that
+compute what is drawn (preprocess, statistics, generative, synthetic) call these, never the other way round.
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +14,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scripts import cli  # noqa: E402
 from scripts.atomic import write_atomic  # noqa: E402
 
 
@@ -27,23 +25,6 @@ def show_slice(ax, image: np.ndarray, title: str | None = None, vmax: float = 1.
         ax.set_title(title, fontsize=9)
 
 
-def phantom_montage(out: str | Path, ages=(20, 30, 40, 50, 60, 70, 80, 90), seed: int = 0, subject_index: int = 0) -> Path:
-    """Medial slices of one phantom subject rendered at increasing brain ages, at both grades."""
-    from scripts import synthetic
-
-    subject = synthetic.sample_cohort(synthetic.CohortSpec(n=max(subject_index + 1, 2), seed=seed))[subject_index]
-    grades = list(synthetic.GRADES)
-    fig, axes = plt.subplots(len(grades), len(ages), figsize=(1.9 * len(ages), 2.0 * len(grades) + 0.5), squeeze=False)
-    for row, grade in enumerate(grades):
-        for col, age in enumerate(ages):
-            person = replace(subject, brain_age=float(age), age=float(age), grade=grade)
-            show_slice(axes[row, col], synthetic.render_slice(person)[0], f"brain age {age}" if row == 0 else None)
-        axes[row, 0].text(-0.08, 0.5, grade, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right")
-    fig.suptitle(f"Synthetic phantom: one subject (seed {seed}) rendered at brain ages {ages[0]}-{ages[-1]}", fontsize=11)
-    fig.tight_layout()
-    return _save(fig, out)
-
-
 def qc_slice(image: np.ndarray, mask: np.ndarray | None, out: str | Path, title: str | None = None) -> Path:
     """A preprocessed slice ``(C, H, W)`` (centre channel) with its brain-mask outline in red."""
     centre = image.shape[0] // 2
@@ -52,7 +33,7 @@ def qc_slice(image: np.ndarray, mask: np.ndarray | None, out: str | Path, title:
     if mask is not None and 0.0 < float(np.mean(mask[centre] > 0.5)) < 1.0:
         ax.contour(np.asarray(mask[centre]).T, levels=[0.5], colors="red", linewidths=0.6)
     fig.tight_layout(pad=0.3)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def qc_montage(pngs: list[str | Path], out: str | Path, title: str, columns: int = 8) -> Path:
@@ -65,7 +46,7 @@ def qc_montage(pngs: list[str | Path], out: str | Path, title: str, columns: int
         ax.imshow(plt.imread(png))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(pad=0.2)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def prediction_scatter(predicted, age, out: str | Path, metrics: dict | None = None, title: str | None = None) -> Path:
@@ -74,17 +55,24 @@ def prediction_scatter(predicted, age, out: str | Path, metrics: dict | None = N
     fig, ax = plt.subplots(figsize=(5.2, 5.0))
     label = None
     if metrics:
-        label = f"r = {metrics['r']:.2f}, MAE = {metrics['mae']:.1f} y, R$^2$ = {metrics['r2']:.2f} (n = {metrics['n']})"
+        label = (
+            f"r = {metrics['r']:.2f}, MAE = {metrics['mae']:.1f} y, R$^2$ = {metrics['r2']:.2f} (n = {metrics['n']})"
+        )
     ax.scatter(age, predicted, s=14, alpha=0.7, label=label)
     low = float(min(age.min(), predicted.min())) - 2
     high = float(max(age.max(), predicted.max())) + 2
     ax.plot([low, high], [low, high], color="0.4", lw=1, ls="--", label="predicted = chronological")
-    ax.set(xlim=(low, high), ylim=(low, high), xlabel="chronological age (years)", ylabel="predicted brain age (years)",
-           title=title or "Brain age: predicted vs chronological")
+    ax.set(
+        xlim=(low, high),
+        ylim=(low, high),
+        xlabel="chronological age (years)",
+        ylabel="predicted brain age (years)",
+        title=title or "Brain age: predicted vs chronological",
+    )
     ax.set_aspect("equal")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def pad_boxplot(pads: dict, out: str | Path, stats: dict | None = None, title: str | None = None) -> Path:
@@ -111,12 +99,17 @@ def pad_boxplot(pads: dict, out: str | Path, stats: dict | None = None, title: s
     ax.set_ylabel("brain-PAD (years)")
     ax.set_title(title or "Brain-PAD by model", fontsize=9)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def reconstruction_grid(originals: np.ndarray, reconstructions: np.ndarray, out: str | Path,
-                        labels: list[str] | None = None, title: str | None = None,
-                        swapped: np.ndarray | None = None) -> Path:
+def reconstruction_grid(
+    originals: np.ndarray,
+    reconstructions: np.ndarray,
+    out: str | Path,
+    labels: list[str] | None = None,
+    title: str | None = None,
+    swapped: np.ndarray | None = None,
+) -> Path:
     """Originals, their reconstructions and the absolute error (paper Figure 4); images are (N, C, H, W).
 
     With ``swapped`` (each image's x_T decoded with the next image's z_sem) two more rows show that control and
@@ -137,29 +130,45 @@ def reconstruction_grid(originals: np.ndarray, reconstructions: np.ndarray, out:
     for i in range(n):
         show_slice(axes[0, i], originals[i, centre], labels[i] if labels else None)
         own_error = np.abs(reconstructions[i, centre] - originals[i, centre])
-        show_slice(axes[1, i], np.clip(reconstructions[i, centre], 0.0, 1.0),
-                   f"MSE {np.mean(own_error ** 2):.1e}, MAE {np.mean(own_error):.3f}")
-        shown = axes[2, i].imshow(own_error.T, origin="lower", cmap="magma", vmin=0.0, vmax=vmax_error,
-                                  interpolation="nearest")
+        show_slice(
+            axes[1, i],
+            np.clip(reconstructions[i, centre], 0.0, 1.0),
+            f"MSE {np.mean(own_error ** 2):.1e}, MAE {np.mean(own_error):.3f}",
+        )
+        shown = axes[2, i].imshow(
+            own_error.T, origin="lower", cmap="magma", vmin=0.0, vmax=vmax_error, interpolation="nearest"
+        )
         axes[2, i].set_axis_off()
         if swapped is not None:
             control_error = np.abs(swapped[i, centre] - originals[i, centre])
-            show_slice(axes[3, i], np.clip(swapped[i, centre], 0.0, 1.0),
-                       f"MSE {np.mean(control_error ** 2):.1e}, MAE {np.mean(control_error):.3f}")
-            axes[4, i].imshow(control_error.T, origin="lower", cmap="magma", vmin=0.0, vmax=vmax_error,
-                              interpolation="nearest")
+            show_slice(
+                axes[3, i],
+                np.clip(swapped[i, centre], 0.0, 1.0),
+                f"MSE {np.mean(control_error ** 2):.1e}, MAE {np.mean(control_error):.3f}",
+            )
+            axes[4, i].imshow(
+                control_error.T, origin="lower", cmap="magma", vmin=0.0, vmax=vmax_error, interpolation="nearest"
+            )
             axes[4, i].set_axis_off()
     for row, (name, _) in enumerate(rows):
-        axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right",
-                          fontsize=8)
-    fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.015, pad=0.015, extend="max",
-                 label="absolute error (intensity)")
+        axes[row, 0].text(
+            -0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8
+        )
+    fig.colorbar(
+        shown, ax=axes.ravel().tolist(), fraction=0.015, pad=0.015, extend="max", label="absolute error (intensity)"
+    )
     fig.suptitle(title or "Reconstructions", fontsize=10)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def generation_grid(originals: np.ndarray, decodes: np.ndarray, nearest, out: str | Path,
-                    labels: list[str] | None = None, title: str | None = None) -> Path:
+def generation_grid(
+    originals: np.ndarray,
+    decodes: np.ndarray,
+    nearest,
+    out: str | Path,
+    labels: list[str] | None = None,
+    title: str | None = None,
+) -> Path:
     """Generation from z alone: the originals above, the decodes of one shared x_T with each z below.
 
     Each decode is titled with the original it is closest to (green when its own, red otherwise).
@@ -172,18 +181,28 @@ def generation_grid(originals: np.ndarray, decodes: np.ndarray, nearest, out: st
         show_slice(axes[0, i], originals[i, centre], labels[i] if labels else None)
         show_slice(axes[1, i], np.clip(decodes[i, centre], 0.0, 1.0))
         own = int(nearest[i]) == i
-        axes[1, i].set_title("nearest: own" if own else f"nearest: #{int(nearest[i]) + 1}", fontsize=8,
-                             color="tab:green" if own else "tab:red")
+        axes[1, i].set_title(
+            "nearest: own" if own else f"nearest: #{int(nearest[i]) + 1}",
+            fontsize=8,
+            color="tab:green" if own else "tab:red",
+        )
     for row, name in enumerate(("original", "decoded from z\n(shared x_T)")):
-        axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right",
-                          fontsize=8)
+        axes[row, 0].text(
+            -0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8
+        )
     fig.suptitle(title or "Generation from z_sem alone", fontsize=10)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def interpolation_grid(frames: np.ndarray, ages, out: str | Path, reencoded_ages=None,
-                       title: str | None = None, control_frames: np.ndarray | None = None,
-                       control_ages=None) -> Path:
+def interpolation_grid(
+    frames: np.ndarray,
+    ages,
+    out: str | Path,
+    reencoded_ages=None,
+    title: str | None = None,
+    control_frames: np.ndarray | None = None,
+    control_ages=None,
+) -> Path:
     """Decoded frames of a latent interpolation in a row, each titled with its ages (paper Figure 3).
 
     ``control_frames`` (the same x_T path with z held at the first frame's z) go in a second row: whatever
@@ -205,17 +224,25 @@ def interpolation_grid(frames: np.ndarray, ages, out: str | Path, reencoded_ages
             label = None if control_ages is None else f"image: {float(control_ages[i]):.1f} y"
             show_slice(ax, np.clip(control_frames[i, centre], 0.0, 1.0), label)
         for row, name in enumerate(("z and x_T", "control: x_T only")):
-            axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center",
-                              ha="right", fontsize=8)
+            axes[row, 0].text(
+                -0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8
+            )
     fig.suptitle(title or "Age interpolation", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def counterfactual_grid(frames: np.ndarray, differences: np.ndarray, out: str | Path, labels: list[str] | None = None,
-                        title: str | None = None, control_frames: np.ndarray | None = None,
-                        control_differences: np.ndarray | None = None, control_labels: list[str] | None = None,
-                        reference: np.ndarray | None = None) -> Path:
+def counterfactual_grid(
+    frames: np.ndarray,
+    differences: np.ndarray,
+    out: str | Path,
+    labels: list[str] | None = None,
+    title: str | None = None,
+    control_frames: np.ndarray | None = None,
+    control_differences: np.ndarray | None = None,
+    control_labels: list[str] | None = None,
+    reference: np.ndarray | None = None,
+) -> Path:
     """Counterfactual ageing: decoded frames on top, their difference from the unshifted decoding below.
 
     Differences on a symmetric blue-red scale: red where the older-looking frame is brighter (CSF is dark on T1w,
@@ -237,50 +264,44 @@ def counterfactual_grid(frames: np.ndarray, differences: np.ndarray, out: str | 
     fig, axes = plt.subplots(len(rows), columns, figsize=(1.9 * columns + 1.0, 2.3 * len(rows)), squeeze=False)
     for i in range(n):
         show_slice(axes[0, i], np.clip(frames[i, centre], 0.0, 1.0), labels[i] if labels else None)
-        shown = axes[1, i].imshow(differences[i, centre].T, origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit,
-                                  interpolation="nearest")
+        shown = axes[1, i].imshow(
+            differences[i, centre].T, origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
+        )
         axes[1, i].set_axis_off()
         if control_frames is not None:
-            show_slice(axes[2, i], np.clip(control_frames[i, centre], 0.0, 1.0),
-                       control_labels[i] if control_labels else None)
-            axes[3, i].imshow(control_differences[i, centre].T, origin="lower", cmap="RdBu_r", vmin=-limit,
-                              vmax=limit, interpolation="nearest")
+            show_slice(
+                axes[2, i], np.clip(control_frames[i, centre], 0.0, 1.0), control_labels[i] if control_labels else None
+            )
+            axes[3, i].imshow(
+                control_differences[i, centre].T,
+                origin="lower",
+                cmap="RdBu_r",
+                vmin=-limit,
+                vmax=limit,
+                interpolation="nearest",
+            )
             axes[3, i].set_axis_off()
     if reference is not None:
         for row in range(len(rows)):
             axes[row, -1].set_axis_off()
         ref = np.asarray(reference)[np.asarray(reference).shape[0] // 2]
         ref_limit = max(float(np.abs(ref).max()), 1e-6)
-        axes[1, -1].imshow(ref.T, origin="lower", cmap="RdBu_r", vmin=-ref_limit, vmax=ref_limit,
-                           interpolation="nearest")
+        axes[1, -1].imshow(
+            ref.T, origin="lower", cmap="RdBu_r", vmin=-ref_limit, vmax=ref_limit, interpolation="nearest"
+        )
         axes[1, -1].set_title("true ageing\n(phantom)", fontsize=8)
     for row, (name, _) in enumerate(rows):
-        axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right",
-                          fontsize=8)
+        axes[row, 0].text(
+            -0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8
+        )
     fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.02, pad=0.02, label="intensity change vs 0 y")
     fig.suptitle(title or "Counterfactual ageing", fontsize=10)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def _save(fig, out: str | Path) -> Path:
+def save_figure(fig, out: str | Path) -> Path:
+    """Write a figure as PNG, atomically, and close it."""
     try:
         return write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110))
     finally:
         plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m scripts.figures", description="Make the bundle's figures.")
-    sub = parser.add_subparsers(dest="figure", required=True)
-    p = sub.add_parser("phantom-montage", help="medial slices of one phantom subject across brain ages, both grades")
-    p.add_argument("--out", default="docs/figures/phantom_montage.png", help="PNG to write")
-    p.add_argument("--seed", type=int, default=0, help="cohort seed")
-    p.add_argument("--subject-index", type=cli.non_negative_int, default=0, help="which subject of the cohort")
-    args = parser.parse_args(argv)
-    if args.figure == "phantom-montage":
-        print(phantom_montage(args.out, seed=args.seed, subject_index=args.subject_index))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,18 @@
 """What the diffusion autoencoder's latent carries, and whether its decoder uses it.
 
+Notation: ``x_end`` is the paper's x_T, the end of the forward process (for a real image, its DDIM inversion).
+
 The paper's argument rests on z_sem: the U-Net needs it to reconstruct the image and the age head reads it. Every
 analysis here therefore comes with a control that would look the same if the decoder ignored z:
 
-* :func:`reconstruct` (paper Figure 4): DDIM-encode x0 to x_T given z and decode back; control: decode each
-  x_T with another subject's z (the swapped-z reconstruction must be worse).
-* :func:`generate_from_latent`: decode one shared random x_T with every subject's z. Each decode should be
+* :func:`reconstruct` (paper Figure 4): DDIM-encode x0 to x_end given z and decode back; control: decode each
+  x_end with another subject's z (the swapped-z reconstruction must be worse).
+* :func:`generate_from_latent`: decode one shared random x_end with every subject's z. Each decode should be
   nearest its own subject (chance is 1/N), and the age head should read the decodes' ages back.
-* :func:`interpolate` (paper Figure 3): z linear and x_T spherical between a young and an old brain; the ages
-  read from the decoded frames should rise monotonically. Control: the same x_T path with z held at the young
-  end, which shows what x_T alone changes.
-* :func:`counterfactual_ageing`: z moved along the age head's direction by +/- years, x_T kept; the re-read
+* :func:`interpolate` (paper Figure 3): z linear and x_end spherical between a young and an old brain; the ages
+  read from the decoded frames should rise monotonically. Control: the same x_end path with z held at the young
+  end, which shows what x_end alone changes.
+* :func:`counterfactual_ageing`: z moved along the age head's direction by +/- years, x_end kept; the re-read
   age should follow and the image should change where ageing shows. Control: a random latent direction of
   the same length, which should change neither.
 * :func:`latent_statistics`: the between-subject spread of z relative to its size.
@@ -50,7 +52,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Deterministic DDIM maps x0 <-> x_T given z_sem (diffae's "stochastic encoding" and its decoder).
+# Deterministic DDIM maps x0 <-> x_end given z_sem (diffae's "stochastic encoding" and its decoder).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -88,18 +90,23 @@ DATA_RANGE = (0.0, 1.0)  # preprocessed slices are scaled to [0, 1]
 
 
 @torch.no_grad()
-def ddim_decode(model: nn.Module, x_T: torch.Tensor, z_sem: torch.Tensor, scheduler: DDIMScheduler,
-                clip: tuple[float, float] | None = None) -> torch.Tensor:
-    """Deterministic DDIM sampling (eta = 0) from x_T to x0, conditioned on z_sem.
+def ddim_decode(
+    model: nn.Module,
+    x_end: torch.Tensor,
+    z_sem: torch.Tensor,
+    scheduler: DDIMScheduler,
+    clip: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """Deterministic DDIM sampling (eta = 0) from x_end to x0, conditioned on z_sem.
 
     ``model.denoise`` is eps_theta; put the model in eval mode first (dropout would make the map random).
     Without ``clip`` this is exactly MONAI's ``DDIMScheduler.step`` (the inverse of :func:`ddim_encode`). With
     ``clip=(low, high)`` every step's predicted x0 is clipped to the data range and the noise re-derived from it
-    (the "clipped" DDIM of diffae's sampler and diffusers): decoding from a random x_T, or from an x_T paired
+    (the "clipped" DDIM of diffae's sampler and diffusers): decoding from a random x_end, or from an x_end paired
     with another latent, otherwise lets eps errors at high t (amplified 1/sqrt(alpha_T) ~ 150-fold) leave the
     data range and blow up.
     """
-    x = x_T
+    x = x_end
     if clip is None:
         for t in scheduler.timesteps:
             eps = model.denoise(x, _timesteps(t, x), z_sem).to(x.dtype)
@@ -119,7 +126,7 @@ def ddim_decode(model: nn.Module, x_T: torch.Tensor, z_sem: torch.Tensor, schedu
 
 @torch.no_grad()
 def ddim_encode(model: nn.Module, x0: torch.Tensor, z_sem: torch.Tensor, scheduler: DDIMScheduler) -> torch.Tensor:
-    """Deterministic DDIM inversion from x0 to x_T given z_sem: the decoder's steps run backwards.
+    """Deterministic DDIM inversion from x0 to x_end given z_sem: the decoder's steps run backwards.
 
     Decoding steps t_k -> t_(k-1) with eps_theta(x_(t_k), t_k). Inverting that step needs eps at its unknown end
     point; as diffusers' ``DDIMInverseScheduler`` (diffae instead uses the start point's timestep) we use
@@ -164,9 +171,10 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _ddim_maps(model: nn.Module, ddim_steps: int, autocast_dtype: torch.dtype | str | None,
-               clip: tuple[float, float] | None = None):
-    """(encode: x0 -> (z_sem, x_T), decode: (z_sem, x_T) -> x0) on the model's device, float32 in and out."""
+def _ddim_maps(
+    model: nn.Module, ddim_steps: int, autocast_dtype: torch.dtype | str | None, clip: tuple[float, float] | None = None
+):
+    """(encode: x0 -> (z_sem, x_end), decode: (z_sem, x_end) -> x0) on the model's device, float32 in and out."""
     scheduler = ddim_scheduler(ddim_steps)
     device = _device(model)
 
@@ -176,9 +184,9 @@ def _ddim_maps(model: nn.Module, ddim_steps: int, autocast_dtype: torch.dtype | 
             z_sem = model.encode(x0).float()
             return z_sem, ddim_encode(model, x0, z_sem, scheduler)
 
-    def decode(z_sem: torch.Tensor, x_T: torch.Tensor) -> tuple[torch.Tensor]:
+    def decode(z_sem: torch.Tensor, x_end: torch.Tensor) -> tuple[torch.Tensor]:
         with _autocast(device, autocast_dtype):
-            return (ddim_decode(model, x_T.to(device, torch.float32), z_sem.to(device), scheduler, clip),)
+            return (ddim_decode(model, x_end.to(device, torch.float32), z_sem.to(device), scheduler, clip),)
 
     return encode, decode
 
@@ -235,8 +243,9 @@ def map_correlation(difference, reference, mask=None) -> float:
 
 
 @torch.no_grad()
-def latent_spread(model: nn.Module, images: torch.Tensor, batch_size: int = 32,
-                  autocast_dtype: torch.dtype | str | None = None) -> torch.Tensor:
+def latent_spread(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 32, autocast_dtype: torch.dtype | str | None = None
+) -> torch.Tensor:
     """Per-dimension standard deviation of z_sem over a cohort of images: the unit latent moves are measured in."""
     images = _plain(images)
     if len(images) < 2:
@@ -274,38 +283,46 @@ def latent_statistics(model: nn.Module, images: torch.Tensor, batch_size: int = 
 
 
 @torch.no_grad()
-def reconstruct(model: nn.Module, images: torch.Tensor, ddim_steps: int = 50, batch_size: int = 8,
-                autocast_dtype: torch.dtype | str | None = None, control: bool = True,
-                clip: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
-    """Encode images to (z_sem, x_T) and decode them back: the paper's Figure 4, with a swapped-z control.
+def reconstruct(
+    model: nn.Module,
+    images: torch.Tensor,
+    ddim_steps: int = 50,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | str | None = None,
+    control: bool = True,
+    clip: tuple[float, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Encode images to (z_sem, x_end) and decode them back: the paper's Figure 4, with a swapped-z control.
 
-    x_T comes from the deterministic DDIM inversion of x0 given z_sem (:func:`ddim_encode`), so a decoder that
-    ignored z would still reconstruct from x_T alone. The control decodes every image's x_T with the next
+    x_end comes from the deterministic DDIM inversion of x0 given z_sem (:func:`ddim_encode`), so a decoder that
+    ignored z would still reconstruct from x_end alone. The control decodes every image's x_end with the next
     image's z_sem (``swapped_reconstructions``; image i gets z of image i + 1, cyclically): only if the decoder
     uses z is it worse than the reconstruction with the image's own z. ``swap_penalty`` is their relative
     difference in mean MSE (0: z unused); ``median_swap_ratio`` the median over images of swapped / own MSE, which
     a few exploding decodes cannot dominate. Decoding is the exact inverse of the encoding (``clip`` None) by
     default, so the own-z reconstruction measures the model, not the sampler.
 
-    Returns CPU tensors ``z_sem`` (N, z_dim), ``x_T`` and ``reconstructions`` (shape of ``images``), per-image
+    Returns CPU tensors ``z_sem`` (N, z_dim), ``x_end`` and ``reconstructions`` (shape of ``images``), per-image
     ``mse`` and ``mae`` in the images' intensity units, and with the control (N >= 2) ``swapped_reconstructions``,
     ``swapped_mse``, ``swapped_mae`` and the scalar ``swap_penalty``.
     """
     images = _plain(images)
     with _eval_mode(model):
         encode, decode = _ddim_maps(model, ddim_steps, autocast_dtype, clip)
-        z_sem, x_T = _in_batches(encode, batch_size, images)
-        (reconstructions,) = _in_batches(decode, batch_size, z_sem, x_T)
-        result = {"z_sem": z_sem, "x_T": x_T, "reconstructions": reconstructions}
+        z_sem, x_end = _in_batches(encode, batch_size, images)
+        (reconstructions,) = _in_batches(decode, batch_size, z_sem, x_end)
+        result = {"z_sem": z_sem, "x_end": x_end, "reconstructions": reconstructions}
         originals = images
         difference = reconstructions - originals
         result.update(mse=difference.pow(2).flatten(1).mean(1), mae=difference.abs().flatten(1).mean(1))
         if control and len(images) > 1:
-            (swapped,) = _in_batches(decode, batch_size, z_sem.roll(-1, dims=0), x_T)
+            (swapped,) = _in_batches(decode, batch_size, z_sem.roll(-1, dims=0), x_end)
             swapped_difference = swapped - originals
-            result.update(swapped_reconstructions=swapped,
-                          swapped_mse=swapped_difference.pow(2).flatten(1).mean(1),
-                          swapped_mae=swapped_difference.abs().flatten(1).mean(1))
+            result.update(
+                swapped_reconstructions=swapped,
+                swapped_mse=swapped_difference.pow(2).flatten(1).mean(1),
+                swapped_mae=swapped_difference.abs().flatten(1).mean(1),
+            )
             result["swap_penalty"] = relative_rise(result["mse"].mean(), result["swapped_mse"].mean())
             result["median_swap_ratio"] = (result["swapped_mse"] / result["mse"].clamp_min(1e-12)).median()
     return result
@@ -317,12 +334,18 @@ def reconstruct(model: nn.Module, images: torch.Tensor, ddim_steps: int = 50, ba
 
 
 @torch.no_grad()
-def generate_from_latent(model: nn.Module, images: torch.Tensor, ddim_steps: int = 50, batch_size: int = 8,
-                         autocast_dtype: torch.dtype | str | None = None, seed: int = 0,
-                         clip: tuple[float, float] | None = DATA_RANGE) -> dict[str, Any]:
-    """Decode one shared random x_T with every image's z_sem: what z carries on its own.
+def generate_from_latent(
+    model: nn.Module,
+    images: torch.Tensor,
+    ddim_steps: int = 50,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | str | None = None,
+    seed: int = 0,
+    clip: tuple[float, float] | None = DATA_RANGE,
+) -> dict[str, Any]:
+    """Decode one shared random x_end with every image's z_sem: what z carries on its own.
 
-    With x_T shared, any difference between the decodes comes from z. ``distances[i, j]`` is the RMS difference
+    With x_end shared, any difference between the decodes comes from z. ``distances[i, j]`` is the RMS difference
     between decode i and original j; ``nearest`` is the original each decode is closest to, and
     ``nearest_own_share`` the share of decodes closest to their own subject (chance: 1/N). ``decoded_age`` is the
     age head's reading of each decode and ``predicted_age`` its reading of the original; ``age_r`` their Pearson
@@ -342,25 +365,35 @@ def generate_from_latent(model: nn.Module, images: torch.Tensor, ddim_steps: int
         predicted_age = _ages(model, images, batch_size)
         decoded_age = _ages(model, decodes, batch_size)
     originals = images
-    distances = torch.cdist(decodes.flatten(1).double(), originals.flatten(1).double()) / math.sqrt(originals[0].numel())
+    distances = torch.cdist(decodes.flatten(1).double(), originals.flatten(1).double()) / math.sqrt(
+        originals[0].numel()
+    )
     nearest = distances.argmin(dim=1)
     from scripts.statistics import pearson_r
 
-    return {"z_sem": z_sem, "x_T": shared, "decodes": decodes, "distances": distances.float(), "nearest": nearest,
-            "nearest_own_share": float((nearest == torch.arange(len(images))).float().mean()),
-            "chance_share": 1.0 / len(images), "predicted_age": predicted_age, "decoded_age": decoded_age,
-            "age_r": pearson_r(decoded_age, predicted_age)}
+    return {
+        "z_sem": z_sem,
+        "x_end": shared,
+        "decodes": decodes,
+        "distances": distances.float(),
+        "nearest": nearest,
+        "nearest_own_share": float((nearest == torch.arange(len(images))).float().mean()),
+        "chance_share": 1.0 / len(images),
+        "predicted_age": predicted_age,
+        "decoded_age": decoded_age,
+        "age_r": pearson_r(decoded_age, predicted_age),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Interpolation (Figure 3) with the x_T-only control
+# Interpolation (Figure 3) with the x_end-only control
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def slerp(start: torch.Tensor, end: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation between two tensors (each one vector) at ``weights`` in [0, 1]; (K, *start.shape).
 
-    Used for x_T as in diffae: Gaussian noise lives near a sphere, and a straight line between two noise samples
+    Used for x_end as in diffae: Gaussian noise lives near a sphere, and a straight line between two noise samples
     would pass through lower-norm, atypical noise half-way. Computed in float64; (anti)parallel ends fall back to
     the straight line.
     """
@@ -375,18 +408,26 @@ def slerp(start: torch.Tensor, end: torch.Tensor, weights: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def interpolate(model: nn.Module, young: torch.Tensor, old: torch.Tensor, n_frames: int = 7,
-                ddim_steps: int = 50, batch_size: int = 8, autocast_dtype: torch.dtype | str | None = None,
-                control: bool = True, clip: tuple[float, float] | None = DATA_RANGE) -> dict[str, Any]:
-    """Decode a path between two images, z_sem linearly and x_T spherically interpolated: the paper's Figure 3.
+def interpolate(
+    model: nn.Module,
+    young: torch.Tensor,
+    old: torch.Tensor,
+    n_frames: int = 7,
+    ddim_steps: int = 50,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | str | None = None,
+    control: bool = True,
+    clip: tuple[float, float] | None = DATA_RANGE,
+) -> dict[str, Any]:
+    """Decode a path between two images, z_sem linearly and x_end spherically interpolated: the paper's Figure 3.
 
     ``young``/``old`` are single images (C, H, W). The first and last frames are the two images' reconstructions.
     ``predicted_age`` is the age head applied to each frame's interpolated z_sem (what the model believes along
     the path); ``reencoded_age`` is the age read from the decoded frame itself, which says whether the ageing
     shows in the image and not only in the latent; ``monotonic`` says whether it never falls along the path and
     ``spearman`` is its rank correlation with the position. The control (``control_frames``,
-    ``control_reencoded_age``) follows the same x_T path with z held at the young end: what x_T alone changes.
-    Returns CPU tensors ``weights`` (K,), ``z_sem``, ``x_T``, ``frames`` (K, C, H, W) and the ages (K,). Frames
+    ``control_reencoded_age``) follows the same x_end path with z held at the young end: what x_end alone changes.
+    Returns CPU tensors ``weights`` (K,), ``z_sem``, ``x_end``, ``frames`` (K, C, H, W) and the ages (K,). Frames
     between the ends pair latents and noise that no image was inverted to: decoded with clipped DDIM.
     """
     if n_frames < 2:
@@ -395,19 +436,25 @@ def interpolate(model: nn.Module, young: torch.Tensor, old: torch.Tensor, n_fram
     young, old = _plain(young), _plain(old)
     with _eval_mode(model):
         encode, decode = _ddim_maps(model, ddim_steps, autocast_dtype, clip)
-        ends_z, ends_x_T = _in_batches(encode, batch_size, torch.stack([young, old]))
+        ends_z, ends_x_end = _in_batches(encode, batch_size, torch.stack([young, old]))
         weights = torch.linspace(0.0, 1.0, n_frames)
         z_sem = torch.lerp(ends_z[0], ends_z[1], weights[:, None])
-        x_T = slerp(ends_x_T[0], ends_x_T[1], weights)
-        (frames,) = _in_batches(decode, batch_size, z_sem, x_T)
+        x_end = slerp(ends_x_end[0], ends_x_end[1], weights)
+        (frames,) = _in_batches(decode, batch_size, z_sem, x_end)
         predicted_age = model.age_head(z_sem.to(device)).cpu()
         reencoded_age = _ages(model, frames, batch_size)
-        result = {"weights": weights, "z_sem": z_sem, "x_T": x_T, "frames": frames, "predicted_age": predicted_age,
-                  "reencoded_age": reencoded_age,
-                  "monotonic": bool((reencoded_age.diff() >= 0).all()),
-                  "spearman": spearman_rho(reencoded_age.numpy())}
+        result = {
+            "weights": weights,
+            "z_sem": z_sem,
+            "x_end": x_end,
+            "frames": frames,
+            "predicted_age": predicted_age,
+            "reencoded_age": reencoded_age,
+            "monotonic": bool((reencoded_age.diff() >= 0).all()),
+            "spearman": spearman_rho(reencoded_age.numpy()),
+        }
         if control:
-            (control_frames,) = _in_batches(decode, batch_size, ends_z[:1].expand(n_frames, -1), x_T)
+            (control_frames,) = _in_batches(decode, batch_size, ends_z[:1].expand(n_frames, -1), x_end)
             result.update(control_frames=control_frames, control_reencoded_age=_ages(model, control_frames, batch_size))
     return result
 
@@ -417,9 +464,14 @@ def interpolate(model: nn.Module, young: torch.Tensor, old: torch.Tensor, n_fram
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def age_direction_shift(age_head: nn.Module, z_sem: torch.Tensor, target_age: float,
-                        latent_scale: torch.Tensor | None = None, max_iterations: int = 50,
-                        tolerance: float = 0.05) -> tuple[torch.Tensor, float]:
+def age_direction_shift(
+    age_head: nn.Module,
+    z_sem: torch.Tensor,
+    target_age: float,
+    latent_scale: torch.Tensor | None = None,
+    max_iterations: int = 50,
+    tolerance: float = 0.05,
+) -> tuple[torch.Tensor, float]:
     """Move ``z_sem`` (z_dim,) along the direction the age head reads until the head says ``target_age``.
 
     Newton steps along the head's gradient g, re-linearised at every step because the head (ReLU) is only
@@ -447,15 +499,23 @@ def age_direction_shift(age_head: nn.Module, z_sem: torch.Tensor, target_age: fl
 
 
 @torch.no_grad()
-def counterfactual_ageing(model: nn.Module, image: torch.Tensor, deltas=(-20, -10, 0, 10, 20),
-                          ddim_steps: int = 50, batch_size: int = 8, autocast_dtype: torch.dtype | str | None = None,
-                          latent_scale: torch.Tensor | None = None, control: bool = True,
-                          seed: int = 0, clip: tuple[float, float] | None = DATA_RANGE) -> dict[str, Any]:
-    """The same brain decoded younger and older: z_sem moved along the age head's direction, x_T kept.
+def counterfactual_ageing(
+    model: nn.Module,
+    image: torch.Tensor,
+    deltas=(-20, -10, 0, 10, 20),
+    ddim_steps: int = 50,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | str | None = None,
+    latent_scale: torch.Tensor | None = None,
+    control: bool = True,
+    seed: int = 0,
+    clip: tuple[float, float] | None = DATA_RANGE,
+) -> dict[str, Any]:
+    """The same brain decoded younger and older: z_sem moved along the age head's direction, x_end kept.
 
-    ``image`` (C, H, W) is encoded once (z_sem and its DDIM-inverted x_T); for each ``delta`` (years relative to
+    ``image`` (C, H, W) is encoded once (z_sem and its DDIM-inverted x_end); for each ``delta`` (years relative to
     the model's own prediction for the image) z_sem is shifted with :func:`age_direction_shift` and decoded with
-    the subject's x_T, so what changes between frames is only what the latent change means. ``differences`` are
+    the subject's x_end, so what changes between frames is only what the latent change means. ``differences`` are
     each frame minus the unshifted (delta 0) decoding; ``reencoded_age`` re-reads each decoded frame through
     encoder and head: whether the change is visible to the model. The control moves z by the same distance
     (in the same units) along one random direction (``seed``), signed as the delta: ``control_frames``,
@@ -474,27 +534,36 @@ def counterfactual_ageing(model: nn.Module, image: torch.Tensor, deltas=(-20, -1
     scale = torch.ones(1) if latent_scale is None else latent_scale.detach().float().cpu()
     with _eval_mode(model):
         encode, decode = _ddim_maps(model, ddim_steps, autocast_dtype, clip)
-        z0, x_T = _in_batches(encode, batch_size, image[None])
+        z0, x_end = _in_batches(encode, batch_size, image[None])
         head = model.age_head
         predicted = float(head(z0.to(device))[0])
         shifted = [age_direction_shift(head, z0[0].to(device), predicted + float(d), latent_scale) for d in deltas]
         z_sem = torch.stack([z for z, _ in shifted]).cpu()
-        x_T_k = x_T.expand(len(deltas), *x_T.shape[1:])
-        (frames,) = _in_batches(decode, batch_size, z_sem, x_T_k)
+        x_end_k = x_end.expand(len(deltas), *x_end.shape[1:])
+        (frames,) = _in_batches(decode, batch_size, z_sem, x_end_k)
         zero = torch.nonzero(deltas == 0)
-        baseline = frames[int(zero[0])] if len(zero) else decode(z0, x_T)[0].cpu()[0]
+        baseline = frames[int(zero[0])] if len(zero) else decode(z0, x_end)[0].cpu()[0]
         latent_shift = ((z_sem - z0) / scale).norm(dim=1)
-        result = {"deltas": deltas, "predicted_age": torch.tensor(predicted), "target_age": predicted + deltas,
-                  "latent_age": torch.tensor([age for _, age in shifted]),
-                  "reencoded_age": _ages(model, frames, batch_size), "latent_shift": latent_shift,
-                  "frames": frames, "differences": frames - baseline}
+        result = {
+            "deltas": deltas,
+            "predicted_age": torch.tensor(predicted),
+            "target_age": predicted + deltas,
+            "latent_age": torch.tensor([age for _, age in shifted]),
+            "reencoded_age": _ages(model, frames, batch_size),
+            "latent_shift": latent_shift,
+            "frames": frames,
+            "differences": frames - baseline,
+        }
         if control:
             generator = torch.Generator().manual_seed(seed)
             direction = torch.randn(z0.shape[1], generator=generator)
             direction = direction / direction.norm()
             control_z = z0 + (torch.sign(deltas) * latent_shift)[:, None] * direction[None] * scale
-            (control_frames,) = _in_batches(decode, batch_size, control_z, x_T_k)
-            result.update(control_frames=control_frames, control_differences=control_frames - baseline,
-                          control_latent_age=head(control_z.to(device)).cpu(),
-                          control_reencoded_age=_ages(model, control_frames, batch_size))
+            (control_frames,) = _in_batches(decode, batch_size, control_z, x_end_k)
+            result.update(
+                control_frames=control_frames,
+                control_differences=control_frames - baseline,
+                control_latent_age=head(control_z.to(device)).cpu(),
+                control_reencoded_age=_ages(model, control_frames, batch_size),
+            )
     return result

@@ -57,8 +57,12 @@ def describe_weights(weights_dir: str | os.PathLike | None) -> dict:
     checkpoint = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=False)
     configuration = checkpoint["init_args"]["configuration"]
     plans = json.loads((folder / "plans.json").read_text())["configurations"][configuration]
-    return {"weights_dir": str(folder), "trainer": str(checkpoint["trainer_name"]), "configuration": configuration,
-            "network": plans.get("architecture", {}).get("network_class_name", plans.get("UNet_class_name", "?"))}
+    return {
+        "weights_dir": str(folder),
+        "trainer": str(checkpoint["trainer_name"]),
+        "configuration": configuration,
+        "network": plans.get("architecture", {}).get("network_class_name", plans.get("UNet_class_name", "?")),
+    }
 
 
 def find_trainer_class(name: str):
@@ -70,10 +74,13 @@ def find_trainer_class(name: str):
     weights whose checkpoint names any trainer but the base one (HD-BET's README says it was trained
     with nnUNetTrainerDA5) could not be loaded here.
     """
-    from nnunetv2.training import nnUNetTrainer as trainers
+    import nnunetv2.training.nnUNetTrainer
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    for module_info in pkgutil.walk_packages(trainers.__path__, f"{trainers.__name__}.", onerror=lambda _: None):
+    trainer_package = nnunetv2.training.nnUNetTrainer
+    for module_info in pkgutil.walk_packages(
+        trainer_package.__path__, f"{trainer_package.__name__}.", onerror=lambda _: None
+    ):
         try:
             module = importlib.import_module(module_info.name)
         except ModuleNotFoundError:
@@ -111,8 +118,13 @@ def load_predictor(weights_dir: str, device: str = "cpu", tta: bool = False):
     return predictor
 
 
-def predict_brain_mask(volume: np.ndarray, affine: np.ndarray, weights_dir: str | os.PathLike | None = None,
-                       device: str = "cpu", tta: bool = False) -> np.ndarray:
+def predict_brain_mask(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    weights_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    tta: bool = False,
+) -> np.ndarray:
     """Brain mask (bool, same shape) of a 3D ``volume`` indexed ``[x, y, z]`` with voxel->RAS ``affine``."""
     predictor = load_predictor(str(weights_dir_or_default(weights_dir)), device, tta)
     io_class = predictor.plans_manager.image_reader_writer_class
@@ -136,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(
         prog="python -m scripts.hdbet",
         description="Check an offline HD-BET weights folder: the files the bundle needs, the nnU-Net trainer "
-                    "class its checkpoint names (and that nnU-Net can build it here), the network.")
+        "class its checkpoint names (and that nnU-Net can build it here), the network.",
+    )
     parser.add_argument("--weights-dir", default=str(DEFAULT_WEIGHTS_DIR), help="unzipped HD-BET release")
     args = parser.parse_args(argv)
     try:
@@ -144,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = find_trainer_class(info["trainer"])
     except (FileNotFoundError, RuntimeError, KeyError) as err:
         parser.error(str(err))
-    print(f"{info['weights_dir']}: HD-BET weights for nnU-Net {info['configuration']}, network {info['network']}, "
-          f"trainer {info['trainer']} ({trainer.__module__})")
+    print(
+        f"{info['weights_dir']}: HD-BET weights for nnU-Net {info['configuration']}, network {info['network']}, "
+        f"trainer {info['trainer']} ({trainer.__module__})"
+    )
     return 0
 
 

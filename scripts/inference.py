@@ -1,10 +1,11 @@
-"""Brain-age inference: raw T1w scans or preprocessed slices -> ``predictions.csv``.
+"""Brain-age inference pieces for the standard MONAI workflows of ``configs/inference.yaml`` and the
+``configs/evaluate.yaml`` overlay: raw T1w scans or preprocessed slices -> ``predictions.csv``.
 
-``configs/inference.yaml`` (run id ``inference``) and ``configs/evaluate.yaml`` (run id ``evaluate``) call
-:func:`predict`. The input is one NIfTI file, a folder of them or a datalist; raw scans go through the
-preprocessing chain first (``scripts.preprocess``, cached under ``OUT/preprocessed``), model-input slices
-are used as they are. Prediction runs in MONAI's stock ``SupervisedEvaluator``. A scan that cannot be
-used gets a row with its error and the others go on; the run fails only when nothing could be predicted.
+The input is one NIfTI file, a folder of them or a datalist (:func:`resolve_inputs`); raw scans go through the
+preprocessing chain first (:func:`prepare_inputs`, cached under ``OUT/preprocessed``), model-input slices are used
+as they are. MONAI's stock ``SupervisedEvaluator`` and ``CheckpointLoader`` do the prediction; the
+:class:`PredictionWriter` handler writes the CSV. A scan that cannot be used gets a row with its error and the
+others go on; the run fails only when nothing could be predicted (:func:`finish`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import csv
 import logging
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
 import torch
 
 from scripts import data as datalists
-from scripts.calibration import BiasCorrection
 from scripts.atomic import write_atomic, write_csv
+from scripts.calibration import BiasCorrection
 from scripts.mni import SLICE_SIZE, slice_affine
 
 logger = logging.getLogger(__name__)
@@ -29,14 +31,17 @@ PREDICTION_COLUMNS = ("subject", "image", "predicted_age", "age", "brain_pad", "
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-def resolve_inputs(source: str | Path, splits: list[str] | None = None) -> list[dict]:
+def resolve_inputs(source: str | Path, splits: list[str] | None = None, missing_ok: bool = False) -> list[dict]:
     """Items ``{"image", "subject", ...}`` for a NIfTI file, a folder of NIfTI files, or a datalist JSON.
 
     For a datalist, ``splits`` selects item lists (default: every list in it); each item keeps its columns
     (``age``, ``survival_months``, ...) and gets ``split``. Missing files are not an error here: they become
-    failure rows.
+    failure rows. With ``missing_ok`` a ``source`` that does not exist gives no items (a workflow being built
+    for a property check); :func:`require_inputs` then reports it when the workflow runs.
     """
     path = Path(source).expanduser()
+    if missing_ok and not path.exists():
+        return []
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
         if not files:
@@ -59,8 +64,11 @@ def is_model_input(path: str | Path) -> bool:
     """Whether a NIfTI file already is a 128x128 MNI slice (as written by the chain or the phantom)."""
     img = nib.load(str(path))
     shape = img.shape[:2] if len(img.shape) == 2 else img.shape
-    return tuple(shape[:2]) == SLICE_SIZE and len(img.shape) in (2, 3) and np.allclose(
-        img.affine[:3, :3], slice_affine()[:3, :3], atol=1e-3)
+    return (
+        tuple(shape[:2]) == SLICE_SIZE
+        and len(img.shape) in (2, 3)
+        and np.allclose(img.affine[:3, :3], slice_affine()[:3, :3], atol=1e-3)
+    )
 
 
 def _one_line(err: Exception) -> str:
@@ -76,8 +84,16 @@ def _check_slice(path: str) -> None:
         raise ValueError("the slice is empty")
 
 
-def prepare_inputs(items: list[dict], output_dir: str | Path, raw_preprocessing=None, num_workers: int = 1,
-                   progress: bool = True) -> tuple[list[dict], list[dict]]:
+class PreparedInputs(NamedTuple):
+    """What :func:`prepare_inputs` made of the inputs: model-ready slices, and failures with their reason."""
+
+    ready: list[dict]
+    failed: list[dict]
+
+
+def prepare_inputs(
+    items: list[dict], output_dir: str | Path, raw_preprocessing=None, num_workers: int = 1, progress: bool = True
+) -> PreparedInputs:
     """Split items into model-ready slices and failures; raw scans are preprocessed into ``OUT/preprocessed``.
 
     Ready items get ``source`` (the file given) and ``image`` (the slice); failures get ``error``.
@@ -114,7 +130,7 @@ def prepare_inputs(items: list[dict], output_dir: str | Path, raw_preprocessing=
                     ready.append({**item, "source": item["image"], "image": str(out / record["slice"])})
                 else:
                     failed.append({**item, "error": record["reason"]})
-    return ready, failed
+    return PreparedInputs(ready, failed)
 
 
 def load_weights(network: torch.nn.Module, ckpt_path: str | Path) -> torch.nn.Module:
@@ -124,8 +140,9 @@ def load_weights(network: torch.nn.Module, ckpt_path: str | Path) -> torch.nn.Mo
     """
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
-        raise FileNotFoundError(f"{ckpt_path}: no checkpoint; train first (python -m monai.bundle run training ...) "
-                                "or pass --ckpt_path")
+        raise FileNotFoundError(
+            f"{ckpt_path}: no checkpoint; train first (python -m monai.bundle run training ...) " "or pass --ckpt_path"
+        )
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -137,104 +154,124 @@ def load_weights(network: torch.nn.Module, ckpt_path: str | Path) -> torch.nn.Mo
         network.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
-        raise ValueError(f"{ckpt_path}: does not fit the configured network ({first}); "
-                         "use the architecture settings the model was trained with") from None
+        raise ValueError(
+            f"{ckpt_path}: does not fit the configured network ({first}); "
+            "use the architecture settings the model was trained with"
+        ) from None
     return network
 
 
-class _Collector:
-    """Evaluator handler keeping each batch's subjects, predictions and latents (batches are not decollated)."""
+class PredictionWriter:
+    """Evaluator handler writing ``OUT/predictions.csv`` (and ``OUT/latents/``) when the evaluation completes.
 
-    def __init__(self) -> None:
-        self.subjects: list[str] = []
+    Collects each batch's predictions in dataset order (the evaluator does not decollate or shuffle), joins them
+    with the items they came from and adds a row for every input that could not be used (``failed``, with its
+    reason). ``brain_pad_corrected`` uses the age-bias correction fitted on validation data at the end of training
+    (``bias_correction_path``), never one fitted on the data predicted. ``write()`` can also be called without an
+    evaluation, when no input was usable. Columns: :data:`PREDICTION_COLUMNS`, then any other datalist column.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        ready: list[dict],
+        failed: list[dict] | None = None,
+        bias_correction_path: str | Path | None = None,
+        save_latents: bool = False,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.ready = list(ready)
+        self.failed = list(failed or [])
+        self.bias_correction_path = bias_correction_path
+        self.save_latents = save_latents
         self.ages: list[np.ndarray] = []
         self.latents: list[np.ndarray] = []
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.write())
 
-    def __call__(self, engine) -> None:
+    def _reset(self, engine=None) -> None:
+        self.ages, self.latents = [], []
+
+    def _collect(self, engine) -> None:
         pred = engine.state.output["pred"]
-        if isinstance(pred, dict):
-            self.latents.append(pred["z"].detach().cpu().numpy())
+        if isinstance(pred, dict):  # AgeInferer(return_latent=True)
+            self.latents.append(pred["z"].detach().float().cpu().numpy())
             pred = pred["age"]
         self.ages.append(pred.detach().float().cpu().numpy().reshape(-1))
-        self.subjects += list(engine.state.batch["subject"])
+
+    def correction(self) -> BiasCorrection | None:
+        path = self.bias_correction_path
+        if path and Path(path).is_file():
+            return BiasCorrection.load(path)
+        if path:
+            logger.warning(f"no age-bias correction at {path}: brain_pad_corrected left empty")
+        return None
+
+    def write(self) -> Path:
+        ages = np.concatenate(self.ages) if self.ages else np.empty(0)
+        if len(ages) != len(self.ready):
+            raise RuntimeError(f"{len(ages)} predictions for {len(self.ready)} inputs: the evaluator must not shuffle")
+        correction = self.correction() if self.ready else None
+        rows = [_row(item, float(age), correction) for item, age in zip(self.ready, ages.tolist())]
+        rows += [_row(item, math.nan, None) for item in self.failed]
+        path = self.output_dir / "predictions.csv"
+        _write_csv(path, rows)
+        if self.save_latents and self.latents:
+            _save_latents(self.output_dir / "latents", self.ready, np.concatenate(self.latents))
+        logger.info(f"inference: {len(self.ready)} predicted, {len(self.failed)} failed -> {path}")
+        for item in self.failed:
+            logger.warning(f"failed: {item['image']}: {item['error']}")
+        return path
 
 
-def predict(
-    input: str | Path,
-    output_dir: str | Path,
-    network: torch.nn.Module,
-    ckpt_path: str | Path,
-    slice_transforms,
-    raw_preprocessing=None,
-    splits: list[str] | None = None,
-    bias_correction_path: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    autocast_dtype: str | None = None,
-    batch_size: int = 32,
-    num_workers: int = 1,
-    save_latents: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Predict brain age for every scan of ``input``; write ``OUT/predictions.csv`` (and ``OUT/latents/``).
+def check_checkpoint(network: torch.nn.Module, ckpt_path: str | Path) -> None:
+    """Fail before any work, in one line, when the checkpoint is missing, unsafe or does not fit the network.
 
-    Columns: ``subject, image, predicted_age`` and, where the true age is known, ``age, brain_pad,
-    brain_pad_corrected`` (the correction fitted on validation data at the end of training, stored at
-    ``bias_correction_path``); ``split`` for datalist inputs; ``error`` for scans that could not be used.
+    The weights are loaded into a copy, so the workflow's own ``CheckpointLoader`` still does the loading.
     """
-    from monai.data import DataLoader, Dataset
-    from monai.engines import SupervisedEvaluator
+    import copy
 
-    from scripts.engine import AgeInferer, AgePrepareBatch
-
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    items = resolve_inputs(input, splits)
-    ready, failed = prepare_inputs(items, out, raw_preprocessing, num_workers, progress)
-    correction = None
-    if bias_correction_path and Path(bias_correction_path).is_file():
-        correction = BiasCorrection.load(bias_correction_path)
-    elif bias_correction_path:
-        logger.warning(f"no age-bias correction at {bias_correction_path}: brain_pad_corrected left empty")
-
-    predictions: dict[int, float] = {}
-    collector = _Collector()
-    precision = f"{autocast_dtype} autocast (the encoder and age head run in float32)" if autocast_dtype else "float32"
-    logger.info(f"inference: {len(ready)} slices on {torch.device(device)}, precision {precision}")
-    if ready:
-        load_weights(network, ckpt_path).eval()
-        # NHWC on CPU: oneDNN's fastest layout for the encoder's convolutions (not for training; see benchmarks)
-        channels_last = torch.device(device).type == "cpu"
-        if channels_last:
-            network.to(memory_format=torch.channels_last)
-        evaluator = SupervisedEvaluator(
-            device=torch.device(device),
-            val_data_loader=DataLoader(Dataset(ready, slice_transforms), batch_size=batch_size, shuffle=False),
-            network=network,
-            inferer=AgeInferer(autocast_dtype, return_latent=save_latents, channels_last=channels_last),
-            prepare_batch=AgePrepareBatch(),
-            val_handlers=[collector],
-            decollate=False,
+    load_weights(copy.deepcopy(network).cpu(), ckpt_path)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if any(isinstance(state.get(key), dict) for key in ("network", "model", "state_dict")):
+        raise ValueError(
+            f"{ckpt_path}: a training state, not model weights; pass the best-model file that training "
+            "writes (models/model.pt)"
         )
-        evaluator.run()
-        ages = np.concatenate(collector.ages)
-        predictions = dict(enumerate(ages.tolist()))
-        if save_latents:
-            _save_latents(out / "latents", ready, np.concatenate(collector.latents))
 
-    rows = [_row(item, predictions[i], correction) for i, item in enumerate(ready)]
-    rows += [_row(item, math.nan, None) for item in failed]
-    _write_csv(out / "predictions.csv", rows)
-    logger.info(f"inference: {len(ready)} predicted, {len(failed)} failed -> {out / 'predictions.csv'}")
-    for item in failed:
-        logger.warning(f"failed: {item['image']}: {item['error']}")
-    if not ready:
-        raise SystemExit(f"inference: none of the {len(items)} inputs could be used; see {out / 'predictions.csv'}")
-    return out / "predictions.csv"
+
+def require_inputs(source: str | Path, items: list[dict]) -> None:
+    """One-line error when the input does not exist or holds no scan (checked when a workflow runs, not when it
+    is merely built, so the bundle's property checks work without data)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no such file or folder (--input: a NIfTI file, a folder of them or a datalist)"
+        )
+    if not items:
+        raise FileNotFoundError(f"{path}: no scan to predict (no .nii/.nii.gz files, or empty datalist splits)")
+
+
+def log_run(device, autocast_dtype: str | None, ready: list[dict], failed: list[dict]) -> None:
+    """What the run will do, in the log: how many inputs are usable and in which precision."""
+    precision = f"{autocast_dtype} autocast (the encoder and age head run in float32)" if autocast_dtype else "float32"
+    logger.info(
+        f"inference: {len(ready)} slices on {torch.device(device)}, precision {precision}; "
+        f"{len(failed)} inputs could not be used"
+    )
+
+
+def finish(ready: list[dict], items: list[dict], output_dir: str | Path) -> None:
+    """Exit non-zero only when nothing could be predicted (the CSV lists why for every input)."""
+    if items and not ready:
+        raise SystemExit(
+            f"inference: none of the {len(items)} inputs could be used; " f"see {Path(output_dir) / 'predictions.csv'}"
+        )
 
 
 def _row(item: dict, predicted: float, correction: BiasCorrection | None) -> dict:
@@ -246,8 +283,9 @@ def _row(item: dict, predicted: float, correction: BiasCorrection | None) -> dic
         "predicted_age": "" if math.isnan(predicted) else round(predicted, 3),
         "age": age if age is not None and not (isinstance(age, float) and math.isnan(age)) else "",
         "brain_pad": round(predicted - age, 3) if known else "",
-        "brain_pad_corrected": round(float(correction.corrected_pad([predicted], [age])[0]), 3)
-        if known and correction else "",
+        "brain_pad_corrected": (
+            round(float(correction.corrected_pad([predicted], [age])[0]), 3) if known and correction else ""
+        ),
         "split": item.get("split", ""),
         "error": item.get("error", ""),
     }

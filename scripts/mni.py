@@ -101,9 +101,7 @@ def slice_affine(
 
 
 def slice_points(
-    offsets_mm: np.ndarray | float = 0.0,
-    offset: int = 0,
-    shape: tuple[int, int, int] = GRID_SHAPE,
+    offsets_mm: np.ndarray | float = 0.0, offset: int = 0, shape: tuple[int, int, int] = GRID_SHAPE
 ) -> np.ndarray:
     """MNI mm coordinates of the 130x130 grid points of the medial axial plane.
 

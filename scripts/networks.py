@@ -30,7 +30,15 @@ import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-__all__ = ["AgeHead", "AgePredictor", "AgeRegressor", "ConditionalUNet", "DiffusionAutoencoder", "SemanticEncoder", "count_parameters"]
+__all__ = [
+    "AgeHead",
+    "AgePredictor",
+    "AgeRegressor",
+    "ConditionalUNet",
+    "DiffusionAutoencoder",
+    "SemanticEncoder",
+    "count_parameters",
+]
 
 LATENT_NORMS = ("batch", "layer", "none")
 HEAD_NORMS = ("batch", "layer", "none")
@@ -69,7 +77,13 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.p > 0.0 and x.device.type == "cpu" and not self.inplace and not torch.jit.is_scripting():
+        if (
+            self.training
+            and self.p > 0.0
+            and x.device.type == "cpu"
+            and not self.inplace
+            and not torch.jit.is_scripting()
+        ):
             return self._cpu_dropout(x)
         return F.dropout(x, self.p, self.training, self.inplace)
 
@@ -320,9 +334,7 @@ class ConditionalUNet(nn.Module):
         super().__init__()
         self.base_channels = base_channels
         resolutions = _resolutions(image_size, len(channel_mult))
-        self.time_embed = nn.Sequential(
-            nn.Linear(base_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
-        )
+        self.time_embed = nn.Sequential(nn.Linear(base_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
 
         def res_block(c_in: int, c_out: int, updown: str = "none") -> ConditionedResBlock:
             return ConditionedResBlock(c_in, c_out, embed_dim, z_dim, dropout, updown)
@@ -550,8 +562,10 @@ class DiffusionAutoencoder(nn.Module):
         head unused: under DistributedDataParallel wrap with ``find_unused_parameters=True``.
         """
         if self.training and x0.shape[0] < 2 and isinstance(self.encoder.latent_norm, nn.BatchNorm1d):
-            raise ValueError("a training batch needs at least 2 images: z_sem is standardised over the batch "
-                             "(latent_norm='batch')")
+            raise ValueError(
+                "a training batch needs at least 2 images: z_sem is standardised over the batch "
+                "(latent_norm='batch')"
+            )
         z_sem = self.encoder(x0)
         eps = self.unet(x_t, timesteps, z_sem)
         if labelled is None:
@@ -564,7 +578,9 @@ class DiffusionAutoencoder(nn.Module):
         if n_labelled > 1 or (n_labelled == 1 and not batch_statistics):
             age = age.masked_scatter(labelled, self.age_head(z_sem[labelled]))
         elif n_labelled == 1:
-            warnings.warn("a batch with a single labelled image gets no age prediction (the head's BatchNorm needs >= 2)")
+            warnings.warn(
+                "a batch with a single labelled image gets no age prediction (the head's BatchNorm needs >= 2)"
+            )
         return {"eps": eps, "age": age}
 
     def age_predictor(self) -> AgePredictor:
@@ -615,4 +631,3 @@ class AgeRegressor(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-

@@ -42,8 +42,18 @@ STAGES = ("load", "register", "resample", "n4", "skull_strip", "slice", "write")
 # Stage of the MONAI transforms the chain uses; the bundle's own transforms carry a `stage` attribute.
 MONAI_STAGES = {"LoadImaged": "load", "Resized": "slice"}
 MANIFEST_COLUMNS = (
-    "subject", "source", "status", "reason", "skull_strip", "cached", "slice", "qc",
-    "template_correlation", "determinant", *(f"seconds_{s}" for s in STAGES), "seconds_total",
+    "subject",
+    "source",
+    "status",
+    "reason",
+    "skull_strip",
+    "cached",
+    "slice",
+    "qc",
+    "template_correlation",
+    "determinant",
+    *(f"seconds_{s}" for s in STAGES),
+    "seconds_total",
 )
 
 
@@ -85,7 +95,7 @@ def _first_reader_error(message: str) -> str:
     lines = message.splitlines()
     for i, line in enumerate(lines):
         if line.startswith("Traceback"):
-            for following in lines[i + 1:]:
+            for following in lines[i + 1 :]:
                 if not following.startswith(" "):
                     return following.split(": ", 1)[-1]
     return ""
@@ -102,8 +112,9 @@ def _reason(stage: str, err: Exception) -> str:
     return f"{stage}: {message[:300]}"
 
 
-def preprocess_scan(item: dict, output_dir: str | Path, transform, settings: list | None = None,
-                    retry_failed: bool = False) -> dict:
+def preprocess_scan(
+    item: dict, output_dir: str | Path, transform, settings: list | None = None, retry_failed: bool = False
+) -> dict:
     """Preprocess one datalist item (``image``: an absolute path) unless its record says it is done.
 
     Returns the scan's record; ``cached`` tells whether this call did the work. Never raises for a
@@ -123,8 +134,12 @@ def preprocess_scan(item: dict, output_dir: str | Path, transform, settings: lis
     name = scan_name(item, key)
     record_path = out / "records" / f"{name}.json"
     done = _read_record(record_path)
-    if done and (done.get("status") == "ok" and (out / done["slice"]).is_file() or
-                 done.get("status") == "failed" and not retry_failed):
+    if done and (
+        done.get("status") == "ok"
+        and (out / done["slice"]).is_file()
+        or done.get("status") == "failed"
+        and not retry_failed
+    ):
         return {**done, "subject": record["subject"], "cached": True}
 
     record.update(key=key, status="ok", reason="", skull_strip="", seconds={}, registration={})
@@ -169,7 +184,7 @@ def _init_worker(transform_bytes: bytes, threads: int) -> None:
     global _worker_transform
     for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS"):
         os.environ[var] = str(threads)
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # noqa: N813 (the library's own convention)
     import torch
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
@@ -190,8 +205,14 @@ def _remove_stale_temporaries(out: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def preprocess_items(items: list[dict], output_dir: str | Path, transform, num_workers: int = 1,
-                     progress: bool = True, retry_failed: bool = False) -> list[dict]:
+def preprocess_items(
+    items: list[dict],
+    output_dir: str | Path,
+    transform,
+    num_workers: int = 1,
+    progress: bool = True,
+    retry_failed: bool = False,
+) -> list[dict]:
     """Preprocess datalist items (``image``: absolute paths) in ``num_workers`` processes.
 
     Returns one record per item, in order. Scans done before (same bytes, same chain settings) are
@@ -217,8 +238,12 @@ def preprocess_items(items: list[dict], output_dir: str | Path, transform, num_w
             bar.update()
     else:
         threads = max(1, (os.cpu_count() or 1) // num_workers)
-        with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(pickle.dumps(transform), threads)) as pool:
+        with ProcessPoolExecutor(
+            num_workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(pickle.dumps(transform), threads),
+        ) as pool:
             futures = {pool.submit(_work, (first[s], out, settings, retry_failed)): s for s in unique}
             for future in as_completed(futures):
                 by_source[futures[future]] = future.result()
@@ -235,7 +260,7 @@ def read_datalist(path: str | Path) -> dict:
     path = Path(path)
     datalist = read_json(path)  # DatalistError (a ValueError) when missing, not JSON or not an object
     if not any(isinstance(v, list) for v in datalist.values()):
-        raise ValueError(f"{path}: a datalist is a JSON object of item lists, e.g. {{\"training\": [...]}}")
+        raise ValueError(f'{path}: a datalist is a JSON object of item lists, e.g. {{"training": [...]}}')
     for split, items in datalist.items():
         if isinstance(items, list):
             for i, item in enumerate(items):
@@ -250,19 +275,47 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
         seconds = r.get("seconds", {})
         registration = r.get("registration", {})
         return {
-            "subject": r.get("subject", ""), "source": r.get("source", ""), "status": r["status"],
-            "reason": r.get("reason", ""), "skull_strip": r.get("skull_strip", ""),
-            "cached": str(bool(r.get("cached"))).lower(), "slice": r.get("slice", ""), "qc": r.get("qc", ""),
+            "subject": r.get("subject", ""),
+            "source": r.get("source", ""),
+            "status": r["status"],
+            "reason": r.get("reason", ""),
+            "skull_strip": r.get("skull_strip", ""),
+            "cached": str(bool(r.get("cached"))).lower(),
+            "slice": r.get("slice", ""),
+            "qc": r.get("qc", ""),
             "template_correlation": registration.get("template_correlation", ""),
             "determinant": registration.get("determinant", ""),
-            **{f"seconds_{s}": seconds.get(s, "") for s in STAGES}, "seconds_total": r.get("seconds_total", ""),
+            **{f"seconds_{s}": seconds.get(s, "") for s in STAGES},
+            "seconds_total": r.get("seconds_total", ""),
         }
 
     write_csv(path, [row(r) for r in rows], MANIFEST_COLUMNS)
 
 
-def preprocess_datalist(datalist: str | Path, output_dir: str | Path, transform, num_workers: int = 1,
-                        retry_failed: bool = False, montage_max: int = 48, progress: bool = True) -> list[dict]:
+def load_chain(bundle_root: str | Path, config_file: str = "configs/preprocess.yaml", **settings):
+    """The raw-scan preprocessing chain (``preprocessing``) of the bundle's preprocess config, built with
+    ``settings`` overriding its top-level keys (``skull_strip``, ``slice_channels``, ...).
+
+    Read relative to ``bundle_root``, so inference and evaluation use the one definition of the chain and the
+    bundle runs from any working directory (a ``%configs/...`` macro would be relative to the current one).
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle_root) / config_file))
+    parser.update({"bundle_root": str(bundle_root), **settings})
+    return parser.get_parsed_content("preprocessing")
+
+
+def preprocess_datalist(
+    datalist: str | Path,
+    output_dir: str | Path,
+    transform,
+    num_workers: int = 1,
+    retry_failed: bool = False,
+    montage_max: int = 48,
+    progress: bool = True,
+) -> list[dict]:
     """The ``preprocess`` workflow: every scan of ``datalist`` -> ``output_dir`` (see the module docstring).
 
     Logs the failures at the end and exits with status 1 only when no scan succeeded.

@@ -11,11 +11,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import stats
 
 from scripts.atomic import write_json
 from scripts.calibration import BiasCorrection, as_array
+
 
 def pearson_r(prediction, target) -> float:
     """Pearson correlation in float64; NaN when either side is constant (e.g. an untrained model).
@@ -67,12 +67,14 @@ def regression_metrics(predicted_age, age, correction: BiasCorrection | None = N
     }
     if correction is not None:
         corrected = correction.corrected_pad(pred, age)
-        metrics.update({
-            "bias_correction": correction.method,
-            "pad_corrected_mean": float(corrected.mean()),
-            "pad_corrected_std": float(corrected.std(ddof=1)) if n > 1 else float("nan"),
-            "pad_corrected_age_r": pearson_with_p(corrected, age)[0],
-        })
+        metrics.update(
+            {
+                "bias_correction": correction.method,
+                "pad_corrected_mean": float(corrected.mean()),
+                "pad_corrected_std": float(corrected.std(ddof=1)) if n > 1 else float("nan"),
+                "pad_corrected_age_r": pearson_with_p(corrected, age)[0],
+            }
+        )
     return metrics
 
 
@@ -113,8 +115,9 @@ def format_table(metrics: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def evaluate_predictions(predictions_csv: str | Path, output_dir: str | Path,
-                         correction_path: str | Path | None = None) -> dict:
+def evaluate_predictions(
+    predictions_csv: str | Path, output_dir: str | Path, correction_path: str | Path | None = None
+) -> dict:
     """Metrics of a predictions.csv: ``OUT/metrics.json``, ``OUT/scatter.png`` and a printed table."""
     from scripts.figures import prediction_scatter
     from scripts.inference import read_predictions
@@ -165,12 +168,15 @@ def _column(rows: list[dict], column: str) -> np.ndarray:
         try:
             values.append(float(value))
         except ValueError:
-            raise ValueError(f"column {column!r} of subject {row.get('subject', '?')}: {value!r} is not a number") from None
+            raise ValueError(
+                f"column {column!r} of subject {row.get('subject', '?')}: {value!r} is not a number"
+            ) from None
     return np.asarray(values, dtype=np.float64)
 
 
-def pad_outcome_association(rows: list[dict], outcome: str = "survival_months", pad: str = "brain_pad",
-                            split: str | None = None) -> dict:
+def pad_outcome_association(
+    rows: list[dict], outcome: str = "survival_months", pad: str = "brain_pad", split: str | None = None
+) -> dict:
     """Pearson r (and p) between brain-PAD and an outcome such as survival: the paper's Table 1, last row.
 
     ``rows`` as :func:`scripts.inference.read_predictions` returns them; rows lacking either value are left out
@@ -183,9 +189,13 @@ def pad_outcome_association(rows: list[dict], outcome: str = "survival_months", 
     return {"r": r, "p": p, "n": int(keep.sum()), "outcome": outcome, "pad": pad, "split": split}
 
 
-def compare_pad_distributions(named_rows: dict[str, list[dict]], reference: str | None = None,
-                              pad: str = "brain_pad", split: str | dict[str, str] | None = None,
-                              boxplot: str | Path | None = None) -> dict:
+def compare_pad_distributions(
+    named_rows: dict[str, list[dict]],
+    reference: str | None = None,
+    pad: str = "brain_pad",
+    split: str | dict[str, str] | None = None,
+    boxplot: str | Path | None = None,
+) -> dict:
     """Brain-PAD mean, std and n per model, and the two-sample Kolmogorov-Smirnov test of each against a reference.
 
     The paper's Table 2 (and, with ``boxplot`` a PNG path, its Figure 2): whether the models' PAD distributions on
@@ -242,15 +252,24 @@ def _where(split: str | dict | None) -> str:
 
 
 def format_association(result: dict) -> str:
-    return (f"corr({result['pad']}, {result['outcome']}){_where(result['split'])}: r = {_number(result['r'], '.3f')}, "
-            f"p = {_number(result['p'], '.2e')}, n = {result['n']}")
+    return (
+        f"corr({result['pad']}, {result['outcome']}){_where(result['split'])}: r = {_number(result['r'], '.3f')}, "
+        f"p = {_number(result['p'], '.2e')}, n = {result['n']}"
+    )
 
 
 def format_pad_table(result: dict) -> str:
     """Table 2 as plain text: one row per model, KS against the reference."""
-    rows = [[name, str(m["n"]), _number(m["mean"]), _number(m["std"]), _number(m["ks_statistic"], ".3f"),
-             _number(m["ks_p"], ".2e")] for name, m in result["models"].items()]
+    rows = [
+        [
+            name,
+            str(m["n"]),
+            _number(m["mean"]),
+            _number(m["std"]),
+            _number(m["ks_statistic"], ".3f"),
+            _number(m["ks_p"], ".2e"),
+        ]
+        for name, m in result["models"].items()
+    ]
     title = f"{result['pad']} distributions{_where(result['split'])}, two-sample KS against {result['reference']!r}"
     return title + "\n" + _text_table(["model", "n", "mean", "std", "KS D", "KS p"], rows)
-
-

@@ -36,7 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -135,7 +135,9 @@ class Grade:
 
 
 GRADES = {
-    "research": Grade("research", 0.02, 0.06, 0.015, (0.9, 1.1), (0.9, 1.1), 0.0, (0.95, 1.05), 0.03, (0.7, 0.007, 0.5)),
+    "research": Grade(
+        "research", 0.02, 0.06, 0.015, (0.9, 1.1), (0.9, 1.1), 0.0, (0.95, 1.05), 0.03, (0.7, 0.007, 0.5)
+    ),
     "clinical": Grade("clinical", 0.06, 0.30, 0.06, (0.8, 1.0), (4.0, 6.0), 0.7, (0.75, 1.35), 0.08, (1.5, 0.015, 1.0)),
 }
 GRADE_CHOICES = (*GRADES, "mixed")
@@ -235,8 +237,9 @@ def _sample_grid(volume: torch.Tensor, affine: np.ndarray, grid_affine_: np.ndar
     to_norm[:3, 3] -= 1.0
     m = torch.from_numpy(to_norm[:3].astype(np.float32))
     i, j, k = (torch.arange(n, dtype=torch.float32) for n in dims)
-    grid = (m[:, 3] + i[:, None, None, None] * m[:, 0] + j[None, :, None, None] * m[:, 1]
-            + k[None, None, :, None] * m[:, 2])
+    grid = (
+        m[:, 3] + i[:, None, None, None] * m[:, 0] + j[None, :, None, None] * m[:, 1] + k[None, None, :, None] * m[:, 2]
+    )
     out = F.grid_sample(volume, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)
     return out[0, 0].numpy()
 
@@ -412,8 +415,13 @@ class Anatomy:
         return pts + waves @ self.warp_amp.astype(np.float32)
 
 
-def render(anatomy: Anatomy, points: np.ndarray, atlas: Atlas | None = None, tissue: dict | None = None,
-           ageing: AgeingModel | None = None) -> dict[str, np.ndarray]:
+def render(
+    anatomy: Anatomy,
+    points: np.ndarray,
+    atlas: Atlas | None = None,
+    tissue: dict | None = None,
+    ageing: AgeingModel | None = None,
+) -> dict[str, np.ndarray]:
     """Noise-free T1w intensity and tissue fractions of a subject at MNI points ``(..., 3)``."""
     atlas = atlas or build_atlas()
     ageing = ageing or AGEING
@@ -447,7 +455,10 @@ def render(anatomy: Anatomy, points: np.ndarray, atlas: Atlas | None = None, tis
         + scalp * tissue["scalp"]
     )
     intensity = (
-        gm * tissue["gm"] + (wm - lesion) * wm_level + lesion * tissue["wmh"] + csf * tissue["csf"]
+        gm * tissue["gm"]
+        + (wm - lesion) * wm_level
+        + lesion * tissue["wmh"]
+        + csf * tissue["csf"]
         + (1.0 - brain) * outside
     )
     return {"intensity": intensity, "gm": gm, "wm": wm, "csf": csf, "lesion": lesion, "brain": brain}
@@ -505,11 +516,7 @@ def _rotation(rng: np.random.Generator, sd_deg: float) -> np.ndarray:
 
 
 def render_slice(
-    subject: Subject,
-    anatomy: Anatomy | None = None,
-    channels: int = 1,
-    slice_offset: int = 0,
-    acquire: bool = True,
+    subject: Subject, anatomy: Anatomy | None = None, channels: int = 1, slice_offset: int = 0, acquire: bool = True
 ) -> np.ndarray:
     """The fast path: the preprocessed model input ``(channels, 128, 128)`` in [0, 1].
 
@@ -563,8 +570,16 @@ class RawScan:
     slope: float
 
 
-AXCODES = [("R", "A", "S"), ("L", "A", "S"), ("L", "P", "S"), ("R", "P", "I"), ("L", "I", "P"),
-           ("A", "S", "L"), ("P", "R", "S"), ("S", "L", "A")]
+AXCODES = [
+    ("R", "A", "S"),
+    ("L", "A", "S"),
+    ("L", "P", "S"),
+    ("R", "P", "I"),
+    ("L", "I", "P"),
+    ("A", "S", "L"),
+    ("P", "R", "S"),
+    ("S", "L", "A"),
+]
 
 
 def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
@@ -611,9 +626,13 @@ def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
     coarse = tuple(max(2, d // 8) for d in dims)
     corner = affine[:3, 3]
     far = corner + (dims - 1) * voxel
-    coarse_world = np.stack(np.meshgrid(*[np.linspace(corner[d], far[d], coarse[d]) for d in range(3)], indexing="ij"), -1)
+    coarse_world = np.stack(
+        np.meshgrid(*[np.linspace(corner[d], far[d], coarse[d]) for d in range(3)], indexing="ij"), -1
+    )
     bias = _smooth_field(rng, coarse_world, grade.bias).astype(np.float32)
-    bias = F.interpolate(torch.from_numpy(bias)[None, None], size=tuple(dims), mode="trilinear", align_corners=True)[0, 0].numpy()
+    bias = F.interpolate(torch.from_numpy(bias)[None, None], size=tuple(dims), mode="trilinear", align_corners=True)[
+        0, 0
+    ].numpy()
     image *= bias
     if rng.random() < grade.ghosting:
         image = _ghosting(rng, image, axis=[a for a in range(3) if a != slice_axis][int(rng.integers(2))])
@@ -622,8 +641,9 @@ def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
     image *= rng.uniform(600.0, 1500.0)  # arbitrary scanner units
 
     codes = AXCODES[int(rng.integers(len(AXCODES)))]
-    transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
-                                                nib.orientations.axcodes2ornt(codes))
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(codes)
+    )
     data = nib.orientations.apply_orientation(image, transform)
     affine = affine @ nib.orientations.inv_ornt_aff(transform, image.shape)
     slope = float(rng.choice([0.25, 0.5, 1.0, 2.0]))
@@ -664,8 +684,11 @@ def true_survival_association(spec: CohortSpec, n: int = 200_000) -> float:
     """Population Pearson r between brain-PAD (delta) and survival months in the disease cohort."""
     rng = np.random.default_rng(12345)
     delta = rng.normal(spec.disease_shift, spec.sigma, n)
-    surv = np.exp(math.log(spec.survival_median_months) - spec.survival_per_year * (delta - spec.disease_shift)
-                  + rng.normal(0, spec.survival_noise, n))
+    surv = np.exp(
+        math.log(spec.survival_median_months)
+        - spec.survival_per_year * (delta - spec.disease_shift)
+        + rng.normal(0, spec.survival_noise, n)
+    )
     return float(np.corrcoef(delta, surv)[0, 1])
 
 
@@ -709,8 +732,11 @@ def _generate_one(args: tuple) -> dict:
         scan = write_volume(subject, out / rel, singleton_4d=singleton)
         truth = Path("truth") / f"{subject.subject}_slice.nii.gz"
         write_slice(subject, out / truth, channels, slice_offset, acquire=False)
-        extra = {"truth_slice": truth.as_posix(), "orientation": "".join(scan.axcodes),
-                 "voxel_mm": "x".join(f"{v:.2f}" for v in scan.voxel_mm)}
+        extra = {
+            "truth_slice": truth.as_posix(),
+            "orientation": "".join(scan.axcodes),
+            "voxel_mm": "x".join(f"{v:.2f}" for v in scan.voxel_mm),
+        }
     return {"subject": subject.subject, "image": rel.as_posix(), "seconds": time.perf_counter() - t0, **extra}
 
 
@@ -728,8 +754,15 @@ PARTICIPANT_COLUMNS = {
 }
 
 
-def generate(spec: CohortSpec, out: str | Path, mode: str = "slices", channels: int = 1, slice_offset: int = 0,
-             workers: int = 1, progress: bool = True) -> dict:
+def generate(
+    spec: CohortSpec,
+    out: str | Path,
+    mode: str = "slices",
+    channels: int = 1,
+    slice_offset: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
     """Generate a cohort into ``out``: images, ``datalist.json``, ``participants.tsv`` (+ ``.json``)
     and ``phantom.json`` (generator settings, accuracy floor, true survival association)."""
     if mode not in ("slices", "volumes"):
@@ -772,10 +805,18 @@ def generate(spec: CohortSpec, out: str | Path, mode: str = "slices", channels: 
     write_json(out / "datalist.json", datalist)
 
     rows = [
-        {"participant_id": s.subject, "age": s.age, "brain_age": s.brain_age, "delta": round(s.delta, 2),
-         "grade": s.grade, "cohort": s.cohort, "split": s.split, "labelled": str(s.labelled).lower(),
-         "survival_months": "n/a" if s.survival_months is None else s.survival_months,
-         "image": by_id[s.subject]["image"]}
+        {
+            "participant_id": s.subject,
+            "age": s.age,
+            "brain_age": s.brain_age,
+            "delta": round(s.delta, 2),
+            "grade": s.grade,
+            "cohort": s.cohort,
+            "split": s.split,
+            "labelled": str(s.labelled).lower(),
+            "survival_months": "n/a" if s.survival_months is None else s.survival_months,
+            "image": by_id[s.subject]["image"],
+        }
         for s in subjects
     ]
     write_csv(out / "participants.tsv", rows, PARTICIPANT_COLUMNS, delimiter="\t")
@@ -817,10 +858,9 @@ def _sample_r(subjects: list[Subject]) -> float | None:
     return float(np.corrcoef([s.delta for s in subjects], [s.survival_months for s in subjects])[0, 1])
 
 
-
-
-def ensure_dataset(folder: str | Path, spec: CohortSpec | None = None, mode: str = "slices", channels: int = 1,
-                   workers: int = 1) -> str:
+def ensure_dataset(
+    folder: str | Path, spec: CohortSpec | None = None, mode: str = "slices", channels: int = 1, workers: int = 1
+) -> str:
     """Generate the phantom into ``folder`` unless an identical one is already there; return its datalist.
 
     Used for the embedded default dataset: the first training run creates it, later runs reuse it.
@@ -835,7 +875,9 @@ def ensure_dataset(folder: str | Path, spec: CohortSpec | None = None, mode: str
         found = json.loads(stamp.read_text())
         if all(found.get(k) == v for k, v in wanted.items()):
             return str(folder / "datalist.json")
-        logger.warning(f"{folder}: phantom of other settings or version {found.get('phantom_version')}; regenerating it")
+        logger.warning(
+            f"{folder}: phantom of other settings or version {found.get('phantom_version')}; regenerating it"
+        )
     elif folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder}: exists and is not a phantom dataset; choose an empty or new folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -861,22 +903,47 @@ def describe_ageing(ages=(20, 30, 40, 50, 60, 70, 80, 90)) -> list[dict]:
     vent_plane = _sample(atlas.maps[:, 3:4], atlas.affine, plane)[0]
     rows = []
     for b in ages:
-        anatomy = Anatomy(b, np.zeros((1, 3)), np.zeros(1), np.zeros((1, 3)), 0.0, 0.0, 1.0, np.zeros((0, 4), np.float32))
+        anatomy = Anatomy(
+            b, np.zeros((1, 3)), np.zeros(1), np.zeros((1, 3)), 0.0, 0.0, 1.0, np.zeros((0, 4), np.float32)
+        )
         maps = render(anatomy, plane, atlas)
         pixel = float(np.prod(np.diag(grid_affine())[:2]))
         ventricle = (maps["csf"] > 0.5) & (vent_plane < 10) & mask
-        rows.append({
-            "brain_age": b,
-            "ventricle_dilation_mm": round(AGEING.ventricle_dilation(b), 2),
-            "ventricle_area_cm2": round(float(ventricle.sum()) * pixel / 100, 2),
-            "cortical_erosion_mm": round(AGEING.cortical_erosion(b), 2),
-            "csf_fraction": round(float(maps["csf"][mask].sum() / maps["brain"][mask].sum()), 3),
-            "gm_fraction": round(float(maps["gm"][mask].sum() / maps["brain"][mask].sum()), 3),
-            "gm_wm_contrast": round(AGEING.white_matter_contrast(b), 3),
-            "wmh_rim_mm": round(AGEING.wmh_rim(b), 2),
-            "wmh_mean_lesions": round(AGEING.wmh_count(b), 1),
-        })
+        rows.append(
+            {
+                "brain_age": b,
+                "ventricle_dilation_mm": round(AGEING.ventricle_dilation(b), 2),
+                "ventricle_area_cm2": round(float(ventricle.sum()) * pixel / 100, 2),
+                "cortical_erosion_mm": round(AGEING.cortical_erosion(b), 2),
+                "csf_fraction": round(float(maps["csf"][mask].sum() / maps["brain"][mask].sum()), 3),
+                "gm_fraction": round(float(maps["gm"][mask].sum() / maps["brain"][mask].sum()), 3),
+                "gm_wm_contrast": round(AGEING.white_matter_contrast(b), 3),
+                "wmh_rim_mm": round(AGEING.wmh_rim(b), 2),
+                "wmh_mean_lesions": round(AGEING.wmh_count(b), 1),
+            }
+        )
     return rows
+
+
+def montage(out: str | Path, ages=(20, 30, 40, 50, 60, 70, 80, 90), seed: int = 0, subject_index: int = 0) -> Path:
+    """Medial slices of one phantom subject rendered at increasing brain ages, at both grades (a PNG)."""
+    import matplotlib.pyplot as plt
+
+    from scripts.figures import save_figure, show_slice
+
+    subject = sample_cohort(CohortSpec(n=max(subject_index + 1, 2), seed=seed))[subject_index]
+    grades = list(GRADES)
+    fig, axes = plt.subplots(len(grades), len(ages), figsize=(1.9 * len(ages), 2.0 * len(grades) + 0.5), squeeze=False)
+    for row, grade in enumerate(grades):
+        for col, age in enumerate(ages):
+            person = replace(subject, brain_age=float(age), age=float(age), grade=grade)
+            show_slice(axes[row, col], render_slice(person)[0], f"brain age {age}" if row == 0 else None)
+        axes[row, 0].text(-0.08, 0.5, grade, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right")
+    fig.suptitle(
+        f"Synthetic phantom: one subject (seed {seed}) rendered at brain ages {ages[0]}-{ages[-1]}", fontsize=11
+    )
+    fig.tight_layout()
+    return save_figure(fig, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -886,32 +953,59 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(
         prog="python -m scripts.synthetic",
         description="Generate a synthetic ageing-brain cohort: raw T1w volumes or preprocessed 128x128 "
-                    "MNI slices, datalist.json, participants.tsv (true age, brain age, survival) and the "
-                    "accuracy floor. Deterministic by seed.",
+        "MNI slices, datalist.json, participants.tsv (true age, brain age, survival) and the "
+        "accuracy floor. Deterministic by seed.",
     )
     p.add_argument("--out", required=False, help="output folder (created); required unless --describe")
     p.add_argument("--n", type=cli.positive_int, default=200, help="number of healthy subjects")
-    p.add_argument("--mode", choices=("slices", "volumes"), default="slices",
-                   help="slices: preprocessed 128x128 medial axial slices in [0,1] (fast path); "
-                        "volumes: raw scanner-space NIfTI (plus the MNI ground-truth slice in truth/)")
-    p.add_argument("--grade", choices=GRADE_CHOICES, default="research",
-                   help="acquisition grade of every scan; mixed draws research or clinical per subject")
-    p.add_argument("--clinical-fraction", type=cli.fraction, default=0.5, help="share of clinical scans with --grade mixed")
+    p.add_argument(
+        "--mode",
+        choices=("slices", "volumes"),
+        default="slices",
+        help="slices: preprocessed 128x128 medial axial slices in [0,1] (fast path); "
+        "volumes: raw scanner-space NIfTI (plus the MNI ground-truth slice in truth/)",
+    )
+    p.add_argument(
+        "--grade",
+        choices=GRADE_CHOICES,
+        default="research",
+        help="acquisition grade of every scan; mixed draws research or clinical per subject",
+    )
+    p.add_argument(
+        "--clinical-fraction", type=cli.fraction, default=0.5, help="share of clinical scans with --grade mixed"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same subjects at any grade")
     p.add_argument("--age-min", type=float, default=18.0, help="youngest chronological age (years)")
     p.add_argument("--age-max", type=float, default=90.0, help="oldest chronological age (years)")
     p.add_argument("--sigma", type=float, default=5.0, help="sd of brain age around chronological age (years)")
     p.add_argument("--n-disease", type=cli.non_negative_int, default=None, help="disease-cohort size (default: n/5)")
     p.add_argument("--disease-shift", type=float, default=8.0, help="mean brain-PAD of the disease cohort (years)")
-    p.add_argument("--unlabelled-fraction", type=cli.fraction, default=0.25,
-                   help="share of the training split written without an age (semi-supervised)")
+    p.add_argument(
+        "--unlabelled-fraction",
+        type=cli.fraction,
+        default=0.25,
+        help="share of the training split written without an age (semi-supervised)",
+    )
     p.add_argument("--val-fraction", type=cli.fraction, default=0.15, help="share of healthy subjects for validation")
     p.add_argument("--test-fraction", type=cli.fraction, default=0.15, help="share of healthy subjects for testing")
-    p.add_argument("--channels", type=cli.positive_int, default=1,
-                   help="neighbouring axial slices written as channels (odd numbers centre on the medial slice)")
-    p.add_argument("--slice-offset", type=int, default=0, help="offset of the slice from the medial one (130-grid slices)")
+    p.add_argument(
+        "--channels",
+        type=cli.positive_int,
+        default=1,
+        help="neighbouring axial slices written as channels (odd numbers centre on the medial slice)",
+    )
+    p.add_argument(
+        "--slice-offset", type=int, default=0, help="offset of the slice from the medial one (130-grid slices)"
+    )
     p.add_argument("--workers", type=cli.positive_int, default=1, help="worker processes")
     p.add_argument("--describe", action="store_true", help="print the ageing effects by brain age and exit")
+    p.add_argument(
+        "--montage",
+        metavar="PNG",
+        default=None,
+        help="draw one subject (of --seed) at brain ages 20-90, both grades, into PNG and exit "
+        "(docs/figures/phantom_montage.png)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -919,6 +1013,9 @@ def build_parser() -> cli.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.montage:
+        print(montage(args.montage, seed=args.seed))
+        return 0
     if args.describe:
         rows = describe_ageing()
         print("\t".join(rows[0]))
@@ -929,23 +1026,40 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out is required")
     try:
         spec = CohortSpec(
-            n=args.n, seed=args.seed, grade=args.grade, age_min=args.age_min, age_max=args.age_max,
-            sigma=args.sigma, n_disease=args.n_disease, disease_shift=args.disease_shift,
-            unlabelled_fraction=args.unlabelled_fraction, val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction, clinical_fraction=args.clinical_fraction,
+            n=args.n,
+            seed=args.seed,
+            grade=args.grade,
+            age_min=args.age_min,
+            age_max=args.age_max,
+            sigma=args.sigma,
+            n_disease=args.n_disease,
+            disease_shift=args.disease_shift,
+            unlabelled_fraction=args.unlabelled_fraction,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            clinical_fraction=args.clinical_fraction,
         )
         axial_index(args.slice_offset + args.channels // 2)
         axial_index(args.slice_offset - args.channels // 2)
     except ValueError as err:
         parser.error(str(err))
     t0 = time.perf_counter()
-    summary = generate(spec, args.out, mode=args.mode, channels=args.channels, slice_offset=args.slice_offset,
-                       workers=args.workers, progress=not args.quiet)
+    summary = generate(
+        spec,
+        args.out,
+        mode=args.mode,
+        channels=args.channels,
+        slice_offset=args.slice_offset,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
     floor = summary["accuracy_floor"]
     total = spec.n + spec.disease_count
     print(f"wrote {total} subjects ({args.mode}, grade {args.grade}) to {args.out} in {time.perf_counter() - t0:.1f} s")
-    print(f"accuracy floor (best predictor of age that sees only brain age, sigma={spec.sigma:g}): "
-          f"MAE {floor['mae']:.2f} years, r {floor['r']:.3f}, R2 {floor['r2']:.3f}")
+    print(
+        f"accuracy floor (best predictor of age that sees only brain age, sigma={spec.sigma:g}): "
+        f"MAE {floor['mae']:.2f} years, r {floor['r']:.3f}, R2 {floor['r2']:.3f}"
+    )
     if summary["test_oracle_mae"] is not None:
         print(f"that oracle's MAE on this test split: {summary['test_oracle_mae']:.2f} years")
     print(f"disease cohort: true corr(brain-PAD, survival) {summary['disease_true_pad_survival_r']:.3f}")

@@ -107,12 +107,16 @@ class EnsureSingleVolumed(MapTransform):
     def _check_geometry(self, voxel_mm: list[float], shape: list[int]) -> None:
         shown = "x".join(f"{v:.3g}" for v in voxel_mm)
         if not all(self.VOXEL_MM[0] <= v <= self.VOXEL_MM[1] for v in voxel_mm):
-            raise PreprocessingError(f"absurd voxel size {shown} mm (expected {self.VOXEL_MM[0]}-{self.VOXEL_MM[1]} mm)")
+            raise PreprocessingError(
+                f"absurd voxel size {shown} mm (expected {self.VOXEL_MM[0]}-{self.VOXEL_MM[1]} mm)"
+            )
         extent = [v * n for v, n in zip(voxel_mm, shape)]
         if not all(self.FIELD_OF_VIEW_MM[0] <= e <= self.FIELD_OF_VIEW_MM[1] for e in extent):
-            raise PreprocessingError(f"field of view {'x'.join(f'{e:.0f}' for e in extent)} mm cannot be a head "
-                                     f"(voxel size {shown} mm; expected {self.FIELD_OF_VIEW_MM[0]:.0f}-"
-                                     f"{self.FIELD_OF_VIEW_MM[1]:.0f} mm per axis)")
+            raise PreprocessingError(
+                f"field of view {'x'.join(f'{e:.0f}' for e in extent)} mm cannot be a head "
+                f"(voxel size {shown} mm; expected {self.FIELD_OF_VIEW_MM[0]:.0f}-"
+                f"{self.FIELD_OF_VIEW_MM[1]:.0f} mm per axis)"
+            )
 
     @staticmethod
     def _check_intensities(img: torch.Tensor) -> None:
@@ -120,10 +124,13 @@ class EnsureSingleVolumed(MapTransform):
         values = img.flatten()
         sample = values[:: max(1, values.numel() // 200_000)]
         if torch.unique(sample).numel() <= 8:
-            raise PreprocessingError(f"only {torch.unique(sample).numel()} distinct intensities: a label map or mask, "
-                                     "not a T1w image")
+            raise PreprocessingError(
+                f"only {torch.unique(sample).numel()} distinct intensities: a label map or mask, " "not a T1w image"
+            )
         if float((sample < -500).float().mean()) > 0.1:
-            raise PreprocessingError("over 10% of the voxels are below -500: a CT in Hounsfield units, not a T1w MR image")
+            raise PreprocessingError(
+                "over 10% of the voxels are below -500: a CT in Hounsfield units, not a T1w MR image"
+            )
 
     def __call__(self, data):
         d = dict(data)
@@ -177,8 +184,12 @@ def _to_ants(array: np.ndarray, affine_ras: np.ndarray):
 
     lps = RAS_TO_LPS @ np.asarray(affine_ras, dtype=np.float64)
     spacing = _voxel_sizes(lps)
-    return ants.from_numpy(np.asarray(array, dtype=np.float32), origin=tuple(lps[:3, 3]), spacing=tuple(spacing),
-                           direction=lps[:3, :3] / spacing)
+    return ants.from_numpy(
+        np.asarray(array, dtype=np.float32),
+        origin=tuple(lps[:3, 3]),
+        spacing=tuple(spacing),
+        direction=lps[:3, :3] / spacing,
+    )
 
 
 def _centre_of_mass_lps(image) -> np.ndarray:
@@ -266,9 +277,20 @@ class EstimateMNIAffined(MapTransform):
 
     @property
     def settings(self) -> dict:
-        return {k: getattr(self, k) for k in ("resolution_mm", "mask_dilation_mm", "start_scales", "iterations",
-                                              "sampling_rate", "scale_range", "min_template_correlation",
-                                              "retry_rotation_deg", "seed")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "resolution_mm",
+                "mask_dilation_mm",
+                "start_scales",
+                "iterations",
+                "sampling_rate",
+                "scale_range",
+                "min_template_correlation",
+                "retry_rotation_deg",
+                "seed",
+            )
+        }
 
     def __call__(self, data):
         d = dict(data)
@@ -289,8 +311,9 @@ class EstimateMNIAffined(MapTransform):
 
         ants.config.set_ants_deterministic(on=False, seed_value=self.seed)  # seeds the random metric sampling
         fixed, metric_mask, brain, template = _registration_target(self.resolution_mm, self.mask_dilation_mm)
-        moving = ants.resample_image(_to_ants(volume, affine), (float(self.resolution_mm),) * 3,
-                                     use_voxels=False, interp_type=0)
+        moving = ants.resample_image(
+            _to_ants(volume, affine), (float(self.resolution_mm),) * 3, use_voxels=False, interp_type=0
+        )
 
         def correlation(result) -> float:
             warped = result["warpedmovout"].numpy()[brain]
@@ -298,9 +321,17 @@ class EstimateMNIAffined(MapTransform):
 
         def register(initial: str, prefix: str, shrink: tuple[int, ...], iterations: tuple[int, ...], rate: float):
             return ants.registration(
-                fixed, moving, "Affine", initial_transform=[initial], outprefix=prefix, mask=metric_mask,
-                mask_all_stages=True, aff_iterations=iterations, aff_shrink_factors=shrink,
-                aff_smoothing_sigmas=tuple(s // 2 for s in shrink), aff_random_sampling_rate=rate,
+                fixed,
+                moving,
+                "Affine",
+                initial_transform=[initial],
+                outprefix=prefix,
+                mask=metric_mask,
+                mask_all_stages=True,
+                aff_iterations=iterations,
+                aff_shrink_factors=shrink,
+                aff_smoothing_sigmas=tuple(s // 2 for s in shrink),
+                aff_random_sampling_rate=rate,
             )
 
         fixed_centre, moving_centre = _centre_of_mass_lps(fixed), _centre_of_mass_lps(moving)
@@ -311,13 +342,25 @@ class EstimateMNIAffined(MapTransform):
             coarse = []
             for matrix in starts:
                 path = os.path.join(tmp, f"start{len(os.listdir(tmp))}.mat")
-                ants.write_transform(ants.create_ants_transform(
-                    transform_type="AffineTransform", dimension=3, matrix=matrix,
-                    translation=tuple(moving_centre - fixed_centre), center=tuple(fixed_centre)), path)
+                ants.write_transform(
+                    ants.create_ants_transform(
+                        transform_type="AffineTransform",
+                        dimension=3,
+                        matrix=matrix,
+                        translation=tuple(moving_centre - fixed_centre),
+                        center=tuple(fixed_centre),
+                    ),
+                    path,
+                )
                 result = register(path, f"{path[:-4]}_", (8 // self.resolution_mm,), (1000,), 1.0)
                 coarse.append((correlation(result), result["fwdtransforms"][0]))
-            result = register(max(coarse)[1], os.path.join(tmp, f"fine{len(os.listdir(tmp))}_"), (2, 1),
-                              self.iterations, self.sampling_rate)
+            result = register(
+                max(coarse)[1],
+                os.path.join(tmp, f"fine{len(os.listdir(tmp))}_"),
+                (2, 1),
+                self.iterations,
+                self.sampling_rate,
+            )
             return correlation(result), _ants_affine_matrix(result["fwdtransforms"][0])
 
         with tempfile.TemporaryDirectory(prefix="mni-affine-") as tmp:
@@ -337,11 +380,13 @@ class EstimateMNIAffined(MapTransform):
         if not (low <= scales.min() and scales.max() <= high):
             shown = " x ".join(f"{s:.2f}" for s in scales)
             raise PreprocessingError(
-                f"registration diverged: head scale {shown} of the template, outside {low:g}-{high:g}")
+                f"registration diverged: head scale {shown} of the template, outside {low:g}-{high:g}"
+            )
         if qc["template_correlation"] < self.min_template_correlation:
             raise PreprocessingError(
                 f"registration diverged: correlation with the MNI template {qc['template_correlation']:.2f} "
-                f"< {self.min_template_correlation:g}")
+                f"< {self.min_template_correlation:g}"
+            )
         return template_to_scan, qc
 
 
@@ -380,8 +425,13 @@ class N4BiasCorrectd(MapTransform):
 
     stage = "n4"
 
-    def __init__(self, keys: KeysCollection, shrink_factor: int = 4, iterations: tuple[int, ...] = (50, 50, 30),
-                 allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        shrink_factor: int = 4,
+        iterations: tuple[int, ...] = (50, 50, 30),
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         if int(shrink_factor) < 1:
             raise ValueError(f"shrink_factor must be >= 1, got {shrink_factor}")
@@ -393,7 +443,7 @@ class N4BiasCorrectd(MapTransform):
         return {"shrink_factor": self.shrink_factor, "iterations": self.iterations}
 
     def __call__(self, data):
-        import SimpleITK as sitk
+        import SimpleITK as sitk  # noqa: N813 (the library's own convention)
 
         d = dict(data)
         for key in self.key_iterator(d):
@@ -447,16 +497,21 @@ class SkullStripd(MapTransform):
         missing = hdbet.missing_weight_files(self.weights_dir)
         installed = importlib.util.find_spec("HD_BET") is not None
         if method == "hdbet" and (missing or not installed):
-            why = f"no HD-BET weights in {self.weights_dir} (missing {', '.join(missing)})" if missing \
+            why = (
+                f"no HD-BET weights in {self.weights_dir} (missing {', '.join(missing)})"
+                if missing
                 else "the hd-bet package is not installed (pip install --no-deps -r requirements-hdbet.txt)"
+            )
             raise FileNotFoundError(f"skull_strip=hdbet: {why}; see docs/preprocessing.md or use skull_strip=template")
         if method != "auto":
             return method
         if not missing and installed:
             logger.info(f"skull_strip=auto: HD-BET weights found in {self.weights_dir}; skull stripping with HD-BET")
             return "hdbet"
-        logger.info(f"skull_strip=auto: no HD-BET weights in {self.weights_dir}; "
-                    "skull stripping with the template brain mask")
+        logger.info(
+            f"skull_strip=auto: no HD-BET weights in {self.weights_dir}; "
+            "skull stripping with the template brain mask"
+        )
         return "template"
 
     @property
@@ -464,8 +519,9 @@ class SkullStripd(MapTransform):
         settings = {"method": self.method}
         if self.method == "hdbet":
             checkpoint = (self.weights_dir / hdbet.CHECKPOINT).stat()
-            settings.update(weights_dir=str(self.weights_dir), tta=self.tta,
-                            checkpoint=[checkpoint.st_size, checkpoint.st_mtime_ns])
+            settings.update(
+                weights_dir=str(self.weights_dir), tta=self.tta, checkpoint=[checkpoint.st_size, checkpoint.st_mtime_ns]
+            )
         return settings
 
     def __call__(self, data):
@@ -474,10 +530,12 @@ class SkullStripd(MapTransform):
             img = d[key]
             if tuple(img.shape[1:]) != GRID_SHAPE:
                 raise PreprocessingError(
-                    f"skull stripping needs the {GRID_SHAPE} MNI grid (ResampleToMNIGridd), got {tuple(img.shape[1:])}")
+                    f"skull stripping needs the {GRID_SHAPE} MNI grid (ResampleToMNIGridd), got {tuple(img.shape[1:])}"
+                )
             if self.method == "hdbet":
-                mask = hdbet.predict_brain_mask(img[0].numpy(), np.asarray(img.affine), self.weights_dir,
-                                                self.device, self.tta)
+                mask = hdbet.predict_brain_mask(
+                    img[0].numpy(), np.asarray(img.affine), self.weights_dir, self.device, self.tta
+                )
             elif self.method == "template":
                 mask = _template_brain_mask()
             else:
@@ -519,7 +577,8 @@ class ExtractAxialSliced(MapTransform):
             volume = torch.as_tensor(d[key])
             if tuple(volume.shape[1:]) != GRID_SHAPE:
                 raise PreprocessingError(
-                    f"slice extraction needs the {GRID_SHAPE} MNI grid, got {tuple(volume.shape[1:])}")
+                    f"slice extraction needs the {GRID_SHAPE} MNI grid, got {tuple(volume.shape[1:])}"
+                )
             d[key] = volume[0][:, :, self.indices].permute(2, 0, 1).contiguous()
         d["slice_offset"] = self.offset
         return d
@@ -530,8 +589,13 @@ class FinaliseSliced(MapTransform):
 
     stage = "slice"
 
-    def __init__(self, keys: KeysCollection, size: tuple[int, int] = SLICE_SIZE,
-                 upper_percentile: float = UPPER_PERCENTILE, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        size: tuple[int, int] = SLICE_SIZE,
+        upper_percentile: float = UPPER_PERCENTILE,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.size, self.upper_percentile = tuple(int(s) for s in size), float(upper_percentile)
 
@@ -546,4 +610,3 @@ class FinaliseSliced(MapTransform):
                 raise PreprocessingError("the slice is empty after skull stripping")
             d[key] = finalise_slice(d[key], self.size, self.upper_percentile)
         return d
-

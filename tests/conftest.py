@@ -40,11 +40,25 @@ def run_workflow(bundle_root):
 
     def run(config_files, run_id: str, before_run=None, **overrides):
         """``before_run(workflow)``, if given, runs after ``initialize`` (e.g. to attach a test's own handlers)."""
-        files = [str(bundle_root / "configs" / f) for f in ([config_files] if isinstance(config_files, str) else config_files)]
-        settings = {"bundle_root": str(bundle_root), "device": "$torch.device('cpu')", "autocast_dtype": "float32",
-                    **TINY_NETWORK, **overrides}
-        workflow = ConfigWorkflow(config_file=files, meta_file=str(bundle_root / "configs" / "metadata.json"),
-                                  logging_file=False, workflow_type=None, run_id=run_id, **settings)
+        files = [
+            str(bundle_root / "configs" / f)
+            for f in ([config_files] if isinstance(config_files, str) else config_files)
+        ]
+        settings = {
+            "bundle_root": str(bundle_root),
+            "device": "$torch.device('cpu')",
+            "autocast_dtype": "float32",
+            **TINY_NETWORK,
+            **overrides,
+        }
+        workflow = ConfigWorkflow(
+            config_file=files,
+            meta_file=str(bundle_root / "configs" / "metadata.json"),
+            logging_file=False,
+            workflow_type=None,
+            run_id=run_id,
+            **settings,
+        )
         workflow.initialize()
         if before_run is not None:
             before_run(workflow)
@@ -59,10 +73,22 @@ def trained_model(tmp_path_factory, run_workflow, slice_dataset) -> dict:
     """A tiny model trained 2 epochs on ``slice_dataset``: its checkpoint, bias correction and run folder."""
     root = tmp_path_factory.mktemp("trained")
     ckpt = root / "models" / "model.pt"
-    run_workflow("train.yaml", "training", datalist=str(slice_dataset / "datalist.json"), output_dir=str(root / "run"),
-                 ckpt_path=str(ckpt), max_epochs=2, batch_size=4, val_batch_size=8)
-    return {"ckpt_path": ckpt, "bias_correction_path": root / "models" / "model_bias_correction.json",
-            "output_dir": root / "run", "datalist": slice_dataset / "datalist.json"}
+    run_workflow(
+        "train.yaml",
+        "training",
+        datalist=str(slice_dataset / "datalist.json"),
+        output_dir=str(root / "run"),
+        ckpt_path=str(ckpt),
+        max_epochs=2,
+        batch_size=4,
+        val_batch_size=8,
+    )
+    return {
+        "ckpt_path": ckpt,
+        "bias_correction_path": root / "models" / "model_bias_correction.json",
+        "output_dir": root / "run",
+        "datalist": slice_dataset / "datalist.json",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +108,9 @@ def slice_dataset(tmp_path_factory) -> Path:
 def volume_dataset(tmp_path_factory) -> Path:
     """Raw scanner-space volumes of 5 subjects (mixed grades) with their MNI ground-truth slices."""
     out = tmp_path_factory.mktemp("phantom_volumes")
-    synthetic.generate(synthetic.CohortSpec(n=4, seed=3, n_disease=1, grade="mixed"), out, mode="volumes", progress=False)
+    synthetic.generate(
+        synthetic.CohortSpec(n=4, seed=3, n_disease=1, grade="mixed"), out, mode="volumes", progress=False
+    )
     return out
 
 
@@ -100,43 +128,94 @@ def write_tiny_hdbet_weights(folder: Path, trainer: str = "nnUNetTrainer") -> Pa
     architecture = {
         "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
         "arch_kwargs": {
-            "n_stages": 2, "features_per_stage": [4, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
-            "kernel_sizes": [[3, 3, 3], [3, 3, 3]], "strides": [[1, 1, 1], [2, 2, 2]],
-            "n_conv_per_stage": [1, 1], "n_conv_per_stage_decoder": [1], "conv_bias": True,
-            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+            "n_stages": 2,
+            "features_per_stage": [4, 8],
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[3, 3, 3], [3, 3, 3]],
+            "strides": [[1, 1, 1], [2, 2, 2]],
+            "n_conv_per_stage": [1, 1],
+            "n_conv_per_stage_decoder": [1],
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
         },
         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
     }
     linear = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
     plans = {
-        "dataset_name": "Dataset000_TinyHDBET", "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [1.0, 1.0, 1.0], "original_median_shape_after_transp": [130, 130, 130],
-        "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-        "configurations": {"3d_fullres": {
-            "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 1,
-            "patch_size": [32, 32, 32], "median_image_size_in_voxels": [32, 40, 32], "spacing": [6.0, 6.0, 6.0],
-            "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": linear,
-            "resampling_fn_seg": "resample_data_or_seg_to_shape", "resampling_fn_seg_kwargs": {**linear, "is_seg": True},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape", "resampling_fn_probabilities_kwargs": linear,
-            "architecture": architecture, "batch_dice": False,
-        }},
-        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {"0": {
-            "max": 1.0, "mean": 0.5, "median": 0.5, "min": 0.0, "percentile_00_5": 0.0, "percentile_99_5": 1.0, "std": 0.2}},
+        "dataset_name": "Dataset000_TinyHDBET",
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
+        "original_median_shape_after_transp": [130, 130, 130],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {
+            "3d_fullres": {
+                "data_identifier": "nnUNetPlans_3d_fullres",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 1,
+                "patch_size": [32, 32, 32],
+                "median_image_size_in_voxels": [32, 40, 32],
+                "spacing": [6.0, 6.0, 6.0],
+                "normalization_schemes": ["ZScoreNormalization"],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": linear,
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg_kwargs": {**linear, "is_seg": True},
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities_kwargs": linear,
+                "architecture": architecture,
+                "batch_dice": False,
+            }
+        },
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {
+                "max": 1.0,
+                "mean": 0.5,
+                "median": 0.5,
+                "min": 0.0,
+                "percentile_00_5": 0.0,
+                "percentile_99_5": 1.0,
+                "std": 0.2,
+            }
+        },
     }
-    dataset = {"channel_names": {"0": "T1"}, "labels": {"background": 0, "brain": 1}, "numTraining": 1,
-               "file_ending": ".nii.gz"}
+    dataset = {
+        "channel_names": {"0": "T1"},
+        "labels": {"background": 0, "brain": 1},
+        "numTraining": 1,
+        "file_ending": ".nii.gz",
+    }
     torch.manual_seed(0)
-    network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                     architecture["_kw_requires_import"], 1, 2, allow_init=True, deep_supervision=False)
+    network = get_network_from_plans(
+        architecture["network_class_name"],
+        architecture["arch_kwargs"],
+        architecture["_kw_requires_import"],
+        1,
+        2,
+        allow_init=True,
+        deep_supervision=False,
+    )
     (folder / "fold_all").mkdir(parents=True, exist_ok=True)
     (folder / "plans.json").write_text(json.dumps(plans))
     (folder / "dataset.json").write_text(json.dumps(dataset))
-    torch.save({"network_weights": network.state_dict(), "trainer_name": trainer,
-                "init_args": {"configuration": "3d_fullres", "fold": "all"},
-                "inference_allowed_mirroring_axes": (0, 1, 2)}, folder / "fold_all" / "checkpoint_final.pth")
+    torch.save(
+        {
+            "network_weights": network.state_dict(),
+            "trainer_name": trainer,
+            "init_args": {"configuration": "3d_fullres", "fold": "all"},
+            "inference_allowed_mirroring_axes": (0, 1, 2),
+        },
+        folder / "fold_all" / "checkpoint_final.pth",
+    )
     return folder
 
 

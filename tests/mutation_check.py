@@ -35,107 +35,256 @@ class Mutant:
 
 
 MUTANTS = [
-    Mutant("bias-correction-every-epoch", "the age-bias correction is refitted at every validation, not the best one",
-           "scripts/calibration.py",
-           "        if engine.state.best_metric_epoch != engine.state.epoch:\n            return\n", "",
-           ("tests/test_resume.py::test_the_bias_correction_is_fitted_on_the_best_epoch_only",)),
-    Mutant("evaluate-refits-correction", "evaluation refits the bias correction on the test rows it evaluates",
-           "scripts/statistics.py",
-           "    metrics = regression_metrics(predicted, age, correction)",
-           "    correction = BiasCorrection.fit(predicted, age, 'beheshti')\n"
-           "    metrics = regression_metrics(predicted, age, correction)",
-           ("tests/test_inference.py::test_evaluate_overlay_writes_metrics_table_and_scatter",)),
-    Mutant("inference-refits-correction", "inference fits the bias correction on the scans it predicts",
-           "scripts/inference.py",
-           "    rows = [_row(item, predictions[i], correction) for i, item in enumerate(ready)]",
-           "    known = [(predictions[i], item['age']) for i, item in enumerate(ready) if item.get('age') == item.get('age')"
-           " and item.get('age') is not None]\n"
-           "    if len(known) > 2:\n"
-           "        correction = BiasCorrection.fit(*zip(*known))\n"
-           "    rows = [_row(item, predictions[i], correction) for i, item in enumerate(ready)]",
-           ("tests/test_inference.py::test_datalist_slices_predicted_with_pad_and_corrected_pad",)),
-    Mutant("checkpoint-not-atomic", "checkpoints are written straight to their target file",
-           "scripts/engine.py",
-           "        path = write_atomic(self.dirname / (self.filename or filename), lambda tmp: torch.save(checkpoint, tmp))",
-           "        path = self.dirname / (self.filename or filename)\n        torch.save(checkpoint, path)",
-           ("tests/test_reliability.py::test_a_checkpoint_save_that_fails_half_way_leaves_the_previous_file_loadable",)),
-    Mutant("write-not-atomic", "every other output (CSV, JSON, slices, figures) is written straight to its target",
-           "scripts/atomic.py", "        write(tmp)\n", "        write(path)\n        return path\n",
-           ("tests/test_reliability.py::test_atomic_writes_keep_the_old_file_when_writing_fails_and_keep_the_extension",)),
-    Mutant("resume-disabled", "a rerun never loads last.pt: it trains from scratch", "configs/train.yaml",
-           "  - $@checkpoint#loader.attach(@train#trainer) if os.path.exists(@resume_path) else None\n", "",
-           ("tests/test_resume.py::test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run",)),
-    Mutant("resume-forgets-best-metric", "the evaluator's best score is not part of the resume state",
-           "configs/train.yaml", "    best_metric: $scripts.engine.BestMetricState(@validate#evaluator)\n", "",
-           ("tests/test_resume.py::test_a_resumed_run_keeps_the_best_model_when_it_scores_no_better",)),
-    Mutant("resume-forgets-saver-record", "the best-model saver's record of the best score is not resumed",
-           "configs/train.yaml", "    best_model_saver: '@validate#best_model_saver'\n", "",
-           ("tests/test_resume.py::test_a_resumed_run_keeps_the_best_model_when_it_scores_no_better",)),
-    Mutant("sampler-replays-epoch-0", "a resumed run's sampler starts again from epoch 0's shuffles",
-           "configs/train.yaml",
-           "    - _target_: scripts.engine.SamplerEpoch   # epoch e's shuffles in epoch e, resumed or not\n"
-           "      sampler: '@train#sampler'\n", "",
-           ("tests/test_resume.py::test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run",)),
-    Mutant("rng-not-resumed", "the random streams (noise, timesteps, dropout) restart on resume", "configs/train.yaml",
-           "    random_state: $scripts.engine.RandomState()\n", "",
-           ("tests/test_resume.py::test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run",)),
-    Mutant("ema-warmup-restarts", "the EMA momentum warm-up starts again on resume", "scripts/engine.py",
-           "            scheduler.event_index = int(state[\"warmup_position\"])", "            pass",
-           ("tests/test_resume.py::test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run",)),
-    Mutant("cole-stops-training", "a cole fit on a model that ignores age raises inside the handler",
-           "scripts/calibration.py", "        except ValueError as err:", "        except KeyError as err:",
-           ("tests/test_resume.py::test_cole_on_a_model_that_ignores_age_is_refused_and_training_goes_on",)),
-    Mutant("head-sees-unlabelled", "the age head runs on the whole batch (a BatchNorm leak) and is then masked",
-           "scripts/networks.py", "self.age_head(z_sem[labelled])", "self.age_head(z_sem)[labelled]",
-           ("tests/test_networks.py::test_training_outputs_run_the_head_on_labelled_images_only",)),
-    Mutant("age-loss-imputes-unlabelled", "unlabelled images enter the age loss with the mean age as target",
-           "scripts/engine.py",
-           "        paired = ~torch.isnan(target[\"age\"]) & ~torch.isnan(pred[\"age\"])\n",
-           "        target = {**target, \"age\": torch.nan_to_num(target[\"age\"], nan=float(self.age_head.age_mean))}\n"
-           "        paired = ~torch.isnan(pred[\"age\"])\n",
-           ("tests/test_engine.py::test_loss_is_noise_mse_plus_lambda_times_standardised_age_mse_on_labelled_only",
-            "tests/test_engine.py::test_unlabelled_only_batch_sends_no_gradient_to_the_age_head")),
-    Mutant("checkpoint-holds-online-weights", "the best-model file holds the trained weights, not their EMA",
-           "configs/train.yaml", "    save_dict: {model: '@eval_network'}", "    save_dict: {model: '@network'}",
-           ("tests/test_training.py::test_validation_and_the_checkpoint_use_the_ema_weights",)),
-    Mutant("encoder-in-bf16", "the encoder runs in the autocast dtype", "scripts/networks.py",
-           "        with torch.autocast(x.device.type, enabled=False):\n"
-           "            return self._features(x.to(torch.promote_types(x.dtype, torch.float32)))",
-           "        return self._features(x).float()",
-           ("tests/test_networks.py::test_bf16_autocast_does_not_move_the_predicted_age",)),
-    Mutant("latent-not-standardised", "z_sem is the plain linear output (the paper's), by default",
-           "scripts/networks.py",
-           "        latent_norm: str = \"batch\",\n        latent_gain: float = 1.0,\n        head_norm: str = \"none\",",
-           "        latent_norm: str = \"none\",\n        latent_gain: float = 1.0,\n        head_norm: str = \"none\",",
-           ("tests/test_networks.py::test_z_sem_has_an_order_one_between_subject_scale_at_initialisation",)),
-    Mutant("wrong-z-probe-keeps-own-z", "the decoder-uses-z probe swaps nothing", "scripts/engine.py",
-           "            wrong = z.roll(1, dims=0)", "            wrong = z",
-           ("tests/test_engine.py::test_wrong_latent_penalty_is_zero_for_a_decoder_that_ignores_z_and_positive_when_it_uses_it",)),
-    Mutant("latent-statistics-from-labelled-only", "the latent's BatchNorm statistics come from labelled images only",
-           "scripts/engine.py",
-           "            _set_batchnorm_statistics(model.encoder.latent_norm, features)",
-           "            _set_batchnorm_statistics(model.encoder.latent_norm, features[labelled])",
-           ("tests/test_engine.py::test_batchnorm_recalibration_stores_the_exact_statistics_training_uses",)),
-    Mutant("float32-override-ignored", "--autocast_dtype float32 falls back to bf16", "scripts/engine.py",
-           "    if name in FULL_PRECISION:\n        return None", "    if name in FULL_PRECISION:\n"
-           "        return default_autocast_dtype(device)",
-           ("tests/test_inference.py::test_the_float32_override_reaches_inference_and_bf16_does_not_move_the_ages",)),
-    Mutant("nan-loss-not-guarded", "a NaN loss is let through to backward and the optimizer", "scripts/engine.py",
-           "        if math.isfinite(loss):\n            return\n", "        return\n",
-           ("tests/test_reliability.py::test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoints",)),
-    Mutant("leakage-unchecked", "a subject in both training and test is accepted", "scripts/data.py",
-           "    check_leakage: bool = True,", "    check_leakage: bool = False,",
-           ("tests/test_reliability.py::test_bad_datalists_fail_with_one_line_naming_file_and_reason",)),
-    Mutant("empty-slice-predicted", "an all-zero slice is predicted instead of reported", "scripts/inference.py",
-           "    if data.max() <= 0:\n        raise ValueError(\"the slice is empty\")\n", "",
-           ("tests/test_inference.py::test_single_file_input_and_unusable_inputs",)),
+    Mutant(
+        "bias-correction-every-epoch",
+        "the age-bias correction is refitted at every validation, not the best one",
+        "scripts/calibration.py",
+        "        if engine.state.best_metric_epoch != engine.state.epoch:\n            return\n",
+        "",
+        ("tests/test_resume.py::test_the_bias_correction_is_fitted_on_the_best_epoch_only",),
+    ),
+    Mutant(
+        "evaluate-refits-correction",
+        "evaluation refits the bias correction on the test rows it evaluates",
+        "scripts/statistics.py",
+        "    metrics = regression_metrics(predicted, age, correction)",
+        "    correction = BiasCorrection.fit(predicted, age, 'beheshti')\n"
+        "    metrics = regression_metrics(predicted, age, correction)",
+        ("tests/test_inference.py::test_evaluate_overlay_writes_metrics_table_and_scatter",),
+    ),
+    Mutant(
+        "inference-refits-correction",
+        "inference fits the bias correction on the scans it predicts",
+        "scripts/inference.py",
+        "        correction = self.correction() if self.ready else None\n",
+        "        known = [(a, it['age']) for it, a in zip(self.ready, ages.tolist()) if it.get('age') == it.get('age')]\n"
+        "        correction = BiasCorrection.fit(*zip(*known)) if len(known) > 2 else None\n",
+        ("tests/test_inference.py::test_datalist_slices_predicted_with_pad_and_corrected_pad",),
+    ),
+    Mutant(
+        "checkpoint-not-atomic",
+        "checkpoints are written straight to their target file",
+        "scripts/engine.py",
+        "        path = write_atomic(self.dirname / (self.filename or filename), lambda tmp: torch.save(checkpoint, tmp))",
+        "        path = self.dirname / (self.filename or filename)\n        torch.save(checkpoint, path)",
+        ("tests/test_reliability.py::test_a_checkpoint_save_that_fails_half_way_leaves_the_previous_file_loadable",),
+    ),
+    Mutant(
+        "write-not-atomic",
+        "every other output (CSV, JSON, slices, figures) is written straight to its target",
+        "scripts/atomic.py",
+        "        write(tmp)\n",
+        "        write(path)\n        return path\n",
+        ("tests/test_reliability.py::test_atomic_writes_keep_the_old_file_when_writing_fails_and_keep_the_extension",),
+    ),
+    Mutant(
+        "resume-disabled",
+        "a rerun never loads last.pt: it trains from scratch",
+        "configs/train.yaml",
+        "  - $@checkpoint#loader.attach(@train#trainer) if os.path.exists(@resume_path) else None\n",
+        "",
+        ("tests/test_resume.py::test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run",),
+    ),
+    Mutant(
+        "resume-forgets-best-metric",
+        "the evaluator's best score is not part of the resume state",
+        "configs/train.yaml",
+        "    best_metric: $scripts.engine.BestMetricState(@validate#evaluator)\n",
+        "",
+        ("tests/test_resume.py::test_a_resumed_run_keeps_the_best_model_when_it_scores_no_better",),
+    ),
+    Mutant(
+        "resume-forgets-saver-record",
+        "the best-model saver's record of the best score is not resumed",
+        "configs/train.yaml",
+        "    best_model_saver: '@validate#best_model_saver'\n",
+        "",
+        ("tests/test_resume.py::test_a_resumed_run_keeps_the_best_model_when_it_scores_no_better",),
+    ),
+    Mutant(
+        "sampler-replays-epoch-0",
+        "a resumed run's sampler starts again from epoch 0's shuffles",
+        "configs/train.yaml",
+        "    - _target_: scripts.engine.SamplerEpoch   # epoch e's shuffles in epoch e, resumed or not\n"
+        "      sampler: '@train#sampler'\n",
+        "",
+        ("tests/test_resume.py::test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run",),
+    ),
+    Mutant(
+        "rng-not-resumed",
+        "the random streams (noise, timesteps, dropout) restart on resume",
+        "configs/train.yaml",
+        "    random_state: $scripts.engine.RandomState()\n",
+        "",
+        ("tests/test_resume.py::test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run",),
+    ),
+    Mutant(
+        "ema-warmup-restarts",
+        "the EMA momentum warm-up starts again on resume",
+        "scripts/engine.py",
+        '            scheduler.event_index = int(state["warmup_position"])',
+        "            pass",
+        ("tests/test_resume.py::test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run",),
+    ),
+    Mutant(
+        "cole-stops-training",
+        "a cole fit on a model that ignores age raises inside the handler",
+        "scripts/calibration.py",
+        "        except ValueError as err:",
+        "        except KeyError as err:",
+        ("tests/test_resume.py::test_cole_on_a_model_that_ignores_age_is_refused_and_training_goes_on",),
+    ),
+    Mutant(
+        "head-sees-unlabelled",
+        "the age head runs on the whole batch (a BatchNorm leak) and is then masked",
+        "scripts/networks.py",
+        "self.age_head(z_sem[labelled])",
+        "self.age_head(z_sem)[labelled]",
+        ("tests/test_networks.py::test_training_outputs_run_the_head_on_labelled_images_only",),
+    ),
+    Mutant(
+        "age-loss-imputes-unlabelled",
+        "unlabelled images enter the age loss with the mean age as target",
+        "scripts/engine.py",
+        '        paired = ~torch.isnan(target["age"]) & ~torch.isnan(pred["age"])\n',
+        '        target = {**target, "age": torch.nan_to_num(target["age"], nan=float(self.age_head.age_mean))}\n'
+        '        paired = ~torch.isnan(pred["age"])\n',
+        (
+            "tests/test_engine.py::test_loss_is_noise_mse_plus_lambda_times_standardised_age_mse_on_labelled_only",
+            "tests/test_engine.py::test_unlabelled_only_batch_sends_no_gradient_to_the_age_head",
+        ),
+    ),
+    Mutant(
+        "checkpoint-holds-online-weights",
+        "the best-model file holds the trained weights, not their EMA",
+        "configs/train.yaml",
+        "    save_dict: {model: '@eval_network'}",
+        "    save_dict: {model: '@network'}",
+        ("tests/test_training.py::test_validation_and_the_checkpoint_use_the_ema_weights",),
+    ),
+    Mutant(
+        "encoder-in-bf16",
+        "the encoder runs in the autocast dtype",
+        "scripts/networks.py",
+        "        with torch.autocast(x.device.type, enabled=False):\n"
+        "            return self._features(x.to(torch.promote_types(x.dtype, torch.float32)))",
+        "        return self._features(x).float()",
+        ("tests/test_networks.py::test_bf16_autocast_does_not_move_the_predicted_age",),
+    ),
+    Mutant(
+        "latent-not-standardised",
+        "z_sem is the plain linear output (the paper's), by default",
+        "scripts/networks.py",
+        '        latent_norm: str = "batch",\n        latent_gain: float = 1.0,\n        head_norm: str = "none",',
+        '        latent_norm: str = "none",\n        latent_gain: float = 1.0,\n        head_norm: str = "none",',
+        ("tests/test_networks.py::test_z_sem_has_an_order_one_between_subject_scale_at_initialisation",),
+    ),
+    Mutant(
+        "wrong-z-probe-keeps-own-z",
+        "the decoder-uses-z probe swaps nothing",
+        "scripts/engine.py",
+        "            wrong = z.roll(1, dims=0)",
+        "            wrong = z",
+        (
+            "tests/test_engine.py::test_wrong_latent_penalty_is_zero_for_a_decoder_that_ignores_z_and_positive_when_it_uses_it",
+        ),
+    ),
+    Mutant(
+        "latent-statistics-from-labelled-only",
+        "the latent's BatchNorm statistics come from labelled images only",
+        "scripts/engine.py",
+        "            _set_batchnorm_statistics(model.encoder.latent_norm, features)",
+        "            _set_batchnorm_statistics(model.encoder.latent_norm, features[labelled])",
+        ("tests/test_engine.py::test_batchnorm_recalibration_stores_the_exact_statistics_training_uses",),
+    ),
+    Mutant(
+        "float32-override-ignored",
+        "--autocast_dtype float32 falls back to bf16",
+        "scripts/engine.py",
+        "    if name in FULL_PRECISION:\n        return None",
+        "    if name in FULL_PRECISION:\n" "        return default_autocast_dtype(device)",
+        ("tests/test_inference.py::test_the_float32_override_reaches_inference_and_bf16_does_not_move_the_ages",),
+    ),
+    Mutant(
+        "nan-loss-not-guarded",
+        "a NaN loss is let through to backward and the optimizer",
+        "scripts/engine.py",
+        "        if math.isfinite(loss):\n            return\n",
+        "        return\n",
+        ("tests/test_reliability.py::test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoints",),
+    ),
+    Mutant(
+        "leakage-unchecked",
+        "a subject in both training and test is accepted",
+        "scripts/data.py",
+        "    check_leakage: bool = True,",
+        "    check_leakage: bool = False,",
+        ("tests/test_reliability.py::test_bad_datalists_fail_with_one_line_naming_file_and_reason",),
+    ),
+    Mutant(
+        "empty-slice-predicted",
+        "an all-zero slice is predicted instead of reported",
+        "scripts/inference.py",
+        '    if data.max() <= 0:\n        raise ValueError("the slice is empty")\n',
+        "",
+        ("tests/test_inference.py::test_single_file_input_and_unusable_inputs",),
+    ),
+]
+
+
+MUTANTS += [
+    Mutant(
+        "config-relative-to-working-dir",
+        "inference.yaml takes a size from train.yaml by a %-macro, read relative to the working directory",
+        "configs/inference.yaml",
+        "image_size: 128\n",
+        "image_size: '%configs/train.yaml::image_size'\n",
+        ("tests/test_bundle.py::test_no_config_refers_to_the_working_directory",),
+    ),
+    Mutant(
+        "import-from-above",
+        "the engine reaches up into the analyses (an import cycle in the making)",
+        "scripts/engine.py",
+        "from scripts.atomic import write_atomic\n",
+        "from scripts.atomic import write_atomic\n        from scripts.statistics import pearson_r  # noqa: F401\n",
+        ("tests/test_bundle.py::test_modules_import_only_from_the_layers_below_them",),
+    ),
+    Mutant(
+        "inference-drifts-from-training",
+        "inference.yaml's network differs from train.yaml's (a head size changed in one place only)",
+        "configs/inference.yaml",
+        "head_hidden_features: [128, 32]\n",
+        "head_hidden_features: [128, 64]\n",
+        ("tests/test_bundle.py::test_training_and_inference_configs_define_the_same_network_and_slice_loading",),
+    ),
+    Mutant(
+        "evaluate-runs-training",
+        "the evaluate overlay does not override `run`, so the Zoo-style command trains",
+        "configs/evaluate.yaml",
+        "evaluate: '@run'",
+        "evaluate: '@training'",
+        ("tests/test_bundle.py::test_every_run_id_the_readme_names_exists_and_run_matches_the_config",),
+    ),
+    Mutant(
+        "imports-unsorted",
+        "an import out of isort's order",
+        "scripts/calibration.py",
+        "import numpy as np\nimport torch\n",
+        "import torch\nimport numpy as np\n",
+        ("tests/test_code_style.py::test_isort",),
+    ),
 ]
 
 
 def copy_bundle(destination: Path) -> None:
     """The tracked files (and untracked, not ignored ones) of the bundle: what a clean checkout has."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for name in listed:
         source = ROOT / name
         if source.is_file():
@@ -155,8 +304,13 @@ def plant(copy: Path, mutant: Mutant) -> None:
 
 def run_tests(copy: Path, tests: tuple[str, ...], timeout: int) -> tuple[bool, str]:
     """True when every named test passes (the mutant survives)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=",
-                           *tests], cwd=copy, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", *tests],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     return proc.returncode == 0, lines[-1] if lines else ""
 
@@ -166,8 +320,11 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these mutants")
     parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant's test run")
-    parser.add_argument("--baseline", action="store_true",
-                        help="also run every mutant's tests on the unmutated copy first (they must pass)")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run every mutant's tests on the unmutated copy first (they must pass)",
+    )
     args = parser.parse_args(argv)
     mutants = [m for m in MUTANTS if args.only is None or m.name in args.only]
     unknown = set(args.only or ()) - {m.name for m in MUTANTS}
@@ -204,9 +361,11 @@ def main(argv=None) -> int:
             if survived:
                 survivors.append(m.name)
             shutil.rmtree(copy, ignore_errors=True)
-    print(f"\n{len(mutants) - len(survivors) - len(broken)} of {len(mutants)} planted bugs caught; "
-          f"{len(survivors)} survived{': ' + ', '.join(survivors) if survivors else ''}"
-          f"{'; not planted: ' + ', '.join(broken) if broken else ''}")
+    print(
+        f"\n{len(mutants) - len(survivors) - len(broken)} of {len(mutants)} planted bugs caught; "
+        f"{len(survivors)} survived{': ' + ', '.join(survivors) if survivors else ''}"
+        f"{'; not planted: ' + ', '.join(broken) if broken else ''}"
+    )
     return 1 if survivors or broken else 0
 
 

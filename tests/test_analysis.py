@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+
 # tests/ is on sys.path under pytest; one_thread: the autouse single-thread fixture, tiny tensors gain nothing from threads
 from test_engine import TINY, one_thread, tiny_model  # noqa: F401
 
@@ -21,19 +22,35 @@ from scripts.mni import slice_affine
 
 def write_predictions(path, pads, survival, splits, corrected=None):
     """A predictions.csv as inference writes it: empty cells for unknown values, survival as an extra column."""
-    columns = ["subject", "image", "predicted_age", "age", "brain_pad", "brain_pad_corrected", "split", "error",
-               "survival_months"]
+    columns = [
+        "subject",
+        "image",
+        "predicted_age",
+        "age",
+        "brain_pad",
+        "brain_pad_corrected",
+        "split",
+        "error",
+        "survival_months",
+    ]
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for i, (pad, months, split) in enumerate(zip(pads, survival, splits)):
             known = not math.isnan(pad)
-            writer.writerow({
-                "subject": f"sub-{i:03d}", "image": f"sub-{i:03d}.nii.gz", "predicted_age": 60.0 + i % 7 + (pad if known else 0),
-                "age": 60.0 + i % 7 if known else "", "brain_pad": pad if known else "",
-                "brain_pad_corrected": "" if corrected is None else corrected[i], "split": split, "error": "",
-                "survival_months": months,
-            })
+            writer.writerow(
+                {
+                    "subject": f"sub-{i:03d}",
+                    "image": f"sub-{i:03d}.nii.gz",
+                    "predicted_age": 60.0 + i % 7 + (pad if known else 0),
+                    "age": 60.0 + i % 7 if known else "",
+                    "brain_pad": pad if known else "",
+                    "brain_pad_corrected": "" if corrected is None else corrected[i],
+                    "split": split,
+                    "error": "",
+                    "survival_months": months,
+                }
+            )
     return path
 
 
@@ -42,10 +59,12 @@ def predictions_csv(tmp_path):
     rng = np.random.default_rng(0)
     pads = rng.normal(5.0, 6.0, 40)
     survival = [f"{v:.1f}" for v in 36.0 - 0.8 * pads + rng.normal(0, 6.0, 40)]
-    pads[[3, 11]] = math.nan          # no prediction
+    pads[[3, 11]] = math.nan  # no prediction
     survival[5], survival[17] = "", "n/a"  # outcome unknown
     splits = ["disease"] * 30 + ["test"] * 10
-    return write_predictions(tmp_path / "predictions.csv", pads, survival, splits, corrected=np.nan_to_num(pads) - np.arange(40) / 20)
+    return write_predictions(
+        tmp_path / "predictions.csv", pads, survival, splits, corrected=np.nan_to_num(pads) - np.arange(40) / 20
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ association
@@ -54,7 +73,9 @@ def predictions_csv(tmp_path):
 def test_association_is_pearson_over_complete_pairs_of_the_split(predictions_csv):
     rows = read_predictions(predictions_csv)
     pads = np.array([r["brain_pad"] for r in rows])
-    survival = np.array([float(r["survival_months"]) if r["survival_months"] not in ("", "n/a") else math.nan for r in rows])
+    survival = np.array(
+        [float(r["survival_months"]) if r["survival_months"] not in ("", "n/a") else math.nan for r in rows]
+    )
     for split, selected in (("disease", slice(0, 30)), (None, slice(0, 40))):
         x, y = pads[selected], survival[selected]
         keep = np.isfinite(x) & np.isfinite(y)
@@ -63,7 +84,11 @@ def test_association_is_pearson_over_complete_pairs_of_the_split(predictions_csv
         assert result["n"] == keep.sum() == (26 if split else 36)
         assert result["r"] == pytest.approx(expected.statistic, abs=1e-12)
         assert result["p"] == pytest.approx(expected.pvalue, rel=1e-9)
-        assert result["r"] < -0.5 and (result["outcome"], result["pad"], result["split"]) == ("survival_months", "brain_pad", split)
+        assert result["r"] < -0.5 and (result["outcome"], result["pad"], result["split"]) == (
+            "survival_months",
+            "brain_pad",
+            split,
+        )
 
     corrected = statistics.pad_outcome_association(rows, pad="brain_pad_corrected", split="disease")
     x = np.array([r["brain_pad_corrected"] for r in rows[:30]])
@@ -88,11 +113,17 @@ def test_association_rejects_unknown_columns_splits_and_text(predictions_csv):
 
 def test_pad_distributions_match_scipy_and_write_the_box_plot(tmp_path):
     rng = np.random.default_rng(1)
-    samples = {"diffae": rng.normal(-6.0, 27.0, 50), "densenet": rng.normal(-1.6, 7.7, 50), "brainager": rng.normal(-19.0, 11.0, 45)}
+    samples = {
+        "diffae": rng.normal(-6.0, 27.0, 50),
+        "densenet": rng.normal(-1.6, 7.7, 50),
+        "brainager": rng.normal(-19.0, 11.0, 45),
+    }
     named_rows = {}
     for name, pads in samples.items():
         with_gaps = np.append(pads, math.nan)  # an unpredicted subject is left out
-        path = write_predictions(tmp_path / f"{name}.csv", with_gaps, [""] * len(with_gaps), ["disease"] * len(with_gaps))
+        path = write_predictions(
+            tmp_path / f"{name}.csv", with_gaps, [""] * len(with_gaps), ["disease"] * len(with_gaps)
+        )
         named_rows[name] = read_predictions(path)
     named_rows["brainager"] += [{**named_rows["brainager"][0], "split": "test"}]  # another split: filtered out
 
@@ -117,7 +148,9 @@ def test_pad_distributions_match_scipy_and_write_the_box_plot(tmp_path):
     assert "KS D" in statistics.format_pad_table(result) and "brainager" in statistics.format_pad_table(result)
 
     against_densenet = statistics.compare_pad_distributions(named_rows, reference="densenet", split="disease")
-    assert against_densenet["models"]["diffae"]["ks_statistic"] == pytest.approx(result["models"]["densenet"]["ks_statistic"])
+    assert against_densenet["models"]["diffae"]["ks_statistic"] == pytest.approx(
+        result["models"]["densenet"]["ks_statistic"]
+    )
     with pytest.raises(ValueError, match="reference 'x' is not one of"):
         statistics.compare_pad_distributions(named_rows, reference="x")
     with pytest.raises(ValueError, match="at least two models"):
@@ -133,8 +166,15 @@ def tiny_bundle(tmp_path, bundle_root):
     from scripts.engine import BatchNormRecalibration
 
     model = tiny_model(seed=2)  # its latent statistics from training-like images, as training leaves them
-    BatchNormRecalibration(model, [{"image": torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(9)),
-                                    "age": torch.full((16,), 50.0)}])()
+    BatchNormRecalibration(
+        model,
+        [
+            {
+                "image": torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(9)),
+                "age": torch.full((16,), 50.0),
+            }
+        ],
+    )()
     torch.save(model.state_dict(), tmp_path / "tiny.pt")
     config = {
         "imports": ["$import torch"],
@@ -143,13 +183,15 @@ def tiny_bundle(tmp_path, bundle_root):
         "image_size": TINY["image_size"],
         "in_channels": 1,
         "network_def": {"_target_": "scripts.networks.DiffusionAutoencoder", **TINY},
-        "slice_transforms": f"%{bundle_root}/configs/train.yaml::slice_transforms",
+        "preprocessing": {"_target_": "Compose", "transforms": f"%{bundle_root}/configs/train.yaml::slice_loading"},
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     rng = np.random.default_rng(0)
     items = []
     for subject, age in (("sub-a", 50.0), ("sub-b", 23.0), ("sub-c", 81.0)):
-        nib.save(nib.Nifti1Image(rng.random((128, 128)).astype(np.float32), slice_affine()), tmp_path / f"{subject}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(rng.random((128, 128)).astype(np.float32), slice_affine()), tmp_path / f"{subject}.nii.gz"
+        )
         items.append({"image": f"{subject}.nii.gz", "subject": subject, "age": age})
     (tmp_path / "datalist.json").write_text(json.dumps({"test": items}))
     return tmp_path
@@ -158,7 +200,9 @@ def tiny_bundle(tmp_path, bundle_root):
 def test_cli_reconstruct_and_interpolate_write_figures_and_json(tiny_bundle, capsys):
     common = ["--config_file", str(tiny_bundle / "config.json"), "--ddim-steps", "2", "--out", str(tiny_bundle / "out")]
     datalist = str(tiny_bundle / "datalist.json")
-    assert analysis.main(["reconstruct", "--input", datalist, str(tiny_bundle / "sub-a.nii.gz"), "--n", "2", *common]) == 0
+    assert (
+        analysis.main(["reconstruct", "--input", datalist, str(tiny_bundle / "sub-a.nii.gz"), "--n", "2", *common]) == 0
+    )
     summary = json.loads((tiny_bundle / "out" / "reconstructions.json").read_text())
     # the youngest and oldest labelled subjects of the datalist, then the single file
     assert [image["subject"] for image in summary["images"]] == ["sub-b", "sub-c", "sub-a"]
@@ -207,8 +251,22 @@ def test_cli_reconstruct_and_interpolate_write_figures_and_json(tiny_bundle, cap
     # without --ddim-steps: the config's ddim_steps key
     config = json.loads((tiny_bundle / "config.json").read_text())
     (tiny_bundle / "config.json").write_text(json.dumps({**config, "ddim_steps": 4}))
-    assert analysis.main(["reconstruct", "--input", datalist, "--n", "1", "--config_file", str(tiny_bundle / "config.json"),
-                          "--out", str(tiny_bundle / "out")]) == 0
+    assert (
+        analysis.main(
+            [
+                "reconstruct",
+                "--input",
+                datalist,
+                "--n",
+                "1",
+                "--config_file",
+                str(tiny_bundle / "config.json"),
+                "--out",
+                str(tiny_bundle / "out"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tiny_bundle / "out" / "reconstructions.json").read_text())["ddim_steps"] == 4
     assert analysis.config_ddim_steps("configs/inference.yaml") == 50
 
@@ -227,24 +285,40 @@ def test_cli_metrics_association_and_ks(predictions_csv, tmp_path, capsys):
     assert (tmp_path / "out" / "pad_boxplot.png").is_file()
 
 
-@pytest.mark.parametrize("argv, reason", [
-    (["association", "missing.csv"], "missing.csv: no such file"),
-    (["association", "{csv}", "--outcome", "grade"], "no column 'grade'"),
-    (["association", "{csv}", "--pad", "age"], "invalid choice"),
-    (["ks", "{csv}", "{csv}", "--names", "a"], "--names gives 1 names for 2"),
-    (["ks", "{csv}", "{csv}"], "model names must be unique"),
-    (["reconstruct", "--input", "{csv}", "--n", "0"], "--n: must be a positive integer"),
-    (["reconstruct", "--input", "missing.nii.gz"], "missing.nii.gz: no such file"),
-    (["reconstruct", "--input", "{datalist}", "--split", "validation", "--config_file", "{config}"], "no 'validation' items"),
-    (["reconstruct", "--input", "{datalist}", "--config_file", "{config}", "--ckpt_path", "none.pt"], "none.pt: no checkpoint"),
-    (["reconstruct", "--input", "{datalist}", "--config_file", "{config}", "--ddim-steps", "7"], "num_steps must divide"),
-    (["interpolate", "--young", "{image}"], "give --young and --old images, or --datalist"),
-    (["interpolate", "--datalist", "{datalist}", "--frames", "1"], "--frames: must be >= 2"),
-    (["counterfactual", "--image", "{image}", "--datalist", "{datalist}"], "give --image, or --datalist"),
-])
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        (["association", "missing.csv"], "missing.csv: no such file"),
+        (["association", "{csv}", "--outcome", "grade"], "no column 'grade'"),
+        (["association", "{csv}", "--pad", "age"], "invalid choice"),
+        (["ks", "{csv}", "{csv}", "--names", "a"], "--names gives 1 names for 2"),
+        (["ks", "{csv}", "{csv}"], "model names must be unique"),
+        (["reconstruct", "--input", "{csv}", "--n", "0"], "--n: must be a positive integer"),
+        (["reconstruct", "--input", "missing.nii.gz"], "missing.nii.gz: no such file"),
+        (
+            ["reconstruct", "--input", "{datalist}", "--split", "validation", "--config_file", "{config}"],
+            "no 'validation' items",
+        ),
+        (
+            ["reconstruct", "--input", "{datalist}", "--config_file", "{config}", "--ckpt_path", "none.pt"],
+            "none.pt: no checkpoint",
+        ),
+        (
+            ["reconstruct", "--input", "{datalist}", "--config_file", "{config}", "--ddim-steps", "7"],
+            "num_steps must divide",
+        ),
+        (["interpolate", "--young", "{image}"], "give --young and --old images, or --datalist"),
+        (["interpolate", "--datalist", "{datalist}", "--frames", "1"], "--frames: must be >= 2"),
+        (["counterfactual", "--image", "{image}", "--datalist", "{datalist}"], "give --image, or --datalist"),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_2(argv, reason, predictions_csv, tiny_bundle, capsys):
-    paths = {"csv": predictions_csv, "datalist": tiny_bundle / "datalist.json", "config": tiny_bundle / "config.json",
-             "image": tiny_bundle / "sub-a.nii.gz"}
+    paths = {
+        "csv": predictions_csv,
+        "datalist": tiny_bundle / "datalist.json",
+        "config": tiny_bundle / "config.json",
+        "image": tiny_bundle / "sub-a.nii.gz",
+    }
     with pytest.raises(SystemExit) as exit_info:
         analysis.main([arg.format(**paths) for arg in argv])
     assert exit_info.value.code == 2
@@ -252,20 +326,81 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, reason, predictions_csv, tin
     assert err.count("\n") == 1 and err.startswith("python -m scripts.analysis") and reason in err
 
 
-@pytest.mark.parametrize("command, options", [
-    ("metrics", ["PRED.csv", "--bias-correction", "--out"]),
-    ("association", ["PRED.csv", "--outcome", "--pad", "--split", "--out"]),
-    ("ks", ["PRED.csv", "--names", "--reference", "--pad", "--split", "--out"]),
-    ("reconstruct", ["--input", "--split", "--n", "--config_file", "--ckpt_path", "--device", "--autocast-dtype",
-                     "--ddim-steps", "--batch-size", "--out"]),
-    ("interpolate", ["--young", "--old", "--datalist", "--split", "--frames", "--config_file", "--ckpt_path",
-                     "--device", "--autocast-dtype", "--ddim-steps", "--batch-size", "--out"]),
-    ("counterfactual", ["--image", "--datalist", "--reference", "--reference-size", "--split", "--deltas", "--seed",
-                        "--config_file", "--ckpt_path", "--device", "--autocast-dtype", "--ddim-steps", "--batch-size",
-                        "--out"]),
-    ("generate", ["--input", "--split", "--n", "--seed", "--config_file", "--ckpt_path", "--device", "--autocast-dtype",
-                  "--ddim-steps", "--batch-size", "--out"]),
-])
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ("metrics", ["PRED.csv", "--bias-correction", "--out"]),
+        ("association", ["PRED.csv", "--outcome", "--pad", "--split", "--out"]),
+        ("ks", ["PRED.csv", "--names", "--reference", "--pad", "--split", "--out"]),
+        (
+            "reconstruct",
+            [
+                "--input",
+                "--split",
+                "--n",
+                "--config_file",
+                "--ckpt_path",
+                "--device",
+                "--autocast-dtype",
+                "--ddim-steps",
+                "--batch-size",
+                "--out",
+            ],
+        ),
+        (
+            "interpolate",
+            [
+                "--young",
+                "--old",
+                "--datalist",
+                "--split",
+                "--frames",
+                "--config_file",
+                "--ckpt_path",
+                "--device",
+                "--autocast-dtype",
+                "--ddim-steps",
+                "--batch-size",
+                "--out",
+            ],
+        ),
+        (
+            "counterfactual",
+            [
+                "--image",
+                "--datalist",
+                "--reference",
+                "--reference-size",
+                "--split",
+                "--deltas",
+                "--seed",
+                "--config_file",
+                "--ckpt_path",
+                "--device",
+                "--autocast-dtype",
+                "--ddim-steps",
+                "--batch-size",
+                "--out",
+            ],
+        ),
+        (
+            "generate",
+            [
+                "--input",
+                "--split",
+                "--n",
+                "--seed",
+                "--config_file",
+                "--ckpt_path",
+                "--device",
+                "--autocast-dtype",
+                "--ddim-steps",
+                "--batch-size",
+                "--out",
+            ],
+        ),
+    ],
+)
 def test_cli_help_documents_every_option(command, options, capsys):
     with pytest.raises(SystemExit) as exit_info:
         analysis.main([command, "--help"])

@@ -29,8 +29,12 @@ def test_labelled_age_loss_is_the_standardised_mse_over_labelled_images_only():
 def test_densenet_baseline_trains_and_evaluates_through_the_same_workflow(run_workflow, slice_dataset, tmp_path):
     overlays = ["train.yaml", "baseline_densenet.yaml"]
     ckpt = tmp_path / "models" / "baseline.pt"
-    settings = {"datalist": str(slice_dataset / "datalist.json"), "ckpt_path": str(ckpt), "batch_size": 4,
-                "val_batch_size": 8}
+    settings = {
+        "datalist": str(slice_dataset / "datalist.json"),
+        "ckpt_path": str(ckpt),
+        "batch_size": 4,
+        "val_batch_size": 8,
+    }
     workflow = run_workflow(overlays, "training", output_dir=str(tmp_path / "run"), max_epochs=2, **settings)
     network = workflow.parser.get_parsed_content("network")
     assert isinstance(network, AgeRegressor) and type(network.backbone).__name__ == "DenseNet121"
@@ -46,8 +50,16 @@ def test_densenet_baseline_trains_and_evaluates_through_the_same_workflow(run_wo
     run_workflow([*overlays, "evaluate.yaml"], "evaluate", output_dir=str(out), **settings)
     with open(out / "predictions.csv", newline="") as fh:
         columns = next(csv.reader(fh))
-    assert columns[:8] == ["subject", "image", "predicted_age", "age", "brain_pad", "brain_pad_corrected", "split",
-                           "error"]
+    assert columns[:8] == [
+        "subject",
+        "image",
+        "predicted_age",
+        "age",
+        "brain_pad",
+        "brain_pad_corrected",
+        "split",
+        "error",
+    ]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == len(json.loads((slice_dataset / "datalist.json").read_text())["test"])
 

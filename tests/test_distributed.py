@@ -15,11 +15,29 @@ from scripts.engine import LabelledRatioBatchSampler
 
 def test_torchrun_ddp_training_on_cpu_writes_from_rank_0_only(bundle_root, slice_dataset, tiny_network, tmp_path):
     out, ckpt = tmp_path / "run", tmp_path / "models" / "model.pt"
-    overrides = {"datalist": str(slice_dataset / "datalist.json"), "output_dir": str(out), "ckpt_path": str(ckpt),
-                 "max_epochs": 2, "batch_size": 4, "val_batch_size": 8, "autocast_dtype": None, **tiny_network}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "monai.bundle", "run", "training",
-               "--config_file", "['configs/train.yaml','configs/multi_gpu_train.yaml']"]
+    overrides = {
+        "datalist": str(slice_dataset / "datalist.json"),
+        "output_dir": str(out),
+        "ckpt_path": str(ckpt),
+        "max_epochs": 2,
+        "batch_size": 4,
+        "val_batch_size": 8,
+        "autocast_dtype": None,
+        **tiny_network,
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.yaml','configs/multi_gpu_train.yaml']",
+    ]
     for key, value in overrides.items():
         command += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

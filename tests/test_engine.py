@@ -19,19 +19,19 @@ from scripts.engine import (
     AgeInferer,
     AgePrepareBatch,
     BatchNormRecalibration,
-    GradientClipping,
-    WrongLatentPenalty,
     DiffusionAutoencoderInferer,
     DiffusionPrepareBatch,
+    GradientClipping,
     LabelledRatioBatchSampler,
     LossComponentsHandler,
     SemiSupervisedLoss,
+    WrongLatentPenalty,
     default_autocast_dtype,
     loss_log_transform,
     resolve_autocast_dtype,
     wrong_latent_penalty,
 )
-from scripts.networks import ConditionedResBlock, DiffusionAutoencoder
+from scripts.networks import DiffusionAutoencoder
 
 TINY = dict(
     base_channels=8,
@@ -85,9 +85,7 @@ def training_step_grads(model, batchdata, lambda_age=1.0, seed=0):
     pred = DiffusionAutoencoderInferer(DDPMScheduler(1000))(inputs, model, *args, **kwargs)
     loss_fn = SemiSupervisedLoss(model.age_head, lambda_age)
     loss_fn(pred, targets).backward()
-    grads = {
-        part: [p.grad for p in getattr(model, part).parameters()] for part in ("encoder", "unet", "age_head")
-    }
+    grads = {part: [p.grad for p in getattr(model, part).parameters()] for part in ("encoder", "unet", "age_head")}
     return loss_fn, grads
 
 
@@ -211,8 +209,9 @@ def test_age_head_gradient_comes_from_labelled_items_only(head_norm):
     mixed = batch(ages, seed=3)
     labelled_rows = [0, 2, 4]
     model = tiny_model().train().double()  # float64: the comparison below is to rounding error
-    model.age_head = type(model.age_head)(TINY["z_dim"], TINY["head_hidden_features"], 0.0, 60.0, 10.0,
-                                          head_norm).double()
+    model.age_head = type(model.age_head)(
+        TINY["z_dim"], TINY["head_hidden_features"], 0.0, 60.0, 10.0, head_norm
+    ).double()
     mixed["image"] = mixed["image"].double()
     latents = []
     model.encoder.register_forward_hook(lambda *args: latents.append(args[2]))
@@ -314,7 +313,7 @@ def test_supervised_trainer_loss_falls_and_logs_both_terms():
 
 def test_supervised_evaluator_gives_ages_in_years_for_mae():
     model = tiny_model()
-    data = [d for d in dataset(12, labelled_every=1)]
+    data = list(dataset(12, labelled_every=1))
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"),
         val_data_loader=DataLoader(data, batch_size=5),
@@ -433,24 +432,40 @@ def test_gradient_clipping_caps_the_norm_between_backward_and_step():
     model = tiny_model()
     data = [batch([50.0, NAN, 70.0, 64.0], seed=s) for s in range(2)]
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss_function=SemiSupervisedLoss(model.age_head),
-        inferer=DiffusionAutoencoderInferer(DDPMScheduler(1000)), prepare_batch=DiffusionPrepareBatch(),
-        train_handlers=[GradientClipping(max_norm=0.01)], decollate=False)
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=data,
+        network=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        loss_function=SemiSupervisedLoss(model.age_head),
+        inferer=DiffusionAutoencoderInferer(DDPMScheduler(1000)),
+        prepare_batch=DiffusionPrepareBatch(),
+        train_handlers=[GradientClipping(max_norm=0.01)],
+        decollate=False,
+    )
     norms_at_step = []
     trainer.add_event_handler(
         IterationEvents.MODEL_COMPLETED,
-        lambda engine: norms_at_step.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
-                                                                                  if p.grad is not None]))))
+        lambda engine: norms_at_step.append(
+            float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+        ),
+    )
     trainer.run()
     assert float(trainer.state.output["grad_norm"]) > 0.01  # the norm before clipping is logged
     assert all(norm == pytest.approx(0.01, rel=1e-4) for norm in norms_at_step)  # what the optimizer saw
     assert GradientClipping(max_norm=0).max_norm == 0  # 0 / None: not attached, gradients untouched
     unclipped = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=data[:1], network=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss_function=SemiSupervisedLoss(model.age_head),
-        inferer=DiffusionAutoencoderInferer(DDPMScheduler(1000)), prepare_batch=DiffusionPrepareBatch(),
-        train_handlers=[GradientClipping(max_norm=0)], decollate=False)
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=data[:1],
+        network=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        loss_function=SemiSupervisedLoss(model.age_head),
+        inferer=DiffusionAutoencoderInferer(DDPMScheduler(1000)),
+        prepare_batch=DiffusionPrepareBatch(),
+        train_handlers=[GradientClipping(max_norm=0)],
+        decollate=False,
+    )
     unclipped.run()
     assert "grad_norm" not in unclipped.state.output
 
@@ -492,9 +507,15 @@ def test_wrong_latent_penalty_handler_logs_a_validation_metric():
     data = [batch([50.0, 60.0, 70.0], seed=s) for s in range(3)]
     probe = WrongLatentPenalty(DDPMScheduler(1000), timestep=300, num_images=5)
     evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=data, network=model, inferer=AgeInferer(),
-        prepare_batch=AgePrepareBatch(), key_val_metric={"val_mae": MeanAbsoluteError(output_transform=from_engine(["pred", "label"]))},
-        val_handlers=[probe], decollate=False)
+        device=torch.device("cpu"),
+        val_data_loader=data,
+        network=model,
+        inferer=AgeInferer(),
+        prepare_batch=AgePrepareBatch(),
+        key_val_metric={"val_mae": MeanAbsoluteError(output_transform=from_engine(["pred", "label"]))},
+        val_handlers=[probe],
+        decollate=False,
+    )
     evaluator.run()
     images = torch.cat([d["image"] for d in data])[:5]  # the first num_images the evaluator saw
     expected = wrong_latent_penalty(model, images, DDPMScheduler(1000), timestep=300)["penalty"]

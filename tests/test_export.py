@@ -17,22 +17,34 @@ def tiny_model(sizes: dict) -> DiffusionAutoencoder:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated in torch 2.13; MONAI uses it
-def test_ckpt_export_writes_a_torchscript_age_predictor_giving_the_eager_ages(bundle_root, trained_model, tiny_network,
-                                                                             tmp_path, monkeypatch):
+def test_ckpt_export_writes_a_torchscript_age_predictor_giving_the_eager_ages(
+    bundle_root, trained_model, tiny_network, tmp_path, monkeypatch
+):
     monkeypatch.chdir(bundle_root)  # the `%configs/...` references of inference.yaml are relative to the bundle root
     exported = tmp_path / "model.ts"
-    ckpt_export(net_id="age_predictor_def", filepath=str(exported), ckpt_file=str(trained_model["ckpt_path"]),
-                meta_file="configs/metadata.json", config_file="configs/inference.yaml", **tiny_network)
+    ckpt_export(
+        net_id="age_predictor_def",
+        filepath=str(exported),
+        ckpt_file=str(trained_model["ckpt_path"]),
+        meta_file="configs/metadata.json",
+        config_file="configs/inference.yaml",
+        **tiny_network,
+    )
     scripted = torch.jit.load(str(exported))
     extra = {"metadata.json": "", "inference.json": ""}
     torch.jit.load(str(exported), _extra_files=extra)
-    assert json.loads(extra["metadata.json"])["version"] == json.loads((bundle_root / "configs/metadata.json").read_text())["version"]
+    assert (
+        json.loads(extra["metadata.json"])["version"]
+        == json.loads((bundle_root / "configs/metadata.json").read_text())["version"]
+    )
     assert "age_predictor_def" in json.loads(extra["inference.json"])
 
     model = tiny_model(tiny_network)
     model.load_state_dict(torch.load(trained_model["ckpt_path"], weights_only=True))
     model.eval()
-    x0 = torch.rand(5, 1, tiny_network["image_size"], tiny_network["image_size"], generator=torch.Generator().manual_seed(0))
+    x0 = torch.rand(
+        5, 1, tiny_network["image_size"], tiny_network["image_size"], generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         expected = model(x0)
         got = scripted(x0)
@@ -54,5 +66,10 @@ def test_age_predictor_loads_a_full_model_checkpoint_strictly_but_not_a_foreign_
 
 def test_verify_net_in_out_accepts_the_exported_network(bundle_root, tiny_network, monkeypatch):
     monkeypatch.chdir(bundle_root)
-    verify_net_in_out(net_id="age_predictor_def", meta_file="configs/metadata.json",
-                      config_file="configs/inference.yaml", device="cpu", **tiny_network)
+    verify_net_in_out(
+        net_id="age_predictor_def",
+        meta_file="configs/metadata.json",
+        config_file="configs/inference.yaml",
+        device="cpu",
+        **tiny_network,
+    )

@@ -1,5 +1,5 @@
 """Generative analyses: DDIM maps, reconstructions with the swapped-z control, generation from z alone,
-interpolation with the x_T-only control, counterfactual ageing with the random-direction control."""
+interpolation with the x_end-only control, counterfactual ageing with the random-direction control."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from scripts import generative
-from scripts.generative import ddim_decode, ddim_encode, ddim_scheduler
-from scripts.networks import DiffusionAutoencoder
-
 # tests/ is on sys.path under pytest; one_thread: the autouse single-thread fixture, tiny tensors gain nothing from threads
 from test_engine import TINY, one_thread, tiny_model  # noqa: F401
 
+from scripts import generative
+from scripts.generative import ddim_decode, ddim_encode, ddim_scheduler
+from scripts.networks import DiffusionAutoencoder
 
 # ------------------------------------------------------------------------------------------------------------- DDIM
 
@@ -44,9 +43,9 @@ def test_ddim_round_trip_is_exact_when_eps_ignores_x_t(num_steps):
     scheduler = ddim_scheduler(num_steps)
     x0 = torch.rand(2, 1, 16, 16)
     z = torch.randn(2, 16)
-    x_T = ddim_encode(TimeOnlyNoise(), x0, z, scheduler)
-    assert x_T.std() > 0.3  # really noised, not a copy of x0
-    torch.testing.assert_close(ddim_decode(TimeOnlyNoise(), x_T, z, scheduler), x0, atol=2e-4, rtol=0)
+    x_end = ddim_encode(TimeOnlyNoise(), x0, z, scheduler)
+    assert x_end.std() > 0.3  # really noised, not a copy of x0
+    torch.testing.assert_close(ddim_decode(TimeOnlyNoise(), x_end, z, scheduler), x0, atol=2e-4, rtol=0)
 
 
 def test_clipped_ddim_keeps_predictions_in_the_data_range_and_is_exact_for_a_perfect_denoiser():
@@ -77,9 +76,9 @@ def test_ddim_with_the_untrained_unet_is_an_exact_scaling_and_deterministic():
     scheduler = ddim_scheduler(20)
     x0 = torch.rand(2, 1, 16, 16)
     z = model.encode(x0)
-    x_T = ddim_encode(model, x0, z, scheduler)
-    torch.testing.assert_close(x_T, scheduler.alphas_cumprod[999].sqrt() * x0)
-    torch.testing.assert_close(ddim_decode(model, x_T, z, scheduler), x0, atol=1e-5, rtol=1e-5)
+    x_end = ddim_encode(model, x0, z, scheduler)
+    torch.testing.assert_close(x_end, scheduler.alphas_cumprod[999].sqrt() * x0)
+    torch.testing.assert_close(ddim_decode(model, x_end, z, scheduler), x0, atol=1e-5, rtol=1e-5)
 
     trained_like = tiny_model().eval()
     z = trained_like.encode(x0)
@@ -100,7 +99,7 @@ class MeanIntensityAge(torch.nn.Module):
 
 class LatentIsTheImage(torch.nn.Module):
     """A diffusion autoencoder whose z_sem is the image itself and whose decoder predicts the noise exactly from it:
-    the ideal of a decoder that uses z. DDIM then decodes any x_T to the image z describes."""
+    the ideal of a decoder that uses z. DDIM then decodes any x_end to the image z describes."""
 
     def __init__(self):
         super().__init__()
@@ -138,9 +137,9 @@ def test_the_swapped_z_control_tells_a_decoder_that_uses_z_from_one_that_ignores
 def test_generation_from_z_alone_finds_each_subject_only_when_z_carries_it():
     x0 = distinct_images(5)
     result = generative.generate_from_latent(LatentIsTheImage(), x0, ddim_steps=10, seed=3)
-    torch.testing.assert_close(result["decodes"], x0, atol=1e-4, rtol=0)  # one shared x_T, each z: each image
+    torch.testing.assert_close(result["decodes"], x0, atol=1e-4, rtol=0)  # one shared x_end, each z: each image
     assert result["nearest"].tolist() == [0, 1, 2, 3, 4] and result["nearest_own_share"] == 1.0
-    assert result["chance_share"] == 0.2 and result["x_T"].shape == (1, 1, 16, 16)
+    assert result["chance_share"] == 0.2 and result["x_end"].shape == (1, 1, 16, 16)
     assert result["age_r"] == pytest.approx(1.0, abs=1e-6)  # the decodes carry the ages the head read
     torch.testing.assert_close(result["distances"].diagonal(), torch.zeros(5), atol=1e-4, rtol=0)
     ignores = generative.generate_from_latent(DiffusionAutoencoder(**TINY), x0, ddim_steps=10, seed=3)
@@ -176,33 +175,56 @@ def test_reconstruct_returns_the_ddim_latents_and_errors_deterministically():
     first = generative.reconstruct(model, x0, ddim_steps=10, batch_size=2)
     assert model.training  # the caller's mode comes back
     second = generative.reconstruct(model, x0, ddim_steps=10, batch_size=2)
-    assert set(first) == {"z_sem", "x_T", "reconstructions", "mse", "mae", "swapped_reconstructions", "swapped_mse",
-                          "swapped_mae", "swap_penalty", "median_swap_ratio"}
+    assert set(first) == {
+        "z_sem",
+        "x_end",
+        "reconstructions",
+        "mse",
+        "mae",
+        "swapped_reconstructions",
+        "swapped_mse",
+        "swapped_mae",
+        "swap_penalty",
+        "median_swap_ratio",
+    }
     for key, value in first.items():
         assert torch.equal(value, second[key]), key
     assert set(generative.reconstruct(model, x0, ddim_steps=2, control=False)) == {
-        "z_sem", "x_T", "reconstructions", "mse", "mae"}
+        "z_sem",
+        "x_end",
+        "reconstructions",
+        "mse",
+        "mae",
+    }
 
     assert first["z_sem"].shape == (3, TINY["z_dim"])
-    assert first["x_T"].shape == first["reconstructions"].shape == x0.shape
+    assert first["x_end"].shape == first["reconstructions"].shape == x0.shape
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(first["z_sem"], model.encode(x0))
         z_sem, scheduler = first["z_sem"], ddim_scheduler(10)
         # batch by batch as reconstruct ran it: float32 kernels round differently for other batch shapes
-        x_T = torch.cat([ddim_encode(model, x0[:2], z_sem[:2], scheduler), ddim_encode(model, x0[2:], z_sem[2:], scheduler)])
-        torch.testing.assert_close(first["x_T"], x_T)
+        x_end = torch.cat(
+            [ddim_encode(model, x0[:2], z_sem[:2], scheduler), ddim_encode(model, x0[2:], z_sem[2:], scheduler)]
+        )
+        torch.testing.assert_close(first["x_end"], x_end)
     difference = first["reconstructions"] - x0
     torch.testing.assert_close(first["mse"], (difference**2).mean(dim=(1, 2, 3)))
     torch.testing.assert_close(first["mae"], difference.abs().mean(dim=(1, 2, 3)))
     assert (first["mse"] > 1e-6).all()  # a random eps_theta does depend on x_t: the round trip is not exact
-    # the control: each image's x_T decoded with the next image's z
+    # the control: each image's x_end decoded with the next image's z
     with torch.no_grad():
-        swapped = torch.cat([ddim_decode(model, first["x_T"][:2], z_sem.roll(-1, 0)[:2], scheduler),
-                             ddim_decode(model, first["x_T"][2:], z_sem.roll(-1, 0)[2:], scheduler)])
+        swapped = torch.cat(
+            [
+                ddim_decode(model, first["x_end"][:2], z_sem.roll(-1, 0)[:2], scheduler),
+                ddim_decode(model, first["x_end"][2:], z_sem.roll(-1, 0)[2:], scheduler),
+            ]
+        )
     torch.testing.assert_close(first["swapped_reconstructions"], swapped)
     torch.testing.assert_close(first["swapped_mse"], ((swapped - x0) ** 2).mean(dim=(1, 2, 3)))
-    assert float(first["swap_penalty"]) == pytest.approx(float(first["swapped_mse"].double().mean() / first["mse"].double().mean() - 1), abs=1e-6)
+    assert float(first["swap_penalty"]) == pytest.approx(
+        float(first["swapped_mse"].double().mean() / first["mse"].double().mean() - 1), abs=1e-6
+    )
 
 
 def test_reconstruct_is_exact_when_eps_ignores_x_t(monkeypatch):
@@ -210,7 +232,7 @@ def test_reconstruct_is_exact_when_eps_ignores_x_t(monkeypatch):
     monkeypatch.setattr(model, "denoise", TimeOnlyNoise().denoise)
     x0 = images(2)
     result = generative.reconstruct(model, x0, ddim_steps=20)
-    assert result["x_T"].std() > 0.3  # really noised
+    assert result["x_end"].std() > 0.3  # really noised
     torch.testing.assert_close(result["reconstructions"], x0, atol=2e-4, rtol=0)
     assert result["mae"].max() < 1e-4 and result["mse"].max() < 1e-8
 
@@ -230,18 +252,18 @@ def test_interpolation_ends_are_the_reconstructions_and_predictions_of_the_two_i
     ends = generative.reconstruct(model, x0, ddim_steps=10, batch_size=1, clip=generative.DATA_RANGE)
     for frame, end in ((0, 0), (-1, 1)):
         assert torch.equal(result["z_sem"][frame], ends["z_sem"][end])
-        torch.testing.assert_close(result["x_T"][frame], ends["x_T"][end], atol=0, rtol=1e-7)
+        torch.testing.assert_close(result["x_end"][frame], ends["x_end"][end], atol=0, rtol=1e-7)
         torch.testing.assert_close(result["frames"][frame], ends["reconstructions"][end])
     with torch.no_grad():
         torch.testing.assert_close(result["predicted_age"][[0, -1]], model.eval().predict_age(x0))
         torch.testing.assert_close(result["reencoded_age"], model.predict_age(result["frames"]))
     assert abs(float(result["predicted_age"][0] - result["predicted_age"][-1])) > 1e-3  # the two ends differ
 
-    # z_sem on the straight line, x_T spherically interpolated between the ends' x_T
+    # z_sem on the straight line, x_end spherically interpolated between the ends' x_end
     torch.testing.assert_close(result["z_sem"][2], (ends["z_sem"][0] + ends["z_sem"][1]) / 2)
-    torch.testing.assert_close(result["x_T"], generative.slerp(ends["x_T"][0], ends["x_T"][1], result["weights"]))
+    torch.testing.assert_close(result["x_end"], generative.slerp(ends["x_end"][0], ends["x_end"][1], result["weights"]))
 
-    # the control: the same x_T path decoded with the young end's z throughout
+    # the control: the same x_end path decoded with the young end's z throughout
     assert result["control_frames"].shape == result["frames"].shape
     torch.testing.assert_close(result["control_frames"][0], result["frames"][0])
     with torch.no_grad():
@@ -258,9 +280,10 @@ def test_interpolation_between_a_dark_and_a_bright_brain_reads_rising_ages_with_
     x0 = distinct_images(2)
     result = generative.interpolate(LatentIsTheImage(), x0[0], x0[1], n_frames=5, ddim_steps=10)
     assert result["monotonic"] and result["spearman"] == pytest.approx(1.0)
-    # x_T alone (z held at the dark end) leaves the decoded brain where it was
-    torch.testing.assert_close(result["control_reencoded_age"], result["reencoded_age"][:1].expand(5), atol=1e-2,
-                               rtol=0)
+    # x_end alone (z held at the dark end) leaves the decoded brain where it was
+    torch.testing.assert_close(
+        result["control_reencoded_age"], result["reencoded_age"][:1].expand(5), atol=1e-2, rtol=0
+    )
 
 
 def test_slerp_walks_the_great_circle_at_constant_norm():
@@ -303,8 +326,9 @@ def test_age_direction_shift_reaches_the_target_along_the_head_gradient():
     assert float(cosine) == pytest.approx(1.0, abs=1e-5)
     # with a latent scale the step follows scale^2 * gradient: dimensions that vary more between subjects move more
     scale = torch.linspace(0.1, 2.0, TINY["z_dim"])
-    z, age = generative.age_direction_shift(model.age_head, z0.detach(), start + 0.01, scale, max_iterations=1,
-                                          tolerance=0)
+    z, age = generative.age_direction_shift(
+        model.age_head, z0.detach(), start + 0.01, scale, max_iterations=1, tolerance=0
+    )
     cosine = torch.nn.functional.cosine_similarity(z - z0.detach(), scale**2 * gradient, dim=0)
     assert float(cosine) == pytest.approx(1.0, abs=1e-5)
     z, age = generative.age_direction_shift(model.age_head, z0.detach(), start + 8.0, scale)
@@ -329,8 +353,9 @@ def test_counterfactual_ageing_keeps_x_t_and_moves_only_the_latent_age():
     torch.testing.assert_close(result["target_age"], result["predicted_age"] + torch.tensor([-10.0, 0.0, 10.0]))
     torch.testing.assert_close(result["latent_age"], result["target_age"], atol=0.05, rtol=0)
     # delta 0 is the plain reconstruction and the zero point of the difference maps
-    reconstruction = generative.reconstruct(model, x0[None], ddim_steps=5, batch_size=1,
-                                            clip=generative.DATA_RANGE)["reconstructions"][0]
+    reconstruction = generative.reconstruct(model, x0[None], ddim_steps=5, batch_size=1, clip=generative.DATA_RANGE)[
+        "reconstructions"
+    ][0]
     torch.testing.assert_close(result["frames"][1], reconstruction)
     assert result["latent_shift"][1] == 0 and torch.count_nonzero(result["differences"][1]) == 0
     assert result["latent_shift"][0] > 0 and result["differences"][0].abs().max() > 0
@@ -357,5 +382,3 @@ def test_counterfactual_control_moves_as_far_as_the_age_direction_but_not_along_
     assert float(control_moves.max()) < 0.2 * 10
     control_distance = (result["control_frames"] - result["frames"][1]).flatten(1).norm(dim=1)
     torch.testing.assert_close(control_distance, result["latent_shift"], atol=1e-3, rtol=1e-3)  # same length
-
-

@@ -22,8 +22,15 @@ def read_csv(path):
 
 
 def predict(run_workflow, trained_model, input, output_dir, **overrides):
-    run_workflow("inference.yaml", "inference", input=str(input), output_dir=str(output_dir),
-                 ckpt_path=str(trained_model["ckpt_path"]), num_workers=1, **overrides)
+    run_workflow(
+        "inference.yaml",
+        "inference",
+        input=str(input),
+        output_dir=str(output_dir),
+        ckpt_path=str(trained_model["ckpt_path"]),
+        num_workers=1,
+        **overrides,
+    )
     return read_csv(output_dir / "predictions.csv")
 
 
@@ -54,8 +61,14 @@ def test_training_fits_the_bias_correction_on_validation(trained_model, tiny_net
 
 
 def test_datalist_slices_predicted_with_pad_and_corrected_pad(run_workflow, trained_model, tmp_path):
-    rows = predict(run_workflow, trained_model, trained_model["datalist"], tmp_path,
-                   input_splits=["test", "disease"], save_latents=True)
+    rows = predict(
+        run_workflow,
+        trained_model,
+        trained_model["datalist"],
+        tmp_path,
+        input_splits=["test", "disease"],
+        save_latents=True,
+    )
     datalist = json.loads(trained_model["datalist"].read_text())
     assert len(rows) == len(datalist["test"]) + len(datalist["disease"])
     assert list(rows[0])[:8] == list(inference.PREDICTION_COLUMNS)
@@ -73,8 +86,18 @@ def test_datalist_slices_predicted_with_pad_and_corrected_pad(run_workflow, trai
 
     parser = ConfigParser()
     parser.read_config("configs/inference.yaml")
-    parser.update({"image_size": 32, "base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-                   "attention_resolutions": [8], "embed_dim": 32, "z_dim": 16, "head_hidden_features": [8, 4]})
+    parser.update(
+        {
+            "image_size": 32,
+            "base_channels": 8,
+            "channel_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attention_resolutions": [8],
+            "embed_dim": 32,
+            "z_dim": 16,
+            "head_hidden_features": [8, 4],
+        }
+    )
     network = inference.load_weights(parser.get_parsed_content("network_def"), trained_model["ckpt_path"]).eval()
     image = torch.from_numpy(nib.load(rows[0]["image"]).get_fdata(dtype=np.float32))[None, None]
     with torch.no_grad():
@@ -98,8 +121,9 @@ def test_predictions_match_the_model_on_the_same_slices(run_workflow, trained_mo
     np.testing.assert_allclose([float(r["predicted_age"]) for r in rows[:4]], expected, atol=1e-2)
 
 
-def test_the_float32_override_reaches_inference_and_bf16_does_not_move_the_ages(trained_model, bundle_root,
-                                                                                 tiny_network, tmp_path):
+def test_the_float32_override_reaches_inference_and_bf16_does_not_move_the_ages(
+    trained_model, bundle_root, tiny_network, tmp_path
+):
     """Through the real command line: `python -m monai.bundle run` drops a None override, so the setting is a
     string; the encoder and head run in float32 either way, so the ages agree."""
     import subprocess
@@ -112,11 +136,33 @@ def test_the_float32_override_reaches_inference_and_bf16_does_not_move_the_ages(
     for setting in ("float32", "bfloat16"):
         out = tmp_path / setting
         proc = subprocess.run(
-            [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml",
-             "--input", str(trained_model["datalist"]), "--input_splits", "['test']", "--output_dir", str(out),
-             "--ckpt_path", str(trained_model["ckpt_path"]), "--device", "$torch.device('cpu')",
-             "--autocast_dtype", setting, *network_args],
-            cwd=bundle_root, capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "inference",
+                "--config_file",
+                "configs/inference.yaml",
+                "--input",
+                str(trained_model["datalist"]),
+                "--input_splits",
+                "['test']",
+                "--output_dir",
+                str(out),
+                "--ckpt_path",
+                str(trained_model["ckpt_path"]),
+                "--device",
+                "$torch.device('cpu')",
+                "--autocast_dtype",
+                setting,
+                *network_args,
+            ],
+            cwd=bundle_root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         logs[setting] = proc.stdout + proc.stderr
         ages[setting] = np.array([float(r["predicted_age"]) for r in read_csv(out / "predictions.csv")])
@@ -139,12 +185,16 @@ def test_raw_scans_are_preprocessed_then_predicted(run_workflow, trained_model, 
     for subject in ("sub-0001_T1w", "sub-0002_T1w"):
         assert by_subject[subject]["error"] == ""
         assert by_subject[subject]["age"] == ""  # unknown for bare files: no PAD
-    assert by_subject["broken_T1w"]["predicted_age"] == "" and "not a readable NIfTI" in by_subject["broken_T1w"]["error"]
+    assert (
+        by_subject["broken_T1w"]["predicted_age"] == "" and "not a readable NIfTI" in by_subject["broken_T1w"]["error"]
+    )
     slices = sorted((out / "preprocessed" / "slices").glob("*.nii.gz"))
     assert len(slices) == 2
     # each raw scan's age is the model's age for the slice the chain made of that scan
-    again = {r["subject"]: float(r["predicted_age"]) for r in predict(run_workflow, trained_model, out / "preprocessed"
-                                                                       / "slices", tmp_path / "again")}
+    again = {
+        r["subject"]: float(r["predicted_age"])
+        for r in predict(run_workflow, trained_model, out / "preprocessed" / "slices", tmp_path / "again")
+    }
     for subject in ("sub-0001_T1w", "sub-0002_T1w"):
         (name,) = [key for key in again if key.startswith(subject)]
         assert float(by_subject[subject]["predicted_age"]) == pytest.approx(again[name], abs=1e-3)
@@ -169,8 +219,13 @@ def test_single_file_input_and_unusable_inputs(run_workflow, trained_model, slic
 
 def test_evaluate_overlay_writes_metrics_table_and_scatter(run_workflow, trained_model, tmp_path, capsys):
     out = tmp_path / "eval"
-    run_workflow(["train.yaml", "evaluate.yaml"], "evaluate", datalist=str(trained_model["datalist"]),
-                 output_dir=str(out), ckpt_path=str(trained_model["ckpt_path"]))
+    run_workflow(
+        ["train.yaml", "evaluate.yaml"],
+        "evaluate",
+        datalist=str(trained_model["datalist"]),
+        output_dir=str(out),
+        ckpt_path=str(trained_model["ckpt_path"]),
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     rows = inference.read_predictions(out / "predictions.csv")
     test = json.loads(trained_model["datalist"].read_text())["test"]

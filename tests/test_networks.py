@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import verify_net_in_out
 
+# tests/ is on sys.path under pytest: the tiny model sizes shared with the engine tests
+from test_engine import TINY
+
 from scripts.networks import (
     AgeHead,
     AgePredictor,
@@ -19,9 +22,6 @@ from scripts.networks import (
     SemanticEncoder,
     count_parameters,
 )
-
-# tests/ is on sys.path under pytest: the tiny model sizes shared with the engine tests
-from test_engine import TINY
 
 AUTHORS_PARAMETER_COUNT = 10_611_394  # printed by the authors' code as "10.12 M" (= count / 2**20)
 
@@ -313,8 +313,11 @@ def test_monai_bundle_verify_net_in_out_accepts_the_network(tmp_path):
     meta["network_data_format"]["outputs"]["pred"]["num_channels"] = 2
     (tmp_path / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="channel"):
-        verify_net_in_out(net_id="network_def", meta_file=str(tmp_path / "metadata.json"),
-                          config_file=str(tmp_path / "inference.json"))
+        verify_net_in_out(
+            net_id="network_def",
+            meta_file=str(tmp_path / "metadata.json"),
+            config_file=str(tmp_path / "inference.json"),
+        )
 
 
 def test_fast_cpu_dropout_matches_the_stock_semantics():

@@ -24,19 +24,29 @@ def images(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("content, reason", [
-    ({"training": [{"subject": "sub-a", "age": 40}]}, "training[0]: missing 'image' path"),
-    ({"training": [{"image": "a.nii.gz", "age": "forty"}]}, "training[0] (a): age 'forty' is not a number"),
-    ({"training": [{"image": "a.nii.gz", "age": -3}]}, "training[0] (a): age -3 must be a finite number >= 0"),
-    ({"training": [{"image": "a.nii.gz", "age": float("nan")}]}, "age nan must be a finite number >= 0"),
-    ({"training": [{"image": "a.nii.gz", "subject": "s1"}, {"image": "b.nii.gz", "subject": "s1"}]},
-     "subject s1 appears 2 times in 'training'"),
-    ({"training": [{"image": "a.nii.gz", "subject": "s1"}], "test": [{"image": "b.nii.gz", "subject": "s1", "age": 50}]},
-     "subject s1 is in both 'training' and 'test' (data leakage)"),
-    ({"training": [{"image": "missing.nii.gz"}]}, "training[0] (missing): image"),
-    ({"training": "a.nii.gz"}, "'training' must be a list of items"),
-    ({"validation": [{"image": "a.nii.gz"}]}, "no 'training' items"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ({"training": [{"subject": "sub-a", "age": 40}]}, "training[0]: missing 'image' path"),
+        ({"training": [{"image": "a.nii.gz", "age": "forty"}]}, "training[0] (a): age 'forty' is not a number"),
+        ({"training": [{"image": "a.nii.gz", "age": -3}]}, "training[0] (a): age -3 must be a finite number >= 0"),
+        ({"training": [{"image": "a.nii.gz", "age": float("nan")}]}, "age nan must be a finite number >= 0"),
+        (
+            {"training": [{"image": "a.nii.gz", "subject": "s1"}, {"image": "b.nii.gz", "subject": "s1"}]},
+            "subject s1 appears 2 times in 'training'",
+        ),
+        (
+            {
+                "training": [{"image": "a.nii.gz", "subject": "s1"}],
+                "test": [{"image": "b.nii.gz", "subject": "s1", "age": 50}],
+            },
+            "subject s1 is in both 'training' and 'test' (data leakage)",
+        ),
+        ({"training": [{"image": "missing.nii.gz"}]}, "training[0] (missing): image"),
+        ({"training": "a.nii.gz"}, "'training' must be a list of items"),
+        ({"validation": [{"image": "a.nii.gz"}]}, "no 'training' items"),
+    ],
+)
 def test_bad_datalists_fail_with_one_line_naming_file_and_reason(images, content, reason):
     path = images / "datalist.json"
     path.write_text(json.dumps(content))
@@ -70,8 +80,13 @@ def test_nothing_in_a_datalist_is_evaluated(images, monkeypatch):
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoints(run_workflow, slice_dataset, tmp_path):
-    settings = {"datalist": str(slice_dataset / "datalist.json"), "output_dir": str(tmp_path / "run"),
-                "ckpt_path": str(tmp_path / "models" / "model.pt"), "batch_size": 4, "val_batch_size": 8}
+    settings = {
+        "datalist": str(slice_dataset / "datalist.json"),
+        "output_dir": str(tmp_path / "run"),
+        "ckpt_path": str(tmp_path / "models" / "model.pt"),
+        "batch_size": 4,
+        "val_batch_size": 8,
+    }
     run_workflow("train.yaml", "training", max_epochs=1, **settings)
     last, best = tmp_path / "run" / "last.pt", tmp_path / "models" / "model.pt"
     before = {path: path.read_bytes() for path in (last, best)}
@@ -89,12 +104,21 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoints(run_workf
     assert not list(tmp_path.rglob(".*.tmp*"))
 
 
-def test_a_training_run_killed_with_sigkill_resumes_losing_at_most_one_epoch(bundle_root, slice_dataset, tiny_network,
-                                                                             tmp_path):
+def test_a_training_run_killed_with_sigkill_resumes_losing_at_most_one_epoch(
+    bundle_root, slice_dataset, tiny_network, tmp_path
+):
     out = tmp_path / "run"
-    overrides = {"datalist": str(slice_dataset / "datalist.json"), "output_dir": str(out),
-                 "ckpt_path": str(tmp_path / "models" / "model.pt"), "max_epochs": 6, "batch_size": 2,
-                 "val_batch_size": 8, "device": "cpu", "autocast_dtype": None, **tiny_network}
+    overrides = {
+        "datalist": str(slice_dataset / "datalist.json"),
+        "output_dir": str(out),
+        "ckpt_path": str(tmp_path / "models" / "model.pt"),
+        "max_epochs": 6,
+        "batch_size": 2,
+        "val_batch_size": 8,
+        "device": "cpu",
+        "autocast_dtype": None,
+        **tiny_network,
+    }
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml"]
     for key, value in overrides.items():
         command += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
@@ -119,8 +143,12 @@ def test_a_training_run_killed_with_sigkill_resumes_losing_at_most_one_epoch(bun
     log = result.stdout + result.stderr
     assert f"Restored all variables from {out / 'last.pt'}" in log
     # only the epochs after the saved one ran again: at most the killed epoch's work was lost
-    completed = [line for line in log.splitlines() if "SupervisedTrainer - INFO - Epoch[" in line and "Complete" in line]
-    assert [line.split("Epoch[")[1].split("]")[0] for line in completed] == [str(e) for e in range(epoch_at_kill + 1, 7)]
+    completed = [
+        line for line in log.splitlines() if "SupervisedTrainer - INFO - Epoch[" in line and "Complete" in line
+    ]
+    assert [line.split("Epoch[")[1].split("]")[0] for line in completed] == [
+        str(e) for e in range(epoch_at_kill + 1, 7)
+    ]
     final = torch.load(out / "last.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 6 * saved["trainer"]["epoch_length"]
     assert not list(tmp_path.rglob(".*.tmp*"))
@@ -133,10 +161,24 @@ def _files(root) -> set:
 
 def test_workflows_write_only_under_their_output_folders(run_workflow, bundle_root, slice_dataset, tmp_path):
     before = _files(bundle_root)
-    run_workflow("train.yaml", "training", datalist=str(slice_dataset / "datalist.json"), max_epochs=1, batch_size=4,
-                 val_batch_size=8, output_dir=str(tmp_path / "run"), ckpt_path=str(tmp_path / "models" / "model.pt"))
-    run_workflow("inference.yaml", "inference", input=str(slice_dataset / "datalist.json"), input_splits=["test"],
-                 output_dir=str(tmp_path / "predicted"), ckpt_path=str(tmp_path / "models" / "model.pt"))
+    run_workflow(
+        "train.yaml",
+        "training",
+        datalist=str(slice_dataset / "datalist.json"),
+        max_epochs=1,
+        batch_size=4,
+        val_batch_size=8,
+        output_dir=str(tmp_path / "run"),
+        ckpt_path=str(tmp_path / "models" / "model.pt"),
+    )
+    run_workflow(
+        "inference.yaml",
+        "inference",
+        input=str(slice_dataset / "datalist.json"),
+        input_splits=["test"],
+        output_dir=str(tmp_path / "predicted"),
+        ckpt_path=str(tmp_path / "models" / "model.pt"),
+    )
     assert _files(bundle_root) == before  # nothing new in the bundle (or the current folder, which is the bundle)
     assert {p.name for p in tmp_path.iterdir()} == {"run", "models", "predicted"}
     assert {p.name for p in (tmp_path / "models").iterdir()} == {"model.pt", "model_bias_correction.json"}

@@ -16,18 +16,27 @@ SETTINGS = {"batch_size": 4, "val_batch_size": 8, "max_epochs": 3}
 
 
 def train(run_workflow, folder, datalist, before_run=None, **overrides):
-    return run_workflow("train.yaml", "training", before_run=before_run, datalist=str(datalist),
-                        output_dir=str(folder / "run"), ckpt_path=str(folder / "models" / "model.pt"),
-                        **{**SETTINGS, **overrides})
+    return run_workflow(
+        "train.yaml",
+        "training",
+        before_run=before_run,
+        datalist=str(datalist),
+        output_dir=str(folder / "run"),
+        ckpt_path=str(folder / "models" / "model.pt"),
+        **{**SETTINGS, **overrides},
+    )
 
 
 def outcome(workflow, folder) -> dict:
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
-    return {"best": torch.load(folder / "models" / "model.pt", weights_only=True),
-            "last": torch.load(folder / "run" / "last.pt", weights_only=True),
-            "correction": json.loads((folder / "models" / "model_bias_correction.json").read_text()),
-            "metrics": dict(evaluator.state.metrics), "best_metric": evaluator.state.best_metric,
-            "best_metric_epoch": evaluator.state.best_metric_epoch}
+    return {
+        "best": torch.load(folder / "models" / "model.pt", weights_only=True),
+        "last": torch.load(folder / "run" / "last.pt", weights_only=True),
+        "correction": json.loads((folder / "models" / "model_bias_correction.json").read_text()),
+        "metrics": dict(evaluator.state.metrics),
+        "best_metric": evaluator.state.best_metric,
+        "best_metric_epoch": evaluator.state.best_metric_epoch,
+    }
 
 
 def test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run(run_workflow, slice_dataset, tmp_path):
@@ -46,7 +55,9 @@ def test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run(run_work
         trainer = workflow.parser.get_parsed_content("train#trainer")
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: iterations.append(engine.state.iteration))
 
-    resumed = outcome(train(run_workflow, tmp_path / "split", datalist, before_run=count_iterations), tmp_path / "split")
+    resumed = outcome(
+        train(run_workflow, tmp_path / "split", datalist, before_run=count_iterations), tmp_path / "split"
+    )
     steps = whole["last"]["trainer"]["epoch_length"]
     assert iterations == list(range(2 * steps + 1, 3 * steps + 1))  # epoch 3 only: resumed, not restarted
 
@@ -112,10 +123,16 @@ def _validate_three_epochs(tmp_path, table, method="beheshti"):
     inferer = _Scripted(table)
     fitter = BiasCorrectionFitter(tmp_path / "correction.json", method)
     evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=data, network=torch.nn.Identity(), inferer=inferer,
-        prepare_batch=AgePrepareBatch(), val_handlers=[fitter], decollate=False,
+        device=torch.device("cpu"),
+        val_data_loader=data,
+        network=torch.nn.Identity(),
+        inferer=inferer,
+        prepare_batch=AgePrepareBatch(),
+        val_handlers=[fitter],
+        decollate=False,
         key_val_metric={"val_mae": MeanAbsoluteError(output_transform=from_engine(["pred", "label"]))},
-        metric_cmp_fn=lambda current, best: current < best)
+        metric_cmp_fn=lambda current, best: current < best,
+    )
     inferer.evaluator = evaluator
     for epoch in (1, 2, 3):
         evaluator.run(epoch)
@@ -124,9 +141,11 @@ def _validate_three_epochs(tmp_path, table, method="beheshti"):
 
 def test_the_bias_correction_is_fitted_on_the_best_epoch_only(tmp_path):
     ages = torch.linspace(20.0, 80.0, 10)
-    table = [0.5 * ages + 30 + 4.0,   # epoch 1: MAE ~ 15
-             0.8 * ages + 11,         # epoch 2: the best (MAE ~ 2)
-             0.3 * ages + 40]         # epoch 3: worse again
+    table = [
+        0.5 * ages + 30 + 4.0,  # epoch 1: MAE ~ 15
+        0.8 * ages + 11,  # epoch 2: the best (MAE ~ 2)
+        0.3 * ages + 40,
+    ]  # epoch 3: worse again
     _, evaluator = _validate_three_epochs(tmp_path, table)
     assert evaluator.state.best_metric_epoch == 2
     saved = BiasCorrection.load(tmp_path / "correction.json")
@@ -136,7 +155,6 @@ def test_the_bias_correction_is_fitted_on_the_best_epoch_only(tmp_path):
 
 
 def test_cole_on_a_model_that_ignores_age_is_refused_and_training_goes_on(tmp_path, caplog):
-    ages = torch.linspace(20.0, 80.0, 10)
     flat = torch.full((10,), 50.0)
     table = [flat + 20, flat, flat + 10]  # predictions that do not vary with age; epoch 2 the best
     with caplog.at_level(logging.WARNING):

@@ -181,7 +181,9 @@ def test_ensure_dataset_generates_once(tmp_path):
 def test_cli_rejects_bad_input(tmp_path, bundle_root, args, reason):
     proc = subprocess.run(
         [sys.executable, "-m", "scripts.synthetic", "--out", str(tmp_path / "x"), *args],
-        cwd=bundle_root, capture_output=True, text=True,
+        cwd=bundle_root,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -190,8 +192,13 @@ def test_cli_rejects_bad_input(tmp_path, bundle_root, args, reason):
 
 
 def test_cli_help_documents_every_option(bundle_root):
-    proc = subprocess.run([sys.executable, "-m", "scripts.synthetic", "--help"], cwd=bundle_root,
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.synthetic", "--help"],
+        cwd=bundle_root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for option in synthetic.build_parser()._option_string_actions:
         if option.startswith("--"):
             assert option in proc.stdout

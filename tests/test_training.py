@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+
 def run_training(run_workflow, **overrides):
     settings = {"batch_size": 4, "val_batch_size": 8, "max_epochs": 2, **overrides}
     return run_workflow("train.yaml", "training", **settings)
@@ -31,8 +32,16 @@ def test_training_writes_best_model_last_state_and_logs(run_workflow, slice_data
     network = wf.parser.get_parsed_content("network")
     assert set(best) == set(network.state_dict())
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert set(last) == {"network", "optimizer", "lr_scheduler", "trainer", "ema", "best_metric", "best_model_saver",
-                         "random_state"}
+    assert set(last) == {
+        "network",
+        "optimizer",
+        "lr_scheduler",
+        "trainer",
+        "ema",
+        "best_metric",
+        "best_model_saver",
+        "random_state",
+    }
     assert last["trainer"]["iteration"] == 2 * last["trainer"]["epoch_length"]
     assert list((tmp_path / "run").glob("events.out.tfevents.*")), "TensorBoard events expected"
     assert not list(tmp_path.rglob(".*.tmp*")), "no temporary checkpoint files left behind"
@@ -45,8 +54,15 @@ def test_training_writes_best_model_last_state_and_logs(run_workflow, slice_data
 def test_validation_and_the_checkpoint_use_the_ema_weights(run_workflow, slice_dataset, outputs, tmp_path):
     """ignite's EMAHandler averages the weights every step; the evaluator validates that average and the best-model
     file holds it (with exact BatchNorm statistics), not the last online weights."""
-    wf = run_training(run_workflow, datalist=str(slice_dataset / "datalist.json"), max_epochs=1,
-                      ema_momentum=0.2, ema_warmup_momentum=0.5, ema_warmup_iters=2, **outputs)
+    wf = run_training(
+        run_workflow,
+        datalist=str(slice_dataset / "datalist.json"),
+        max_epochs=1,
+        ema_momentum=0.2,
+        ema_warmup_momentum=0.5,
+        ema_warmup_iters=2,
+        **outputs,
+    )
     network = wf.parser.get_parsed_content("network")
     ema_model = wf.parser.get_parsed_content("ema").ema_model
     assert wf.parser.get_parsed_content("validate#evaluator").network is ema_model
@@ -63,8 +79,9 @@ def test_validation_and_the_checkpoint_use_the_ema_weights(run_workflow, slice_d
 
 
 def test_without_ema_the_trained_network_is_validated_and_saved(run_workflow, slice_dataset, outputs):
-    wf = run_training(run_workflow, datalist=str(slice_dataset / "datalist.json"), max_epochs=1, use_ema=False,
-                      **outputs)
+    wf = run_training(
+        run_workflow, datalist=str(slice_dataset / "datalist.json"), max_epochs=1, use_ema=False, **outputs
+    )
     network = wf.parser.get_parsed_content("network")
     assert wf.parser.get_parsed_content("validate#evaluator").network is network
     best = torch.load(outputs["ckpt_path"], weights_only=True)
@@ -107,16 +124,33 @@ def test_embedded_default_generates_the_phantom_once(run_workflow, outputs, tmp_
     datalist = json.loads((dataset_dir / "datalist.json").read_text())
     assert len(datalist["training"]) + len(datalist["validation"]) + len(datalist["test"]) == 24
     stamp = (dataset_dir / "phantom.json").stat().st_mtime_ns
-    run_training(run_workflow, dataset_dir=str(dataset_dir), datalist=small, max_epochs=1,
-                 output_dir=str(tmp_path / "run2"), ckpt_path=outputs["ckpt_path"])
+    run_training(
+        run_workflow,
+        dataset_dir=str(dataset_dir),
+        datalist=small,
+        max_epochs=1,
+        output_dir=str(tmp_path / "run2"),
+        ckpt_path=outputs["ckpt_path"],
+    )
     assert (dataset_dir / "phantom.json").stat().st_mtime_ns == stamp  # reused, not regenerated
 
 
 def test_metadata_verifies_offline(bundle_root):
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
-         "--filepath", "configs/schema/meta_schema_20240725.json"],
-        cwd=bundle_root, capture_output=True, text=True, env={"PATH": "", "NO_PROXY": "*", "HTTPS_PROXY": "http://0.0.0.0:9"},
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            "configs/metadata.json",
+            "--filepath",
+            "configs/schema/meta_schema_20240725.json",
+        ],
+        cwd=bundle_root,
+        capture_output=True,
+        text=True,
+        env={"PATH": "", "NO_PROXY": "*", "HTTPS_PROXY": "http://0.0.0.0:9"},
     )
     assert proc.returncode == 0, proc.stderr
     assert "metadata is verified with no error" in proc.stdout + proc.stderr
@@ -128,9 +162,19 @@ def test_metadata_schema_rejects_incomplete_metadata(bundle_root, tmp_path):
     bad = tmp_path / "metadata.json"
     bad.write_text(json.dumps(meta))
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(bad),
-         "--filepath", str(bundle_root / "configs" / "schema" / "meta_schema_20240725.json")],
-        cwd=bundle_root, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            str(bad),
+            "--filepath",
+            str(bundle_root / "configs" / "schema" / "meta_schema_20240725.json"),
+        ],
+        cwd=bundle_root,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode != 0
     assert "num_channels" in proc.stderr

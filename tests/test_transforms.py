@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, Resized
+from scipy import ndimage
 
 from scripts import hdbet, mni
 from scripts.transforms import (
@@ -32,12 +32,19 @@ LOAD = LoadImaged("image", reader="NibabelReader", image_only=True, ensure_chann
 
 def chain(skull_strip: str = "template", **skull_strip_args) -> Compose:
     """The chain of configs/preprocess.yaml."""
-    return Compose([
-        LOAD, EnsureSingleVolumed("image"), EstimateMNIAffined("image"), ResampleToMNIGridd("image"),
-        N4BiasCorrectd("image"), SkullStripd("image", method=skull_strip, **skull_strip_args),
-        ExtractAxialSliced(["image", "brain_mask"]), Resized("brain_mask", (128, 128), mode="nearest"),
-        FinaliseSliced("image"),
-    ])
+    return Compose(
+        [
+            LOAD,
+            EnsureSingleVolumed("image"),
+            EstimateMNIAffined("image"),
+            ResampleToMNIGridd("image"),
+            N4BiasCorrectd("image"),
+            SkullStripd("image", method=skull_strip, **skull_strip_args),
+            ExtractAxialSliced(["image", "brain_mask"]),
+            Resized("brain_mask", (128, 128), mode="nearest"),
+            FinaliseSliced("image"),
+        ]
+    )
 
 
 def correlation(a, b) -> float:
@@ -51,8 +58,11 @@ def mni_image(array: np.ndarray, affine: np.ndarray) -> MetaTensor:
 @pytest.fixture(scope="module")
 def phantom_items(volume_dataset) -> list[dict]:
     datalist = json.loads((volume_dataset / "datalist.json").read_text())
-    return [{**it, "image": str(volume_dataset / it["image"]), "truth": str(volume_dataset / it["truth_slice"])}
-            for items in datalist.values() for it in items]
+    return [
+        {**it, "image": str(volume_dataset / it["image"]), "truth": str(volume_dataset / it["truth_slice"])}
+        for items in datalist.values()
+        for it in items
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +277,10 @@ def test_hdbet_weights_of_a_trainer_variant_load_without_optional_packages(tmp_p
     assert hdbet.predict_brain_mask(volume, mni.grid_affine(), weights).shape == mni.GRID_SHAPE
     assert hdbet.load_predictor(str(weights), "cpu", False).trainer_name == "nnUNetTrainerDA5"
     assert hdbet.main(["--weights-dir", str(weights)]) == 0
-    assert "trainer nnUNetTrainerDA5 (nnunetv2.training.nnUNetTrainer.variants.data_augmentation" in capsys.readouterr().out
+    assert (
+        "trainer nnUNetTrainerDA5 (nnunetv2.training.nnUNetTrainer.variants.data_augmentation"
+        in capsys.readouterr().out
+    )
 
 
 def test_hdbet_mask_comes_back_in_the_input_orientation(tiny_hdbet_weights):

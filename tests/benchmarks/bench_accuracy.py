@@ -61,15 +61,18 @@ EVAL_SETS = {"research": ("full", "test"), "clinical": ("clinical", "test"), "di
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", default="runs/bench_accuracy", help="output folder (data, runs, table)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["semi-mixed", "sup25"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one training run per seed and model")
     parser.add_argument("--full", action="store_true", help="the paper's sizes: 128x128, more steps (for a GPU)")
     parser.add_argument("--n", type=int, default=600, help="healthy subjects (+ n/5 disease)")
     parser.add_argument("--image-size", type=int, default=None, help="network input side (default 64; 128 with --full)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 800; 6000 with --full)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run (default 800; 6000 with --full)"
+    )
     parser.add_argument("--labelled-share", type=float, default=0.25, help="labels kept in the 25 % runs")
     parser.add_argument("--phantom-seed", type=int, default=0, help="seed of the phantom (the people)")
     args = parser.parse_args(argv)
@@ -80,16 +83,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _clean(datalist: dict) -> dict:
     """A datalist as JSON: NaN ages (unlabelled) left out, as a user would write it."""
-    return {split: [{k: v for k, v in item.items() if not (k == "age" and isinstance(v, float) and math.isnan(v))}
-                    for item in items] for split, items in datalist.items()}
+    return {
+        split: [
+            {k: v for k, v in item.items() if not (k == "age" and isinstance(v, float) and math.isnan(v))}
+            for item in items
+        ]
+        for split, items in datalist.items()
+    }
 
 
 def make_data(args, out: Path) -> dict:
     """Research and clinical phantoms (same people) and, per seed, the training datalists of the 25 % runs."""
     spec = dict(n=args.n, seed=args.phantom_seed, unlabelled_fraction=0.0)
     research = Path(synthetic.ensure_dataset(out / "phantom_research", synthetic.CohortSpec(**spec))).parent
-    clinical = Path(synthetic.ensure_dataset(out / "phantom_clinical",
-                                             synthetic.CohortSpec(**spec, grade="clinical"))).parent
+    clinical = Path(
+        synthetic.ensure_dataset(out / "phantom_clinical", synthetic.CohortSpec(**spec, grade="clinical"))
+    ).parent
     full, clinical_lists = load_datalist(research / "datalist.json"), load_datalist(clinical / "datalist.json")
     clinical_by_subject = {item["subject"]: item for item in clinical_lists["training"]}
     paths = {"full": out / "datalist_full.json", "clinical": out / "datalist_clinical.json"}
@@ -108,8 +117,10 @@ def make_data(args, out: Path) -> dict:
             else:
                 source = clinical_by_subject[item["subject"]] if i in as_clinical else item
                 semi.append({k: v for k, v in source.items() if k not in ("age", "brain_age")})
-        lists = {"semi_mixed": {**full, "training": semi},
-                 "sup25": {**full, "training": [item for i, item in enumerate(training) if i in keep]}}
+        lists = {
+            "semi_mixed": {**full, "training": semi},
+            "sup25": {**full, "training": [item for i, item in enumerate(training) if i in keep]},
+        }
         for name, datalist in lists.items():
             paths[f"{name}_{seed}"] = out / f"datalist_{name}_seed{seed}.json"
             paths[f"{name}_{seed}"].write_text(json.dumps(_clean(datalist), indent=1))
@@ -142,15 +153,38 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
     epochs = max(1, math.ceil(args.steps / per_epoch))
     common = {"ckpt_path": folder / "model.pt", "image_size": args.image_size, "batch_size": batch_size}
     print(f"[{name}, seed {seed}] {epochs} epochs x {per_epoch} steps", flush=True)
-    seconds = bundle("training", ["configs/train.yaml", *overlays], folder / "train.log", datalist=datalist,
-                     output_dir=folder / "run", max_epochs=epochs, val_interval=max(1, epochs // 15),
-                     labelled_ratio=labelled_ratio, seed=seed, **common)
-    result = {"model": name, "description": description, "seed": seed, "epochs": epochs, "steps": epochs * per_epoch,
-              "train_seconds": round(seconds, 1), "errors": {}}
+    seconds = bundle(
+        "training",
+        ["configs/train.yaml", *overlays],
+        folder / "train.log",
+        datalist=datalist,
+        output_dir=folder / "run",
+        max_epochs=epochs,
+        val_interval=max(1, epochs // 15),
+        labelled_ratio=labelled_ratio,
+        seed=seed,
+        **common,
+    )
+    result = {
+        "model": name,
+        "description": description,
+        "seed": seed,
+        "epochs": epochs,
+        "steps": epochs * per_epoch,
+        "train_seconds": round(seconds, 1),
+        "errors": {},
+    }
     for label, (eval_list, split) in EVAL_SETS.items():
         target = folder / f"eval_{label}"
-        bundle("evaluate", ["configs/train.yaml", *overlays, "configs/evaluate.yaml"], folder / f"eval_{label}.log",
-               datalist=data[eval_list], eval_split=split, output_dir=target, **common)
+        bundle(
+            "evaluate",
+            ["configs/train.yaml", *overlays, "configs/evaluate.yaml"],
+            folder / f"eval_{label}.log",
+            datalist=data[eval_list],
+            eval_split=split,
+            output_dir=target,
+            **common,
+        )
         metrics = json.loads((target / "metrics.json").read_text())
         result[label] = {key: metrics[key] for key in ("n", "r", "mae", "r2", "rmse", "pad_mean", "pad_std")}
         rows = read_predictions(target / "predictions.csv")
@@ -177,11 +211,19 @@ def compare(results: list[dict], first: str, second: str, label: str) -> dict | 
     t = stats.ttest_rel(a, b) if len(seeds) > 1 else None
     w = stats.wilcoxon(per_a, per_b)
     p_seeds = float(t.pvalue) if t is not None else math.nan
-    return {"first": first, "second": second, "set": label, "seeds": seeds,
-            "mae_first": [float(v) for v in a], "mae_second": [float(v) for v in b],
-            "mean_difference": float((a - b).mean()), "paired_t_p_over_seeds": p_seeds,
-            "n_subjects": len(subjects), "wilcoxon_p_over_subjects": float(w.pvalue),
-            "significant": bool(p_seeds < 0.05 and float(w.pvalue) < 0.05)}
+    return {
+        "first": first,
+        "second": second,
+        "set": label,
+        "seeds": seeds,
+        "mae_first": [float(v) for v in a],
+        "mae_second": [float(v) for v in b],
+        "mean_difference": float((a - b).mean()),
+        "paired_t_p_over_seeds": p_seeds,
+        "n_subjects": len(subjects),
+        "wilcoxon_p_over_subjects": float(w.pvalue),
+        "significant": bool(p_seeds < 0.05 and float(w.pvalue) < 0.05),
+    }
 
 
 def _cell(values, spec=".2f") -> str:
@@ -194,8 +236,10 @@ def _cell(values, spec=".2f") -> str:
 
 
 def table(args, results: list[dict], comparisons: list[dict], floor: dict, truth: dict, minutes: float) -> str:
-    lines = ["| model | seeds | research MAE | research r | clinical MAE | clinical r | PAD–survival r, disease |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | seeds | research MAE | research r | clinical MAE | clinical r | PAD–survival r, disease |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in args.models:
         runs = [r for r in results if r["model"] == name]
         if not runs:
@@ -203,21 +247,33 @@ def table(args, results: list[dict], comparisons: list[dict], floor: dict, truth
         lines.append(
             f"| {MODELS[name][0]} | {len(runs)} | {_cell([r['research']['mae'] for r in runs])} | "
             f"{_cell([r['research']['r'] for r in runs])} | {_cell([r['clinical']['mae'] for r in runs])} | "
-            f"{_cell([r['clinical']['r'] for r in runs])} | {_cell([r['disease']['survival']['r'] for r in runs])} |")
-    lines.append(f"| *accuracy floor (knows brain age exactly)* | – | {floor['mae']:.2f} | {floor['r']:.2f} | "
-                 f"{floor['mae']:.2f} | {floor['r']:.2f} | {truth['sample_r']:.2f} (true δ) |")
+            f"{_cell([r['clinical']['r'] for r in runs])} | {_cell([r['disease']['survival']['r'] for r in runs])} |"
+        )
+    lines.append(
+        f"| *accuracy floor (knows brain age exactly)* | – | {floor['mae']:.2f} | {floor['r']:.2f} | "
+        f"{floor['mae']:.2f} | {floor['r']:.2f} | {truth['sample_r']:.2f} (true δ) |"
+    )
     text = "\n".join(lines)
     if comparisons:
-        text += ("\n\n| comparison | test set | MAE difference (first − second) | paired t over seeds, p | "
-                 "Wilcoxon over subjects, p | verdict |\n|---|---|---|---|---|---|\n")
+        text += (
+            "\n\n| comparison | test set | MAE difference (first − second) | paired t over seeds, p | "
+            "Wilcoxon over subjects, p | verdict |\n|---|---|---|---|---|---|\n"
+        )
         for c in comparisons:
-            verdict = ("first better" if c["mean_difference"] < 0 else "second better") if c["significant"] else \
-                "no significant difference"
-            text += (f"| {c['first']} vs {c['second']} | {c['set']} | {c['mean_difference']:+.2f} | "
-                     f"{c['paired_t_p_over_seeds']:.3f} | {c['wilcoxon_p_over_subjects']:.3f} | {verdict} |\n")
-    settings = (f"{args.image_size}×{args.image_size} slices, {args.steps} optimizer steps per run, seeds "
-                f"{', '.join(map(str, args.seeds))}, {args.n} healthy + {args.n // 5} disease phantom subjects "
-                f"(phantom seed {args.phantom_seed})")
+            verdict = (
+                ("first better" if c["mean_difference"] < 0 else "second better")
+                if c["significant"]
+                else "no significant difference"
+            )
+            text += (
+                f"| {c['first']} vs {c['second']} | {c['set']} | {c['mean_difference']:+.2f} | "
+                f"{c['paired_t_p_over_seeds']:.3f} | {c['wilcoxon_p_over_subjects']:.3f} | {verdict} |\n"
+            )
+    settings = (
+        f"{args.image_size}×{args.image_size} slices, {args.steps} optimizer steps per run, seeds "
+        f"{', '.join(map(str, args.seeds))}, {args.n} healthy + {args.n // 5} disease phantom subjects "
+        f"(phantom seed {args.phantom_seed})"
+    )
     return text + f"\n\nMAE in years (mean ± sd over seeds). Settings: {settings}. Wall time {minutes:.0f} min.\n"
 
 
@@ -231,12 +287,25 @@ def main(argv=None) -> int:
     floor = phantom["accuracy_floor"]
     truth = {"r": phantom["disease_true_pad_survival_r"], "sample_r": phantom["disease_sample_pad_survival_r"]}
     results = [train_and_evaluate(args, name, seed, data, out) for seed in args.seeds for name in args.models]
-    comparisons = [c for first, second in PAIRS if first in args.models and second in args.models
-                   for label in EVAL_SETS if label != "disease" for c in [compare(results, first, second, label)] if c]
+    comparisons = [
+        c
+        for first, second in PAIRS
+        if first in args.models and second in args.models
+        for label in EVAL_SETS
+        if label != "disease"
+        for c in [compare(results, first, second, label)]
+        if c
+    ]
     minutes = (time.perf_counter() - start) / 60
-    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
-              "settings": vars(args), "accuracy_floor": floor, "true_survival_association": truth,
-              "results": results, "comparisons": comparisons, "minutes": round(minutes, 1)}
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
+        "settings": vars(args),
+        "accuracy_floor": floor,
+        "true_survival_association": truth,
+        "results": results,
+        "comparisons": comparisons,
+        "minutes": round(minutes, 1),
+    }
     (out / "accuracy.json").write_text(json.dumps(report, indent=1, default=str))
     text = table(args, results, comparisons, floor, truth, minutes)
     (out / "accuracy.md").write_text(text)

@@ -73,14 +73,17 @@ def summary(records: list[dict], walls: list[float], truths: list[str], out: Pat
     r_truth = [correlation(out / r["slice"], t) for r, t in ok]
     stages = {s: round(float(np.mean([r["seconds"].get(s, 0.0) for r in records])), 3) for s in preprocess.STAGES}
     template = [r["registration"]["template_correlation"] for r, _ in ok]
-    return {"scans": len(records), "failed": len(records) - len(ok),
-            "r_truth_min": round(min(r_truth), 3) if ok else None,
-            "r_truth_mean": round(float(np.mean(r_truth)), 3) if ok else None,
-            "template_correlation_min": round(min(template), 3) if ok else None,
-            "seconds_per_stage": stages,
-            "seconds_total_mean": round(float(np.mean([r["seconds_total"] for r in records])), 2),
-            "seconds_total_max": round(float(np.max([r["seconds_total"] for r in records])), 2),
-            "wall_seconds_mean": round(float(np.mean(walls)), 2)}
+    return {
+        "scans": len(records),
+        "failed": len(records) - len(ok),
+        "r_truth_min": round(min(r_truth), 3) if ok else None,
+        "r_truth_mean": round(float(np.mean(r_truth)), 3) if ok else None,
+        "template_correlation_min": round(min(template), 3) if ok else None,
+        "seconds_per_stage": stages,
+        "seconds_total_mean": round(float(np.mean([r["seconds_total"] for r in records])), 2),
+        "seconds_total_max": round(float(np.max([r["seconds_total"] for r in records])), 2),
+        "wall_seconds_mean": round(float(np.mean(walls)), 2),
+    }
 
 
 def main() -> None:
@@ -95,8 +98,13 @@ def main() -> None:
     args = p.parse_args()
     if args.scans < 2:
         p.error("--scans must be at least 2: the first scan of the run is reported on its own")
-    result = {"machine": cpu_model(), "cpu_count": os.cpu_count(),
-              "skull_strip": args.skull_strip, "workers": args.workers, "pose_deg": args.pose_deg}
+    result = {
+        "machine": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "skull_strip": args.skull_strip,
+        "workers": args.workers,
+        "pose_deg": args.pose_deg,
+    }
     rng = np.random.default_rng(args.seed)
     transform = chain(args.skull_strip, args.hdbet_weights_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,8 +113,11 @@ def main() -> None:
             spec = synthetic.CohortSpec(n=args.scans, n_disease=0, seed=args.seed, grade=grade)
             synthetic.generate(spec, Path(tmp) / grade, mode="volumes", progress=False)
             datalist = preprocess.read_datalist(Path(tmp) / grade / "datalist.json")
-            items += [{**it, "grade": grade, "truth_slice": str(Path(tmp) / grade / it["truth_slice"])}
-                      for split in datalist.values() for it in split]
+            items += [
+                {**it, "grade": grade, "truth_slice": str(Path(tmp) / grade / it["truth_slice"])}
+                for split in datalist.values()
+                for it in split
+            ]
         if args.pose_deg:
             for item in items:
                 turn(Path(item["image"]), args.pose_deg, rng)
@@ -121,13 +132,18 @@ def main() -> None:
         result["first_scan"] = summary(records[:1], walls[:1], truths[:1], sequential)
         for grade in ("research", "clinical"):
             chosen = [i for i, it in enumerate(items) if it["grade"] == grade and i > 0]
-            result[grade] = summary([records[i] for i in chosen], [walls[i] for i in chosen],
-                                    [truths[i] for i in chosen], sequential)
+            result[grade] = summary(
+                [records[i] for i in chosen], [walls[i] for i in chosen], [truths[i] for i in chosen], sequential
+            )
         t0 = time.perf_counter()
         preprocess.preprocess_items(items, Path(tmp) / "batch", transform, num_workers=args.workers, progress=False)
         batch = time.perf_counter() - t0
-        result["batch"] = {"scans": len(items), "workers": args.workers, "wall_seconds": round(batch, 1),
-                           "wall_seconds_per_scan": round(batch / len(items), 2)}
+        result["batch"] = {
+            "scans": len(items),
+            "workers": args.workers,
+            "wall_seconds": round(batch, 1),
+            "wall_seconds_per_scan": round(batch / len(items), 2),
+        }
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

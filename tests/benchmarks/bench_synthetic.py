@@ -30,17 +30,27 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     synthetic.build_atlas()
-    result = {"atlas_seconds": round(time.perf_counter() - t0, 2), "machine": platform.processor() or platform.machine()}
+    result = {
+        "atlas_seconds": round(time.perf_counter() - t0, 2),
+        "machine": platform.processor() or platform.machine(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        for mode, n, grade in (("slices", args.slices, "research"), ("slices", args.slices, "clinical"),
-                               ("volumes", args.volumes, "mixed")):
+        for mode, n, grade in (
+            ("slices", args.slices, "research"),
+            ("slices", args.slices, "clinical"),
+            ("volumes", args.volumes, "mixed"),
+        ):
             spec = synthetic.CohortSpec(n=n, n_disease=0, seed=0, grade=grade)
             t0 = time.perf_counter()
             synthetic.generate(spec, Path(tmp) / f"{mode}-{grade}", mode=mode, progress=False)
             seconds = time.perf_counter() - t0
             key = f"{mode}_{grade}"
-            result[key] = {"subjects": n, "seconds": round(seconds, 2), "subjects_per_s": round(n / seconds, 2),
-                           "seconds_per_subject": round(seconds / n, 3)}
+            result[key] = {
+                "subjects": n,
+                "seconds": round(seconds, 2),
+                "subjects_per_s": round(n / seconds, 2),
+                "seconds_per_subject": round(seconds / n, 3),
+            }
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -47,15 +47,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (oneDNN primitive creation)")
     parser.add_argument("--labelled-fraction", type=float, default=0.25, help="labelled share of each batch")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(AUTOCAST), default=["fp32", "bf16"])
-    parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
-                        default=["contiguous", "channels_last"])
+    parser.add_argument(
+        "--layouts", nargs="+", choices=["contiguous", "channels_last"], default=["contiguous", "channels_last"]
+    )
     parser.add_argument("--infer-batches", type=int, nargs="*", default=[1, 64], help="inference batch sizes")
     parser.add_argument("--infer-repeats", type=int, default=20, help="timed inference calls at batch 1")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--keep-denormals", action="store_true",
-                        help="do not flush denormals (slow: Adam's tiny second moments become denormal on CPU)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="wall: elapsed time; cpu: this process' CPU time (use with --threads 1)")
+    parser.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="do not flush denormals (slow: Adam's tiny second moments become denormal on CPU)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: this process' CPU time (use with --threads 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul of the peak test")
     parser.add_argument("--out", default=None, help="also write the JSON report to this file")
