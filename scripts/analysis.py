@@ -568,13 +568,13 @@ def build_parser():
         default=[8],
         help="images per input (one count, or one per input), spread over the labelled ages",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the shared x_T")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared x_end")
     _model_options(p)
     p.add_argument("--out", default="eval/analysis", help="output folder for generation.png/.json")
     p.set_defaults(run=_run_generate)
 
     p = sub.add_parser(
-        "interpolate", help="decode an interpolation between a young and an old brain (Figure 3), " "x_T-only control"
+        "interpolate", help="decode an interpolation between a young and an old brain (Figure 3), x_end-only control"
     )
     p.add_argument("--young", type=cli.existing_file, default=None, help="model-input slice of the young brain")
     p.add_argument("--old", type=cli.existing_file, default=None, help="model-input slice of the old brain")

@@ -38,7 +38,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj, **kwargs) -> Path:
-    return write_text(path, json.dumps(obj, indent=1, **kwargs))
+    """Indented by 4 and newline-terminated: the layout of the Model Zoo's pretty-format-json hook."""
+    return write_text(path, json.dumps(obj, indent=4, **kwargs) + "\n")
 
 
 def write_csv(path: str | os.PathLike, rows, fieldnames, **writer_kwargs) -> Path:

@@ -112,7 +112,7 @@ def reconstruction_grid(
 ) -> Path:
     """Originals, their reconstructions and the absolute error (paper Figure 4); images are (N, C, H, W).
 
-    With ``swapped`` (each image's x_T decoded with the next image's z_sem) two more rows show that control and
+    With ``swapped`` (each image's x_end decoded with the next image's z_sem) two more rows show that control and
     its error: the latent is at work only where the swapped row is visibly worse than the reconstruction.
     """
     originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
@@ -169,7 +169,7 @@ def generation_grid(
     labels: list[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Generation from z alone: the originals above, the decodes of one shared x_T with each z below.
+    """Generation from z alone: the originals above, the decodes of one shared x_end with each z below.
 
     Each decode is titled with the original it is closest to (green when its own, red otherwise).
     """
@@ -186,7 +186,7 @@ def generation_grid(
             fontsize=8,
             color="tab:green" if own else "tab:red",
         )
-    for row, name in enumerate(("original", "decoded from z\n(shared x_T)")):
+    for row, name in enumerate(("original", "decoded from z\n(shared x_end)")):
         axes[row, 0].text(
             -0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8
         )
@@ -205,8 +205,8 @@ def interpolation_grid(
 ) -> Path:
     """Decoded frames of a latent interpolation in a row, each titled with its ages (paper Figure 3).
 
-    ``control_frames`` (the same x_T path with z held at the first frame's z) go in a second row: whatever
-    changes there comes from x_T, not from the latent.
+    ``control_frames`` (the same x_end path with z held at the first frame's z) go in a second row: whatever
+    changes there comes from x_end, not from the latent.
     """
     frames = np.asarray(frames)
     centre = frames.shape[1] // 2
@@ -223,7 +223,7 @@ def interpolation_grid(
         for i, ax in enumerate(axes[1]):
             label = None if control_ages is None else f"image: {float(control_ages[i]):.1f} y"
             show_slice(ax, np.clip(control_frames[i, centre], 0.0, 1.0), label)
-        for row, name in enumerate(("z and x_T", "control: x_T only")):
+        for row, name in enumerate(("z and x_end", "control: x_end only")):
             axes[row, 0].text(
                 -0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8
             )

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from scripts import synthetic  # noqa: E402
+from scripts.atomic import write_json  # noqa: E402
 from scripts.data import is_labelled, load_datalist  # noqa: E402
 from scripts.engine import LabelledRatioBatchSampler  # noqa: E402
 from scripts.inference import read_predictions  # noqa: E402
@@ -306,7 +307,7 @@ def main(argv=None) -> int:
         "comparisons": comparisons,
         "minutes": round(minutes, 1),
     }
-    (out / "accuracy.json").write_text(json.dumps(report, indent=1, default=str))
+    write_json(out / "accuracy.json", report, default=str)
     text = table(args, results, comparisons, floor, truth, minutes)
     (out / "accuracy.md").write_text(text)
     print(text)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from monai.bundle import ConfigParser  # noqa: E402
 
 from scripts import preprocess, synthetic  # noqa: E402
+from scripts.atomic import write_json  # noqa: E402
 
 
 def chain(skull_strip: str, hdbet_weights_dir: str | None):
@@ -146,7 +147,7 @@ def main() -> None:
         }
     print(json.dumps(result, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the bundle root,
 
 from monai.networks.schedulers import DDPMScheduler  # noqa: E402
 
+from scripts.atomic import write_json  # noqa: E402
 from scripts.engine import DiffusionAutoencoderInferer, DiffusionPrepareBatch, SemiSupervisedLoss  # noqa: E402
 from scripts.networks import DiffusionAutoencoder, count_parameters  # noqa: E402
 
@@ -216,8 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json(args.out, report)
     return report
 
 
