@@ -1,7 +1,7 @@
 """Does the test suite catch the bugs its tests are named for? Plant each bug of a list, one at a time, in a temporary
 copy of the bundle, run only the tests named for it, and report which bugs survive.
 
-    .venv/bin/python tests/mutation_check.py                 # every mutant (about 15 min on 2 cores)
+    .venv/bin/python tests/mutation_check.py                 # every mutant (about 8 min on 2 cores)
     .venv/bin/python tests/mutation_check.py --list          # the mutants and the tests named for each
     .venv/bin/python tests/mutation_check.py --only resume-disabled checkpoint-not-atomic
 

@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -211,10 +212,14 @@ def test_single_file_input_and_unusable_inputs(run_workflow, trained_model, slic
     data = nan_slice.get_fdata(dtype=np.float32)
     data[5, 5] = np.nan
     nib.save(nib.Nifti1Image(data, nan_slice.affine), bad / "nan_slice.nii.gz")
-    with pytest.raises(SystemExit, match="none of the 1 inputs"):
+    nib.save(nib.Nifti1Image(np.zeros_like(data), nan_slice.affine), bad / "zero_slice.nii.gz")
+    with pytest.raises(SystemExit, match="none of the 2 inputs"):
         predict(run_workflow, trained_model, bad, tmp_path / "bad_out")
-    rows = read_csv(tmp_path / "bad_out" / "predictions.csv")
-    assert rows[0]["error"] == "load: the slice has NaN or infinite values"
+    errors = {Path(r["image"]).name: r["error"] for r in read_csv(tmp_path / "bad_out" / "predictions.csv")}
+    assert errors == {
+        "nan_slice.nii.gz": "load: the slice has NaN or infinite values",
+        "zero_slice.nii.gz": "load: the slice is empty",
+    }
 
 
 def test_evaluate_overlay_writes_metrics_table_and_scatter(run_workflow, trained_model, tmp_path, capsys):
