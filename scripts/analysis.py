@@ -450,6 +450,17 @@ def _run_counterfactual(args) -> None:
     print(f"wrote {png} and {write_json(out / 'counterfactual.json', summary)}")
 
 
+def _input_option(p) -> None:
+    """The images a generative command draws from: datalists, slice files or folders."""
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="DATALIST_or_NIfTI",
+        help="datalist JSON(s), model-input slice NIfTI file(s) or folders of them",
+    )
+
+
 def _model_options(parser) -> None:
     parser.add_argument(
         "--config_file",
@@ -532,13 +543,7 @@ def build_parser():
     p.set_defaults(run=_run_ks)
 
     p = sub.add_parser("reconstruct", help="DDIM encode/decode round trips of slices (Figure 4), swapped-z control")
-    p.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="DATALIST_or_NIfTI",
-        help="datalist JSON(s), model-input slice NIfTI file(s) or folders of them",
-    )
+    _input_option(p)
     p.add_argument("--split", default="test", help="datalist split to draw from")
     p.add_argument(
         "--n",
@@ -553,13 +558,7 @@ def build_parser():
     p.set_defaults(run=_run_reconstruct)
 
     p = sub.add_parser("generate", help="decode one shared random x_end with each image's z_sem: what z alone carries")
-    p.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="DATALIST_or_NIfTI",
-        help="datalist JSON(s), model-input slice NIfTI file(s) or folders of them",
-    )
+    _input_option(p)
     p.add_argument("--split", default="test", help="datalist split to draw from")
     p.add_argument(
         "--n",

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from model_zoo_checks import tracked_files  # the same folder: what a clean checkout has
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -278,19 +280,10 @@ MUTANTS += [
 
 def copy_bundle(destination: Path) -> None:
     """The tracked files (and untracked, not ignored ones) of the bundle: what a clean checkout has."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    for name in listed:
-        source = ROOT / name
-        if source.is_file():
-            target = destination / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
+    for name in tracked_files():
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target)
 
 
 def plant(copy: Path, mutant: Mutant) -> None:

@@ -16,23 +16,13 @@ from scipy import stats
 from test_engine import TINY, one_thread, tiny_model  # noqa: F401
 
 from scripts import analysis, statistics
-from scripts.inference import read_predictions
+from scripts.inference import PREDICTION_COLUMNS, read_predictions
 from scripts.mni import slice_affine
 
 
 def write_predictions(path, pads, survival, splits, corrected=None):
     """A predictions.csv as inference writes it: empty cells for unknown values, survival as an extra column."""
-    columns = [
-        "subject",
-        "image",
-        "predicted_age",
-        "age",
-        "brain_pad",
-        "brain_pad_corrected",
-        "split",
-        "error",
-        "survival_months",
-    ]
+    columns = [*PREDICTION_COLUMNS, "survival_months"]
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()

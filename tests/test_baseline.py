@@ -10,7 +10,7 @@ import torch
 
 from scripts import statistics
 from scripts.engine import LabelledAgeLoss
-from scripts.inference import read_predictions
+from scripts.inference import PREDICTION_COLUMNS, read_predictions
 from scripts.networks import AgeRegressor
 
 
@@ -50,16 +50,7 @@ def test_densenet_baseline_trains_and_evaluates_through_the_same_workflow(run_wo
     run_workflow([*overlays, "evaluate.yaml"], "evaluate", output_dir=str(out), **settings)
     with open(out / "predictions.csv", newline="") as fh:
         columns = next(csv.reader(fh))
-    assert columns[:8] == [
-        "subject",
-        "image",
-        "predicted_age",
-        "age",
-        "brain_pad",
-        "brain_pad_corrected",
-        "split",
-        "error",
-    ]
+    assert columns[: len(PREDICTION_COLUMNS)] == list(PREDICTION_COLUMNS)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == len(json.loads((slice_dataset / "datalist.json").read_text())["test"])
 
