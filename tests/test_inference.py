@@ -61,7 +61,7 @@ def test_training_fits_the_bias_correction_on_validation(trained_model, tiny_net
     assert (correction.slope, correction.intercept) == pytest.approx((expected.slope, expected.intercept), abs=1e-3)
 
 
-def test_datalist_slices_predicted_with_pad_and_corrected_pad(run_workflow, trained_model, tmp_path):
+def test_datalist_slices_predicted_with_pad_and_corrected_pad(run_workflow, trained_model, tiny_network, tmp_path):
     rows = predict(
         run_workflow,
         trained_model,
@@ -87,18 +87,7 @@ def test_datalist_slices_predicted_with_pad_and_corrected_pad(run_workflow, trai
 
     parser = ConfigParser()
     parser.read_config("configs/inference.yaml")
-    parser.update(
-        {
-            "image_size": 32,
-            "base_channels": 8,
-            "channel_mult": [1, 2],
-            "num_res_blocks": 1,
-            "attention_resolutions": [8],
-            "embed_dim": 32,
-            "z_dim": 16,
-            "head_hidden_features": [8, 4],
-        }
-    )
+    parser.update(tiny_network)
     network = inference.load_weights(parser.get_parsed_content("network_def"), trained_model["ckpt_path"]).eval()
     image = torch.from_numpy(nib.load(rows[0]["image"]).get_fdata(dtype=np.float32))[None, None]
     with torch.no_grad():
