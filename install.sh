@@ -19,3 +19,5 @@ pip install --no-deps -r requirements-hdbet.txt
 pip install -r requirements-dev.txt   # the Model Zoo's code-style checks (tests/test_code_style.py)
 # HD-BET's prediction path: its module, and the nnU-Net trainer module that rebuilds its network.
 .venv/bin/python -c "import torch, monai, ants, SimpleITK, HD_BET.hd_bet_prediction, nnunetv2.training.nnUNetTrainer.nnUNetTrainer; print(f'ok: torch {torch.__version__}, monai {monai.__version__}')"
+# HD-BET 1.x's shipped weights: all five folds against their pinned SHA-256 (scripts/hdbet.py; never downloads).
+.venv/bin/python -m scripts.hdbet --shipped

@@ -1,5 +1,5 @@
-"""Command line of the paper's analyses: ``python -m scripts.analysis {metrics, association, ks, reconstruct,
-generate, interpolate, counterfactual}``.
+"""Command line of the paper's analyses: ``python -m scripts.analysis {metrics, association, ks, reliability,
+reconstruct, generate, interpolate, counterfactual}``.
 
 The statistics live in :mod:`scripts.statistics`, the generative analyses (with their controls) in
 :mod:`scripts.generative`; this module loads models and data for them, prints tables and writes JSON and figures.
@@ -450,6 +450,25 @@ def _run_counterfactual(args) -> None:
     print(f"wrote {png} and {write_json(out / 'counterfactual.json', summary)}")
 
 
+def _run_reliability(args) -> None:
+    from scripts.figures import bland_altman_plot
+    from scripts.statistics import reliability
+
+    result = reliability(args.first, args.second, args.column)
+    out = Path(args.out)
+    pairs = np.asarray(result["pairs"])
+    png = bland_altman_plot(pairs[:, 0], pairs[:, 1], out / "bland_altman.png", result, labels=tuple(args.names))
+    rows = [
+        ["ICC(2,1) absolute agreement", _number(result["icc_2_1"], ".3f")],
+        ["ICC(3,1) consistency", _number(result["icc_3_1"], ".3f")],
+        [f"bias ({args.names[1]} - {args.names[0]}, years)", _number(result["bias"])],
+        ["95 % limits of agreement (years)", f"{result['loa_lower']:.2f} to {result['loa_upper']:.2f}"],
+        ["subjects", str(result["n"])],
+    ]
+    print(_text_table(["test-retest", args.column], rows))
+    print(f"wrote {write_json(out / 'reliability.json', result)} and {png}")
+
+
 def _input_option(p) -> None:
     """The images a generative command draws from: datalists, slice files or folders."""
     p.add_argument(
@@ -541,6 +560,16 @@ def build_parser():
         "--out", default="eval/analysis", help="output folder for pad_distributions.json and pad_boxplot.png"
     )
     p.set_defaults(run=_run_ks)
+
+    p = sub.add_parser(
+        "reliability", help="test-retest ICC(2,1), ICC(3,1) and Bland-Altman between two predictions.csv + plot"
+    )
+    p.add_argument("first", type=cli.existing_file, metavar="FIRST.csv", help="predictions of the first scans")
+    p.add_argument("second", type=cli.existing_file, metavar="SECOND.csv", help="predictions of the re-scans")
+    p.add_argument("--column", default="predicted_age", help="the measurement compared (default: %(default)s)")
+    p.add_argument("--names", nargs=2, default=("first", "second"), help="labels of the two sessions")
+    p.add_argument("--out", default="eval/analysis", help="output folder for reliability.json and bland_altman.png")
+    p.set_defaults(run=_run_reliability)
 
     p = sub.add_parser("reconstruct", help="DDIM encode/decode round trips of slices (Figure 4), swapped-z control")
     _input_option(p)

@@ -1,4 +1,5 @@
-"""Age-bias correction of brain-age predictions, fitted on validation data and stored beside the model.
+"""Age-bias correction and prediction intervals of brain-age predictions, fitted on validation data and stored
+beside the model.
 
 Brain-PAD (predicted age difference) = predicted age - chronological age. Regression to the mean makes raw PADs
 correlate negatively with age; the corrections here remove that dependence with a fit made at the end of training
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +22,14 @@ import torch.distributed as dist
 
 from scripts.atomic import write_json
 
-__all__ = ["BIAS_CORRECTION_METHODS", "BiasCorrection", "BiasCorrectionFitter", "bias_correction_path"]
+__all__ = [
+    "BIAS_CORRECTION_METHODS",
+    "BiasCorrection",
+    "BiasCorrectionFitter",
+    "PredictionInterval",
+    "bias_correction_path",
+    "interval_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +95,64 @@ class BiasCorrection:
         return cls(str(data["method"]), float(data["slope"]), float(data["intercept"]), int(data.get("n", 0)))
 
 
+@dataclass(frozen=True)
+class PredictionInterval:
+    """Split-conformal prediction interval of brain age (Vovk et al. 2005; Lei et al. 2018), fitted on validation.
+
+    With the signed validation residuals ``r = predicted - age`` of n scans, the interval of a new prediction
+    ``p`` is ``[p - upper, p - lower]`` where ``lower``/``upper`` are the ``floor((n+1) a/2)``-th and
+    ``ceil((n+1)(1 - a/2))``-th smallest residuals (``a = 1 - coverage``): for a scan exchangeable with the
+    validation scans it covers the true age with probability at least ``coverage`` (and below
+    ``coverage + 2/(n+1)``). Signed residuals keep the interval honest where the model is biased
+    (regression to the mean); the guarantee is marginal, over the validation population's ages and scan types,
+    not per age or per scanner. ``n`` below ``2/a - 1`` cannot reach the coverage: the interval is then
+    unbounded (``inf``), as the method says it must be.
+    """
+
+    coverage: float
+    lower: float
+    upper: float
+    n: int
+    method: str = "split-conformal"
+
+    @classmethod
+    def fit(cls, predicted_age, age, coverage: float = 0.9) -> "PredictionInterval":
+        if not 0 < coverage < 1:
+            raise ValueError(f"interval coverage {coverage} must be between 0 and 1 (e.g. 0.9)")
+        pred, age = as_array(predicted_age), as_array(age)
+        keep = np.isfinite(pred) & np.isfinite(age)
+        residual = np.sort(pred[keep] - age[keep])
+        n, alpha = len(residual), 1.0 - coverage
+        if n == 0:
+            raise ValueError("a prediction interval needs labelled validation predictions, got none")
+        k_low = int(np.floor((n + 1) * alpha / 2))  # 1-based rank; 0 means "below every residual"
+        k_high = int(np.ceil((n + 1) * (1 - alpha / 2)))
+        lower = float(residual[k_low - 1]) if k_low >= 1 else -math.inf
+        upper = float(residual[k_high - 1]) if k_high <= n else math.inf
+        return cls(float(coverage), lower, upper, n)
+
+    def bounds(self, predicted_age) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) ends of the interval of each predicted age."""
+        pred = as_array(predicted_age)
+        return pred - self.upper, pred - self.lower
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PredictionInterval":
+        data = json.loads(Path(path).read_text())
+        if data.get("method") != "split-conformal":
+            raise ValueError(f"{path}: not a prediction-interval file (method {data.get('method')!r})")
+        return cls(float(data["coverage"]), float(data["lower"]), float(data["upper"]), int(data["n"]))
+
+
+def interval_path(ckpt_path: str | Path) -> Path:
+    """Where the prediction interval fitted for a checkpoint lives: beside it, ``<stem>_interval.json``."""
+    ckpt_path = Path(ckpt_path)
+    return ckpt_path.with_name(f"{ckpt_path.stem}_interval.json")
+
+
 def bias_correction_path(ckpt_path: str | Path) -> Path:
     """Where the correction fitted for a checkpoint lives: beside it, ``<stem>_bias_correction.json``."""
     ckpt_path = Path(ckpt_path)
@@ -93,7 +160,8 @@ def bias_correction_path(ckpt_path: str | Path) -> Path:
 
 
 class BiasCorrectionFitter:
-    """Fit the age-bias correction on the validation predictions of the best model and store it beside it.
+    """Fit the age-bias correction (and, with ``interval_path``, the :class:`PredictionInterval`) on the validation
+    predictions of the best model and store them beside it.
 
     Attached to the evaluator; collects (prediction, age) of every validation batch and, when the epoch sets a
     new best key metric (the epoch whose model the best-model checkpoint holds), fits
@@ -102,9 +170,17 @@ class BiasCorrectionFitter:
     model whose predictions do not yet vary with age) is logged and skipped; training goes on.
     """
 
-    def __init__(self, path: str | os.PathLike, method: str = "beheshti") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        method: str = "beheshti",
+        interval_path: str | os.PathLike | None = None,
+        interval_coverage: float = 0.9,
+    ) -> None:
         self.path = Path(path)
         self.method = method
+        self.interval_path = Path(interval_path) if interval_path else None
+        self.interval_coverage = float(interval_coverage)
         self._pred: list[torch.Tensor] = []
         self._age: list[torch.Tensor] = []
 
@@ -137,6 +213,8 @@ class BiasCorrectionFitter:
                 return
         if not len(pred):
             return
+        if self.interval_path is not None:  # the interval of the checkpoint's model, from the same validation data
+            PredictionInterval.fit(pred, age, self.interval_coverage).save(self.interval_path)
         try:
             correction = BiasCorrection.fit(pred, age, self.method)
         except ValueError as err:
@@ -149,3 +227,62 @@ class BiasCorrectionFitter:
             )
             return
         correction.save(self.path)
+
+
+def fit_from_predictions(
+    predictions_csv: str | Path,
+    ckpt_path: str | Path,
+    method: str = "beheshti",
+    coverage: float = 0.9,
+    split: str | None = "validation",
+) -> tuple[Path, Path]:
+    """Fit the bias correction and the prediction interval of ``ckpt_path`` from its predictions on *validation*
+    data (a predictions.csv of ``run inference --input_splits "['validation']"``); write both beside it.
+
+    For a model trained before intervals existed, or to refit at another coverage. Never pass the data the
+    model will be evaluated on: calibrating on it voids the coverage guarantee.
+    """
+    import csv
+
+    def number(text) -> float:
+        return float(text) if text not in (None, "") else math.nan
+
+    with open(predictions_csv, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if split is None or r.get("split") == split]
+    pred = np.array([number(r.get("predicted_age")) for r in rows], dtype=np.float64)
+    age = np.array([number(r.get("age")) for r in rows], dtype=np.float64)
+    if not np.isfinite(pred + age).any():  # the interval and the correction need labelled predictions
+        raise ValueError(f"{predictions_csv}: no {split or ''} row with both a prediction and an age")
+    interval = interval_path(ckpt_path)
+    PredictionInterval.fit(pred, age, coverage).save(interval)
+    correction = bias_correction_path(ckpt_path)
+    BiasCorrection.fit(pred, age, method).save(correction)
+    return correction, interval
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scripts import cli
+
+    parser = cli.ArgumentParser(
+        prog="python -m scripts.calibration",
+        description="Fit a model's age-bias correction and split-conformal prediction interval from its "
+        "predictions on validation data, and store them beside the checkpoint (training does this itself).",
+    )
+    parser.add_argument("predictions", type=cli.existing_file, help="predictions.csv with the validation split")
+    parser.add_argument("--ckpt_path", "--ckpt-path", default="models/model.pt", help="the model they belong to")
+    parser.add_argument("--method", choices=BIAS_CORRECTION_METHODS, default="beheshti", help="bias correction")
+    parser.add_argument("--coverage", type=float, default=0.9, help="interval coverage (default: %(default)s)")
+    parser.add_argument("--split", default="validation", help="rows of this split only (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        written = fit_from_predictions(args.predictions, args.ckpt_path, args.method, args.coverage, args.split)
+    except ValueError as err:
+        parser.error(str(err))
+    print("wrote " + " and ".join(map(str, written)))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -69,7 +69,8 @@ def load_datalist(
     Every item gets ``subject`` (default: the image file name) and ``age`` (``nan`` for unlabelled
     items, so batches collate; the loss masks them). Raises :class:`DatalistError` for missing or
     malformed keys, bad ages, missing files (``check_files``), duplicated subjects within a split,
-    a subject in more than one of training/validation/test (``check_leakage``), a requested split
+    a subject (``participant_id`` where items have one) in more than one of training/validation/test
+    (``check_leakage``), a requested split
     that is absent or empty, and an item without an age in a ``require_age`` split.
     """
     path = Path(path)
@@ -90,11 +91,10 @@ def load_datalist(
         for split in (s for s in SPLITS if s in raw):
             items = out[split] if split in out else _parse_split(path, split, raw[split], check_files=False)
             for it in items:
-                first = seen.setdefault(it["subject"], split)
+                person = participant(it)
+                first = seen.setdefault(person, split)
                 if first != split:
-                    raise DatalistError(
-                        f"{path}: subject {it['subject']} is in both '{first}' and '{split}' (data leakage)"
-                    )
+                    raise DatalistError(f"{path}: subject {person} is in both '{first}' and '{split}' (data leakage)")
     return out
 
 
@@ -112,7 +112,7 @@ def _parse_split(path: Path, split: str, items, check_files: bool) -> list[dict]
         resolved = Path(image) if Path(image).is_absolute() else path.parent / image
         subject = str(item.get("subject") or subject_from_path(image))
         where = f"{where} ({subject})"
-        if check_files and not resolved.is_file():
+        if check_files and not (resolved.is_file() or resolved.is_dir()):  # a folder: a DICOM series
             raise DatalistError(f"{where}: image {resolved} does not exist")
         clean = dict(item, image=str(resolved), subject=subject)
         clean["age"] = parse_age(item["age"], where) if item.get("age") is not None else math.nan
@@ -122,6 +122,11 @@ def _parse_split(path: Path, split: str, items, check_files: bool) -> list[dict]
         if n > 1:
             raise DatalistError(f"{path}: subject {subject} appears {n} times in '{split}'")
     return parsed
+
+
+def participant(item: dict) -> str:
+    """Who a scan belongs to, for leakage checks: ``participant_id`` (BIDS, several scans per person) or ``subject``."""
+    return str(item.get("participant_id") or item["subject"])
 
 
 def is_labelled(item: dict) -> bool:

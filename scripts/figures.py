@@ -305,3 +305,22 @@ def save_figure(fig, out: str | Path) -> Path:
         return write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110))
     finally:
         plt.close(fig)
+
+
+def bland_altman_plot(first, second, out: str | Path, stats: dict, labels=("first", "second")) -> Path:
+    """Bland-Altman plot: difference against mean of two measurements, with the bias and limits of agreement."""
+    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    mean, difference = (a + b) / 2, b - a
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    ax.scatter(mean, difference, s=12, alpha=0.7)
+    for value, style, name in (
+        (stats["bias"], "-", f"bias {stats['bias']:+.2f}"),
+        (stats["loa_lower"], "--", f"-1.96 sd {stats['loa_lower']:+.2f}"),
+        (stats["loa_upper"], "--", f"+1.96 sd {stats['loa_upper']:+.2f}"),
+    ):
+        ax.axhline(value, color="black", linestyle=style, linewidth=0.8)
+        ax.annotate(name, (1.0, value), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=7)
+    ax.set_xlabel(f"mean of {labels[0]} and {labels[1]} (years)")
+    ax.set_ylabel(f"{labels[1]} - {labels[0]} (years)")
+    ax.set_title(f"ICC(2,1) {stats['icc_2_1']:.3f}, ICC(3,1) {stats['icc_3_1']:.3f}, n = {stats['n']}", fontsize=9)
+    return save_figure(fig, out)

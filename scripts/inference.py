@@ -22,42 +22,96 @@ import torch
 
 from scripts import data as datalists
 from scripts.atomic import write_atomic, write_csv
-from scripts.calibration import BiasCorrection
+from scripts.calibration import BiasCorrection, PredictionInterval
 from scripts.mni import SLICE_SIZE, slice_affine
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ("subject", "image", "predicted_age", "age", "brain_pad", "brain_pad_corrected", "split", "error")
+PREDICTION_COLUMNS = (
+    "subject",
+    "image",
+    "predicted_age",
+    "predicted_age_lower",
+    "predicted_age_upper",
+    "age",
+    "brain_pad",
+    "brain_pad_lower",
+    "brain_pad_upper",
+    "brain_pad_corrected",
+    "split",
+    "error",
+)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-def resolve_inputs(source: str | Path, splits: list[str] | None = None, missing_ok: bool = False) -> list[dict]:
-    """Items ``{"image", "subject", ...}`` for a NIfTI file, a folder of NIfTI files, or a datalist JSON.
+def resolve_inputs(
+    source: str | Path,
+    splits: list[str] | None = None,
+    missing_ok: bool = False,
+    shard: str | None = None,
+    dicom_age: bool = False,
+) -> list[dict]:
+    """Items ``{"image", "subject", ...}`` for a NIfTI file, a DICOM series folder, a folder of either, a BIDS
+    dataset root, or a datalist JSON.
 
     For a datalist, ``splits`` selects item lists (default: every list in it); each item keeps its columns
-    (``age``, ``survival_months``, ...) and gets ``split``. Missing files are not an error here: they become
-    failure rows. With ``missing_ok`` a ``source`` that does not exist gives no items (a workflow being built
-    for a property check); :func:`require_inputs` then reports it when the workflow runs.
+    (``age``, ``survival_months``, ...) and gets ``split``. A BIDS root gives one item per T1w image with its
+    entities and participants.tsv / sessions.tsv columns (``scripts.bids``). A folder that directly holds
+    DICOM files is one scan, named after its path below ``source``; with ``dicom_age`` its age comes from the
+    DICOM header (otherwise no patient tag is read). Missing files are not an error here: they become failure
+    rows. ``shard`` ``"i/N"`` keeps that shard's items (``scripts.shards``). With ``missing_ok`` a ``source``
+    that does not exist gives no items (a workflow being built for a property check); :func:`require_inputs`
+    then reports it when the workflow runs.
     """
+    from scripts import bids, dicom, shards
+
+    part = shards.parse_shard(shard)
     path = Path(source).expanduser()
     if missing_ok and not path.exists():
         return []
-    if path.is_dir():
+    if path.is_dir() and bids.is_bids_root(path):
+        items = bids.bids_items(path)
+    elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
-        if not files:
-            raise FileNotFoundError(f"{path}: no .nii or .nii.gz files in this folder")
-        return [{"image": str(p), "subject": datalists.subject_from_path(p.name)} for p in files]
-    if path.name.endswith(NIFTI_SUFFIXES):
+        items = [{"image": str(p), "subject": datalists.subject_from_path(p.name)} for p in files]
+        for folder in dicom.dicom_folders(path):
+            name = "_".join(folder.relative_to(path).parts) or folder.name
+            items.append(_dicom_item(folder, name, dicom_age))
+        if not items:
+            raise FileNotFoundError(f"{path}: no .nii or .nii.gz files and no DICOM series in this folder")
+    elif path.name.endswith(NIFTI_SUFFIXES):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-        return [{"image": str(path), "subject": datalists.subject_from_path(path.name)}]
-    if path.suffix == ".json":
+        items = [{"image": str(path), "subject": datalists.subject_from_path(path.name)}]
+    elif path.suffix == ".json":
         if splits is None:
             raw = datalists.read_json(path)
             splits = [k for k, v in raw.items() if isinstance(v, list)]
         loaded = datalists.load_datalist(path, splits, check_files=False, check_leakage=False)
-        return [{**item, "split": split} for split, items in loaded.items() for item in items]
-    raise ValueError(f"{path}: expected a .nii/.nii.gz file, a folder of them, or a datalist .json")
+        items = [{**item, "split": split} for split, items in loaded.items() for item in items]
+    else:
+        raise ValueError(
+            f"{path}: expected a .nii/.nii.gz file, a DICOM series folder, a folder of them, a BIDS dataset "
+            "or a datalist .json"
+        )
+    if any("age" in item for item in items):  # a batch collates only when every item has the key
+        items = [{"age": math.nan, **item} for item in items]
+    return shards.select(items, part)
+
+
+def _dicom_item(folder: Path, name: str, dicom_age: bool) -> dict:
+    """A DICOM folder as an input item; with ``dicom_age`` the header's age (an unreadable one is a failure row)."""
+    from scripts import dicom
+
+    item = {"image": str(folder), "subject": name}
+    if dicom_age:
+        try:
+            age = dicom.patient_age(dicom.choose_series(folder))
+        except Exception as err:  # the chain reports the series problem again with its stage
+            return {**item, "error": f"load: {_one_line(err)}"}
+        if age is not None:
+            item["age"] = round(age, 2)
+    return item
 
 
 def is_model_input(path: str | Path) -> bool:
@@ -101,8 +155,14 @@ def prepare_inputs(
     ready, failed, raw = [], [], []
     for item in items:
         path = Path(item["image"])
-        if not path.is_file():
+        if item.get("error"):
+            failed.append(item)
+            continue
+        if not path.exists():
             failed.append({**item, "error": f"load: {path} does not exist"})
+            continue
+        if path.is_dir():  # a DICOM series
+            raw.append(item)
             continue
         try:
             model_input = is_model_input(path)
@@ -127,7 +187,14 @@ def prepare_inputs(
             records = preprocess_items(raw, out, raw_preprocessing, num_workers=num_workers, progress=progress)
             for item, record in zip(raw, records):
                 if record["status"] == "ok":
-                    ready.append({**item, "source": item["image"], "image": str(out / record["slice"])})
+                    ready.append(
+                        {
+                            **item,
+                            "source": item["image"],
+                            "image": str(out / record["slice"]),
+                            "qc": str(out / record["qc"]),
+                        }
+                    )
                 else:
                     failed.append({**item, "error": record["reason"]})
     return PreparedInputs(ready, failed)
@@ -169,6 +236,10 @@ class PredictionWriter:
     reason). ``brain_pad_corrected`` uses the age-bias correction fitted on validation data at the end of training
     (``bias_correction_path``), never one fitted on the data predicted. ``write()`` can also be called without an
     evaluation, when no input was usable. Columns: :data:`PREDICTION_COLUMNS`, then any other datalist column.
+
+    For a BIDS input (``bids_root``) it also writes a BIDS-derivatives dataset to ``derivatives_dir``
+    (``scripts.bids.write_derivatives``, ``generator`` naming the bundle). With ``shard`` ``"i/N"`` the table
+    goes to ``OUT/shards/`` with a completion record instead, for ``python -m scripts.merge OUT``.
     """
 
     def __init__(
@@ -178,12 +249,24 @@ class PredictionWriter:
         failed: list[dict] | None = None,
         bias_correction_path: str | Path | None = None,
         save_latents: bool = False,
+        interval_path: str | Path | None = None,
+        shard: str | None = None,
+        bids_root: str | Path | None = None,
+        derivatives_dir: str | Path | None = None,
+        generator: dict | None = None,
     ) -> None:
+        from scripts import shards
+
         self.output_dir = Path(output_dir)
         self.ready = list(ready)
         self.failed = list(failed or [])
         self.bias_correction_path = bias_correction_path
+        self.interval_path = interval_path
         self.save_latents = save_latents
+        self.shard = shards.parse_shard(shard)
+        self.bids_root = bids_root
+        self.derivatives_dir = Path(derivatives_dir) if derivatives_dir else self.output_dir / "derivatives"
+        self.generator = generator
         self.ages: list[np.ndarray] = []
         self.latents: list[np.ndarray] = []
 
@@ -212,21 +295,74 @@ class PredictionWriter:
             logger.warning(f"no age-bias correction at {path}: brain_pad_corrected left empty")
         return None
 
+    def interval(self) -> PredictionInterval | None:
+        path = self.interval_path
+        if path and Path(path).is_file():
+            return PredictionInterval.load(path)
+        if path:
+            logger.warning(f"no prediction interval at {path}: predicted_age_lower/upper left empty")
+        return None
+
     def write(self) -> Path:
         ages = np.concatenate(self.ages) if self.ages else np.empty(0)
         if len(ages) != len(self.ready):
             raise RuntimeError(f"{len(ages)} predictions for {len(self.ready)} inputs: the evaluator must not shuffle")
         correction = self.correction() if self.ready else None
-        rows = [_row(item, float(age), correction) for item, age in zip(self.ready, ages.tolist())]
+        interval = self.interval() if self.ready else None
+        rows = [_row(item, float(age), correction, interval) for item, age in zip(self.ready, ages.tolist())]
         rows += [_row(item, math.nan, None) for item in self.failed]
-        path = self.output_dir / "predictions.csv"
-        _write_csv(path, rows)
         if self.save_latents and self.latents:
             _save_latents(self.output_dir / "latents", self.ready, np.concatenate(self.latents))
+        if self.shard is not None:
+            from scripts import shards
+
+            path = shards.table_path(self.output_dir, self.shard, "predictions.csv")
+            _write_csv(path, rows)
+            bids_root = str(self.bids_root) if self.bids_root else None
+            shards.write_record(self.output_dir, self.shard, "inference", len(rows), bids_root=bids_root)
+        else:
+            path = self.output_dir / "predictions.csv"
+            _write_csv(path, rows)
+            if self.bids_root:
+                write_bids_derivatives(rows, self.bids_root, self.derivatives_dir, self.generator)
         logger.info(f"inference: {len(self.ready)} predicted, {len(self.failed)} failed -> {path}")
         for item in self.failed:
             logger.warning(f"failed: {item['image']}: {item['error']}")
         return path
+
+
+def bids_root_of(source: str | Path) -> str | None:
+    """``source`` when it is a BIDS dataset root (inference then writes BIDS derivatives), else None."""
+    from scripts.bids import is_bids_root
+
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.is_dir() and is_bids_root(path) else None
+
+
+def write_bids_derivatives(
+    rows: list[dict], bids_root: str | Path, derivatives_dir: str | Path, generator: dict | None = None
+) -> Path:
+    """The BIDS-derivatives dataset of a BIDS input's predictions (``scripts.bids.write_derivatives``)."""
+    from scripts import bids
+
+    generator = generator or bids.generated_by(Path(__file__).resolve().parents[1])
+    out = bids.write_derivatives(rows, bids_root, derivatives_dir, generator)
+    logger.info(f"inference: BIDS derivatives -> {out}")
+    return out
+
+
+def merge_shards(output_dir: str | Path, records: list[dict]) -> Path:
+    """Join finished inference shards (``scripts.shards``) into ``predictions.csv`` (and the BIDS derivatives)."""
+    from scripts import shards
+
+    out = Path(output_dir)
+    rows = shards.read_tables(out, records, "predictions.csv", key="image")
+    path = out / "predictions.csv"
+    _write_csv(path, rows)
+    if records[0].get("bids_root"):
+        write_bids_derivatives(rows, records[0]["bids_root"], out / "derivatives")
+    logger.info(f"inference: {len(records)} shards merged, {len(rows)} rows -> {path}")
+    return path
 
 
 def check_checkpoint(network: torch.nn.Module, ckpt_path: str | Path) -> None:
@@ -245,15 +381,20 @@ def check_checkpoint(network: torch.nn.Module, ckpt_path: str | Path) -> None:
         )
 
 
-def require_inputs(source: str | Path, items: list[dict]) -> None:
+def require_inputs(source: str | Path, items: list[dict], shard: str | None = None) -> None:
     """One-line error when the input does not exist or holds no scan (checked when a workflow runs, not when it
-    is merely built, so the bundle's property checks work without data)."""
+    is merely built, so the bundle's property checks work without data). A shard may be empty (more shards
+    than scans): it then writes an empty table and its record."""
+    from scripts import shards
+
+    part = shards.parse_shard(shard)
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"{path}: no such file or folder (--input: a NIfTI file, a folder of them or a datalist)"
+            f"{path}: no such file or folder (--input: a NIfTI file, a DICOM folder, a folder of them, a BIDS "
+            "dataset or a datalist)"
         )
-    if not items:
+    if not items and part is None:
         raise FileNotFoundError(f"{path}: no scan to predict (no .nii/.nii.gz files, or empty datalist splits)")
 
 
@@ -274,15 +415,28 @@ def finish(ready: list[dict], items: list[dict], output_dir: str | Path) -> None
         )
 
 
-def _row(item: dict, predicted: float, correction: BiasCorrection | None) -> dict:
+def _row(
+    item: dict, predicted: float, correction: BiasCorrection | None, interval: PredictionInterval | None = None
+) -> dict:
     age = item.get("age")
-    known = age is not None and not (isinstance(age, float) and math.isnan(age)) and math.isfinite(predicted)
+    has_age = age is not None and not (isinstance(age, float) and math.isnan(age))
+    known = has_age and math.isfinite(predicted)
+    bounded = interval is not None and math.isfinite(predicted)
+    lower, upper = (float(v[0]) for v in interval.bounds([predicted])) if bounded else (math.nan, math.nan)
+
+    def number(value: float) -> float | str:
+        return round(value, 3) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
     row = {
         "subject": item.get("subject", ""),
         "image": item.get("source", item["image"]),
         "predicted_age": "" if math.isnan(predicted) else round(predicted, 3),
-        "age": age if age is not None and not (isinstance(age, float) and math.isnan(age)) else "",
+        "predicted_age_lower": number(lower) if bounded else "",
+        "predicted_age_upper": number(upper) if bounded else "",
+        "age": age if has_age else "",
         "brain_pad": round(predicted - age, 3) if known else "",
+        "brain_pad_lower": number(lower - age) if known and bounded else "",
+        "brain_pad_upper": number(upper - age) if known and bounded else "",
         "brain_pad_corrected": (
             round(float(correction.corrected_pad([predicted], [age])[0]), 3) if known and correction else ""
         ),

@@ -47,6 +47,7 @@ MANIFEST_COLUMNS = (
     "status",
     "reason",
     "skull_strip",
+    "dicom_series",
     "cached",
     "slice",
     "qc",
@@ -68,11 +69,17 @@ def chain_settings(transform) -> list:
 
 
 def cache_key(path: str | Path, settings: list) -> str:
-    """sha256 of the input file's bytes and the chain's settings."""
+    """sha256 of the input's bytes (a file, or every file of a DICOM folder) and the chain's settings."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    path = Path(path)
+    # a DICOM series folder: the names and bytes of the files in it
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.name.encode())
+        with open(file, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(block)
     digest.update(json.dumps([CHAIN_VERSION, settings], sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -168,6 +175,7 @@ def preprocess_scan(
     except Exception as err:  # a bad scan must not stop the batch: it becomes a failure row
         record.update(status="failed", reason=_reason(stage, err))
     record["skull_strip"] = data.get("skull_strip", "")
+    record["dicom_series"] = data.get("dicom_series", "")
     record["registration"] = data.get("registration", {})
     record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     record["seconds_total"] = round(time.perf_counter() - start, 3)
@@ -280,6 +288,7 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
             "status": r["status"],
             "reason": r.get("reason", ""),
             "skull_strip": r.get("skull_strip", ""),
+            "dicom_series": r.get("dicom_series", ""),
             "cached": str(bool(r.get("cached"))).lower(),
             "slice": r.get("slice", ""),
             "qc": r.get("qc", ""),
@@ -307,6 +316,27 @@ def load_chain(bundle_root: str | Path, config_file: str = "configs/preprocess.y
     return parser.get_parsed_content("preprocessing")
 
 
+def resolve_datalist(
+    datalist: str | Path,
+    output_dir: str | Path,
+    split_column: str | None = None,
+    split_seed: int = 0,
+    split_fractions=(0.7, 0.15, 0.15),
+) -> Path:
+    """A datalist JSON path for ``datalist``: the file itself, or for a BIDS root its scans split by subject
+    (``scripts.bids.split_items``) into ``output_dir/bids_datalist.json``."""
+    from scripts import bids
+
+    path = Path(datalist).expanduser()
+    if path.is_dir():
+        if not bids.is_bids_root(path):
+            raise ValueError(f"{path}: a folder, but not a BIDS dataset (no dataset_description.json or sub-* folders)")
+        return bids.write_split_datalist(
+            path, Path(output_dir) / "bids_datalist.json", split_column, int(split_seed), split_fractions
+        )
+    return path
+
+
 def preprocess_datalist(
     datalist: str | Path,
     output_dir: str | Path,
@@ -315,16 +345,27 @@ def preprocess_datalist(
     retry_failed: bool = False,
     montage_max: int = 48,
     progress: bool = True,
+    shard: str | None = None,
+    split_column: str | None = None,
+    split_seed: int = 0,
+    split_fractions=(0.7, 0.15, 0.15),
 ) -> list[dict]:
     """The ``preprocess`` workflow: every scan of ``datalist`` -> ``output_dir`` (see the module docstring).
 
+    ``datalist`` may be a BIDS root, split by subject with ``split_column`` or ``split_seed`` /
+    ``split_fractions`` (:func:`resolve_datalist`). With ``shard`` ``"i/N"`` only that shard's scans are
+    done and the tables go to ``OUT/shards/`` for ``python -m scripts.merge OUT``.
     Logs the failures at the end and exits with status 1 only when no scan succeeded.
     """
-    from scripts.figures import qc_montage
+    from scripts import shards
 
+    part = shards.parse_shard(shard)  # a bad spec stops here, before any work
     out = Path(output_dir)
+    datalist = resolve_datalist(datalist, out, split_column, split_seed, split_fractions)
     data = read_datalist(datalist)
     entries = [(split, item) for split, items in data.items() if isinstance(items, list) for item in items]
+    mine = {id(it) for it in shards.select([item for _, item in entries], part)}
+    entries = [(split, item) for split, item in entries if id(item) in mine]
     records = preprocess_items([item for _, item in entries], out, transform, num_workers, progress, retry_failed)
 
     result: dict = {}
@@ -333,21 +374,94 @@ def preprocess_datalist(
     for (split, item), record in zip(entries, records):
         if record["status"] == "ok":
             result[split].append({**item, "image": record["slice"]})
-    write_json(out / "datalist.json", result)
-    write_manifest(out / "manifest.csv", records)
-
     ok = [r for r in records if r["status"] == "ok"]
     failed = [r for r in records if r["status"] != "ok"]
-    if ok:  # worst registrations first: the montage is where a reviewer starts
-        shown = sorted(ok, key=lambda r: r.get("registration", {}).get("template_correlation", 1.0))[:montage_max]
-        title = f"{len(ok)} scans preprocessed, {len(failed)} failed; lowest correlation with the template (r) first"
-        if len(shown) < len(ok):
-            title += f"; {len(shown)} shown"
-        qc_montage([out / r["qc"] for r in shown], out / "qc_montage.png", title, columns=min(8, len(shown)))
     cached = sum(bool(r.get("cached")) for r in records)
+    if part is not None:
+        write_json(shards.table_path(out, part, "datalist.json"), result)
+        write_manifest(shards.table_path(out, part, "manifest.csv"), records)
+        shards.write_record(out, part, "preprocess", len(records), ok=len(ok), failed=len(failed))
+        logger.info(
+            f"preprocess shard {part.index}/{part.count}: {len(ok)} ok ({cached} from cache), {len(failed)} failed"
+        )
+        for r in failed:
+            logger.warning(f"failed: {r['source']}: {r['reason']}")
+        return records
+    write_json(out / "datalist.json", result)
+    write_manifest(out / "manifest.csv", records)
+    _montage(out, ok, len(failed), montage_max)
     logger.info(f"preprocess: {len(ok)} ok ({cached} from cache), {len(failed)} failed -> {out / 'manifest.csv'}")
     for r in failed:
         logger.warning(f"failed: {r['source']}: {r['reason']}")
     if not ok:
         raise SystemExit(f"preprocess: no scan of {datalist} could be preprocessed; see {out / 'manifest.csv'}")
     return records
+
+
+def _montage(out: Path, ok: list[dict], n_failed: int, montage_max: int) -> None:
+    """QC montage of the successful scans, worst registrations first: where a reviewer starts."""
+    from scripts.figures import qc_montage
+
+    if not ok:
+        return
+
+    def correlation(r: dict) -> float:
+        value = r.get("registration", {}).get("template_correlation", r.get("template_correlation", 1.0))
+        return float(value) if value not in ("", None) else 1.0
+
+    shown = sorted(ok, key=correlation)[:montage_max]
+    title = f"{len(ok)} scans preprocessed, {n_failed} failed; lowest correlation with the template (r) first"
+    if len(shown) < len(ok):
+        title += f"; {len(shown)} shown"
+    qc_montage([out / r["qc"] for r in shown], out / "qc_montage.png", title, columns=min(8, len(shown)))
+
+
+def merge_shards(output_dir: str | Path, records: list[dict]) -> Path:
+    """Join finished preprocess shards (``scripts.shards``) into ``manifest.csv``, ``datalist.json`` and the montage."""
+    from scripts import shards
+    from scripts.data import read_json
+
+    out = Path(output_dir)
+    rows = shards.read_tables(out, records, "manifest.csv", key="source")
+    merged: dict = {}
+    for r in records:
+        part = shards.Shard(r["shard"], r["count"])
+        for split, items in read_json(shards.table_path(out, part, "datalist.json")).items():
+            if isinstance(items, list):
+                merged.setdefault(split, []).extend(items)
+            else:
+                merged.setdefault(split, items)
+    write_json(out / "datalist.json", merged)
+    write_csv(out / "manifest.csv", rows, MANIFEST_COLUMNS)
+    ok = [r for r in rows if r["status"] == "ok"]
+    _montage(out, ok, len(rows) - len(ok), 48)
+    logger.info(f"preprocess: {len(records)} shards merged, {len(ok)} ok, {len(rows) - len(ok)} failed")
+    return out / "manifest.csv"
+
+
+def training_datalist(
+    datalist: str | Path,
+    bundle_root: str | Path,
+    preprocessed_dir: str | Path,
+    num_workers: int = 1,
+    split_column: str | None = None,
+    split_seed: int = 0,
+    split_fractions=(0.7, 0.15, 0.15),
+    **chain_settings,
+) -> str:
+    """What training reads: a datalist JSON as it is, or a BIDS root split by subject and preprocessed
+    (cached) into ``preprocessed_dir`` with the chain of configs/preprocess.yaml; returns the JSON path."""
+    path = Path(datalist).expanduser()
+    if not path.is_dir():
+        return str(datalist)
+    chain = load_chain(bundle_root, **chain_settings)
+    preprocess_datalist(
+        path,
+        preprocessed_dir,
+        chain,
+        num_workers=num_workers,
+        split_column=split_column,
+        split_seed=split_seed,
+        split_fractions=split_fractions,
+    )
+    return str(Path(preprocessed_dir) / "datalist.json")

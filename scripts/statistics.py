@@ -78,6 +78,17 @@ def regression_metrics(predicted_age, age, correction: BiasCorrection | None = N
     return metrics
 
 
+def interval_metrics(lower, upper, age) -> dict[str, float]:
+    """Empirical coverage of prediction intervals and their mean width (years)."""
+    lower, upper, age = as_array(lower), as_array(upper), as_array(age)
+    keep = ~np.isnan(lower) & ~np.isnan(upper) & np.isfinite(age)
+    lower, upper, age = lower[keep], upper[keep], age[keep]
+    return {
+        "interval_coverage": float(np.mean((lower <= age) & (age <= upper))) if len(age) else float("nan"),
+        "interval_width": float(np.mean(upper - lower)) if len(age) else float("nan"),
+    }
+
+
 METRIC_LABELS = {
     "n": "n (labelled)",
     "r": "Pearson r (predicted, age)",
@@ -92,6 +103,8 @@ METRIC_LABELS = {
     "pad_corrected_std": "corrected PAD std (years)",
     "pad_corrected_age_r": "corr(corrected PAD, age)",
     "mean_age_mae": "MAE of predicting the mean age",
+    "interval_coverage": "prediction-interval coverage",
+    "interval_width": "mean interval width (years)",
 }
 
 
@@ -129,6 +142,10 @@ def evaluate_predictions(
     predicted = np.array([r["predicted_age"] for r in rows])
     age = np.array([r["age"] for r in rows])
     metrics = regression_metrics(predicted, age, correction)
+    if "predicted_age_lower" in rows[0]:
+        lower, upper = _column(rows, "predicted_age_lower"), _column(rows, "predicted_age_upper")
+        if not np.isnan(lower).all():
+            metrics.update(interval_metrics(lower, upper, age))
     out = Path(output_dir)
     write_json(out / "metrics.json", metrics)
     prediction_scatter(predicted, age, out / "scatter.png", metrics)
@@ -273,3 +290,68 @@ def format_pad_table(result: dict) -> str:
     ]
     title = f"{result['pad']} distributions{_where(result['split'])}, two-sample KS against {result['reference']!r}"
     return title + "\n" + _text_table(["model", "n", "mean", "std", "KS D", "KS p"], rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Test-retest reliability: the same people scanned twice (issue 15; Shrout & Fleiss 1979, Bland & Altman 1986).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def icc(ratings) -> dict[str, float]:
+    """Intraclass correlations of an (n subjects, k sessions) matrix, from the two-way ANOVA mean squares.
+
+    ``icc_2_1``: two-way random effects, absolute agreement, single measurement (a systematic offset between
+    sessions, e.g. between scanner grades, lowers it); ``icc_3_1``: two-way mixed, consistency (offsets do not
+    count). Shrout & Fleiss (1979) ICC(2,1) and ICC(3,1); McGraw & Wong (1996) ICC(A,1) and ICC(C,1).
+    """
+    y = np.asarray(ratings, dtype=np.float64)
+    if y.ndim != 2 or y.shape[0] < 2 or y.shape[1] < 2 or not np.isfinite(y).all():
+        raise ValueError(f"ICC needs a finite (subjects >= 2, sessions >= 2) matrix, got shape {y.shape}")
+    n, k = y.shape
+    grand = y.mean()
+    ms_rows = k * ((y.mean(axis=1) - grand) ** 2).sum() / (n - 1)
+    ms_cols = n * ((y.mean(axis=0) - grand) ** 2).sum() / (k - 1)
+    residual = y - y.mean(axis=1, keepdims=True) - y.mean(axis=0, keepdims=True) + grand
+    ms_error = (residual**2).sum() / ((n - 1) * (k - 1))
+    return {
+        "icc_2_1": float((ms_rows - ms_error) / (ms_rows + (k - 1) * ms_error + k * (ms_cols - ms_error) / n)),
+        "icc_3_1": float((ms_rows - ms_error) / (ms_rows + (k - 1) * ms_error)),
+        "n": int(n),
+    }
+
+
+def bland_altman(first, second) -> dict[str, float]:
+    """Bias (mean of second - first) and the 95 % limits of agreement (bias +- 1.96 sd of the differences)."""
+    a, b = as_array(first), as_array(second)
+    keep = np.isfinite(a) & np.isfinite(b)
+    difference = b[keep] - a[keep]
+    if len(difference) < 2:
+        raise ValueError("Bland-Altman needs at least 2 paired measurements")
+    bias, sd = float(difference.mean()), float(difference.std(ddof=1))
+    return {"bias": bias, "sd": sd, "loa_lower": bias - 1.96 * sd, "loa_upper": bias + 1.96 * sd}
+
+
+def reliability(first_csv: str | Path, second_csv: str | Path, column: str = "predicted_age") -> dict:
+    """ICC and Bland-Altman of ``column`` between two predictions.csv of the same people, joined on ``subject``
+    (or ``participant_id``); rows without a value on either side are left out."""
+    from scripts.inference import read_predictions
+
+    def by_person(path) -> dict[str, float]:
+        rows = read_predictions(path)
+        key = "participant_id" if rows and rows[0].get("participant_id") else "subject"
+        return {str(r[key]): float(r[column]) if r.get(column) not in ("", None) else math.nan for r in rows}
+
+    a, b = by_person(first_csv), by_person(second_csv)
+    shared = sorted(s for s in set(a) & set(b) if math.isfinite(a[s]) and math.isfinite(b[s]))
+    if len(shared) < 2:
+        raise ValueError(f"{first_csv} and {second_csv}: fewer than 2 subjects with a {column} in both")
+    pairs = np.array([[a[s], b[s]] for s in shared])
+    return {
+        "column": column,
+        "first": str(first_csv),
+        "second": str(second_csv),
+        **icc(pairs),
+        **bland_altman(pairs[:, 0], pairs[:, 1]),
+        "pairs": pairs.tolist(),
+        "subjects": shared,
+    }

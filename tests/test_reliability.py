@@ -181,7 +181,11 @@ def test_workflows_write_only_under_their_output_folders(run_workflow, bundle_ro
     )
     assert _files(bundle_root) == before  # nothing new in the bundle (or the current folder, which is the bundle)
     assert {p.name for p in tmp_path.iterdir()} == {"run", "models", "predicted"}
-    assert {p.name for p in (tmp_path / "models").iterdir()} == {"model.pt", "model_bias_correction.json"}
+    assert {p.name for p in (tmp_path / "models").iterdir()} == {
+        "model.pt",
+        "model_bias_correction.json",
+        "model_interval.json",
+    }
 
 
 def test_checkpoint_saves_are_atomic_and_clear_temporaries_of_a_killed_save(tmp_path):

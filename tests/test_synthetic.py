@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import itk
 import nibabel as nib
@@ -90,6 +91,43 @@ def test_deterministic_and_grade_independent_anatomy():
     assert r_research > 0.97 and 0.7 < r_clinical < r_research
 
 
+def test_a_rescan_is_the_same_person_with_a_fresh_acquisition():
+    spec = synthetic.CohortSpec(n=6, seed=2)
+    first, again = synthetic.sample_cohort(spec), synthetic.sample_cohort(replace(spec, session=1))
+    assert [(s.age, s.brain_age, s.split, s.seed) for s in again] == [
+        (s.age, s.brain_age, s.split, s.seed) for s in first
+    ]
+    scan, rescan = synthetic.render_slice(first[0])[0], synthetic.render_slice(again[0])[0]
+    truth = synthetic.render_slice(first[0], acquire=False)[0]
+    assert not np.array_equal(scan, rescan)  # new noise, pose and bias field
+    assert np.corrcoef(scan.ravel(), rescan.ravel())[0, 1] > 0.95  # ... of the same brain
+    assert np.corrcoef(rescan.ravel(), truth.ravel())[0, 1] > 0.97
+    # session 0 is the phantom as before: same images as a spec without the field set
+    np.testing.assert_array_equal(scan, synthetic.render_slice(synthetic.sample_cohort(replace(spec, session=0))[0])[0])
+    with pytest.raises(ValueError, match="session must be >= 0"):
+        synthetic.CohortSpec(session=-1)
+
+
+def test_bids_mode_writes_a_bids_dataset(tmp_path):
+    from scripts import bids
+
+    spec = synthetic.CohortSpec(n=3, seed=4, n_disease=0, unlabelled_fraction=0.5, val_fraction=0.0, test_fraction=0.0)
+    synthetic.generate(spec, tmp_path, mode="bids", progress=False)
+    assert json.loads((tmp_path / "dataset_description.json").read_text())["BIDSVersion"]
+    items = bids.bids_items(tmp_path)
+    labelled = {s.subject: s for s in synthetic.sample_cohort(spec) if s.labelled}
+    assert [it["participant_id"] for it in items] == ["sub-0001", "sub-0002", "sub-0003"]
+    for item in items:
+        assert Path(item["image"]).relative_to(tmp_path).as_posix() == (
+            f"{item['participant_id']}/anat/{item['participant_id']}_T1w.nii.gz"
+        )
+        if item["participant_id"] in labelled:
+            assert item["age"] == labelled[item["participant_id"]].age
+        else:
+            assert "age" not in item  # unlabelled scans carry no age in the BIDS dataset
+    assert len(labelled) < 3 and (tmp_path / "derivatives" / "truth" / "sub-0001_brainmask.nii.gz").is_file()
+
+
 def test_neighbouring_slices_as_channels():
     s = synthetic.sample_cohort(synthetic.CohortSpec(n=2, seed=1))[0]
     stack = synthetic.render_slice(s, channels=3, acquire=False)
@@ -123,6 +161,27 @@ def test_raw_volumes_open_in_nibabel_and_itk(volume_dataset):
     assert len(orientations) >= 3, orientations
     assert len(spacings) == len(items)
     assert any(max(z) > 3.5 for z in spacings), "clinical thick slices expected with grade mixed"
+
+
+def test_raw_volumes_come_with_their_true_brain_mask(volume_dataset):
+    """truth/<subject>_brainmask.nii.gz: the brain in the raw scan's own voxels, where the image shows it."""
+    from scipy import ndimage
+
+    datalist = json.loads((volume_dataset / "datalist.json").read_text())
+    for it in (it for split in datalist.values() for it in split):
+        assert it["truth_brain_mask"] == f"truth/{it['subject']}_brainmask.nii.gz"
+        image, mask = nib.load(volume_dataset / it["image"]), nib.load(volume_dataset / it["truth_brain_mask"])
+        assert mask.get_data_dtype() == np.uint8 and mask.shape == image.shape[:3]
+        np.testing.assert_allclose(mask.affine, image.affine)
+        brain = np.asarray(mask.dataobj) > 0
+        assert set(np.unique(np.asarray(mask.dataobj)).tolist()) == {0, 1}
+        litres = brain.sum() * np.prod(image.header.get_zooms()[:3]) / 1e6
+        assert 1.2 < litres < 2.8, litres  # the template's brain at the phantom's head sizes
+        # aligned with the image: brain tissue inside, the dark CSF and skull just outside
+        data = np.squeeze(image.get_fdata(dtype=np.float32))
+        core = ndimage.binary_erosion(brain, iterations=3)
+        shell = ndimage.binary_dilation(brain, iterations=3) & ~brain
+        assert data[core].mean() > 1.5 * data[shell].mean(), it["subject"]
 
 
 def test_accuracy_floor():

