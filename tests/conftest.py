@@ -82,6 +82,7 @@ def trained_model(tmp_path_factory, run_workflow, slice_dataset) -> dict:
         max_epochs=2,
         batch_size=4,
         val_batch_size=8,
+        interval_coverage=0.6,  # 6 validation subjects bound a 60 % interval; 90 % needs 19 (else it is infinite)
     )
     return {
         "ckpt_path": ckpt,

@@ -47,6 +47,9 @@ def test_the_t1_series_is_chosen_and_read_with_the_nifti_geometry(study, volumes
     r = np.corrcoef(loaded["image"].numpy().ravel(), nifti["image"].numpy().ravel())[0, 1]
     assert r > 0.999  # int16 quantisation only
     assert not [k for k in loaded["image"].meta if str(k).startswith("0010|")]  # no patient tags carried
+    # MONAI's reader gives no DICOM tags by default (series_meta=False); should it ever, they are dropped
+    meta = {"0010|0010": "Doe^Jane", "0010|1010": "063Y", "0008|103e": "T1 MPRAGE SAG", "spacing": 1.0}
+    assert dicom.strip_patient_tags(meta) == {"0008|103e": "T1 MPRAGE SAG", "spacing": 1.0}
 
 
 def test_ambiguous_and_empty_folders_are_refused_with_the_series_listed(volumes, tmp_path):
