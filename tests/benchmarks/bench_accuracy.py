@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/benchmarks/bench_accuracy.py --models semi-mixed sup25 --seeds 0 1 2 --out runs/bench_semi
     .venv/bin/python tests/benchmarks/bench_accuracy.py --models full densenet --seeds 0 1 2 --out runs/bench_base
+    .venv/bin/python tests/benchmarks/bench_accuracy.py --models full-aug full --seeds 0 1 2 --steps 200 --out runs/bench_aug
     .venv/bin/python tests/benchmarks/bench_accuracy.py --full ...     # paper sizes (128x128, 6000 steps), for a GPU
 
 Every model is trained and evaluated through the bundle's own commands (``monai.bundle run training`` /
@@ -16,7 +17,8 @@ Every model is trained and evaluated through the bundle's own commands (``monai.
      labelled, so every step sees as many labelled images as ``sup25``;
    * ``sup25``: the same 25 % labelled scans alone, batch 8;
    * ``full``: ours with every training label (research grade), batch 8;
-   * ``densenet``: the DenseNet121 baseline (``configs/baseline_densenet.yaml``) with every label.
+   * ``densenet``: the DenseNet121 baseline (``configs/baseline_densenet.yaml``) with every label;
+   * ``full-aug``: ``full`` with acquisition augmentation (``configs/augment_clinical.yaml``).
    Every run gets the same number of optimizer steps (``--steps``); validation MAE picks the checkpoint.
 3. Each model is evaluated on the research test set, the clinical test set and the disease cohort (brain-PAD
    against survival, which the phantom generated with a known negative association).
@@ -56,8 +58,9 @@ MODELS = {  # name: (description, training datalist, config overlays, batch size
     "sup25": ("ours, the same 25 % labels alone", "sup25", [], 8, 1.0),
     "full": ("ours, 100 % labels", "full", [], 8, 1.0),
     "densenet": ("DenseNet121 baseline, 100 % labels", "full", ["configs/baseline_densenet.yaml"], 8, 1.0),
+    "full-aug": ("ours, 100 % labels, acquisition augmentation", "full", ["configs/augment_clinical.yaml"], 8, 1.0),
 }
-PAIRS = [("semi-mixed", "sup25"), ("full", "densenet")]
+PAIRS = [("semi-mixed", "sup25"), ("full", "densenet"), ("full-aug", "full")]
 EVAL_SETS = {"research": ("full", "test"), "clinical": ("clinical", "test"), "disease": ("full", "disease")}
 
 
