@@ -318,8 +318,12 @@ class PredictionWriter:
 
             path = shards.table_path(self.output_dir, self.shard, "predictions.csv")
             _write_csv(path, rows)
-            bids_root = str(self.bids_root) if self.bids_root else None
-            shards.write_record(self.output_dir, self.shard, "inference", len(rows), bids_root=bids_root)
+            bids = (
+                {"bids_root": str(self.bids_root), "derivatives_dir": str(self.derivatives_dir)}
+                if self.bids_root
+                else {}
+            )
+            shards.write_record(self.output_dir, self.shard, "inference", len(rows), **bids)
         else:
             path = self.output_dir / "predictions.csv"
             _write_csv(path, rows)
@@ -359,8 +363,8 @@ def merge_shards(output_dir: str | Path, records: list[dict]) -> Path:
     rows = shards.read_tables(out, records, "predictions.csv", key="image")
     path = out / "predictions.csv"
     _write_csv(path, rows)
-    if records[0].get("bids_root"):
-        write_bids_derivatives(rows, records[0]["bids_root"], out / "derivatives")
+    if records[0].get("bids_root"):  # where the shards were told to put the derivatives
+        write_bids_derivatives(rows, records[0]["bids_root"], records[0]["derivatives_dir"])
     logger.info(f"inference: {len(records)} shards merged, {len(rows)} rows -> {path}")
     return path
 

@@ -215,3 +215,36 @@ def test_training_from_a_bids_root_splits_by_participant_and_preprocesses(
     ]
     assert all((prepared / it["image"]).is_file() for s in ("training", "validation") for it in datalist[s])
     assert (tmp_path / "model.pt").is_file()
+
+
+def test_sharded_bids_inference_merges_into_the_derivatives(run_workflow, trained_model, bids_root, tmp_path):
+    import subprocess
+    import sys
+
+    derivatives = tmp_path / "elsewhere" / "brainage"
+    for i in range(2):
+        run_workflow(
+            "inference.yaml",
+            "inference",
+            input=str(bids_root),
+            output_dir=str(tmp_path / "out"),
+            derivatives_dir=str(derivatives),
+            ckpt_path=str(trained_model["ckpt_path"]),
+            num_workers=1,
+            skull_strip="template",
+            shard=f"{i}/2",
+        )
+    assert not derivatives.exists()  # shards write no derivatives; the merge does, where they were asked for
+    merged = subprocess.run(
+        [sys.executable, "-m", "scripts.merge", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True
+    )
+    assert merged.returncode == 0, merged.stderr
+    table = read_tsv(derivatives / "brainage.tsv")
+    assert sorted((r["participant_id"], r["session_id"], r["run"]) for r in table) == [
+        ("sub-01", "ses-1", "n/a"),
+        ("sub-01", "ses-2", "1"),
+        ("sub-01", "ses-2", "2"),
+        ("sub-02", "n/a", "n/a"),
+        ("sub-03", "n/a", "n/a"),
+    ]
+    assert json.loads((derivatives / "dataset_description.json").read_text())["DatasetType"] == "derivative"
