@@ -35,6 +35,8 @@ from monai.utils import convert_to_tensor
 from torch import nn
 from torch.utils.data import Sampler
 
+from scripts.precision import native_bf16
+
 __all__ = [
     "AgeInferer",
     "AgePrepareBatch",
@@ -136,14 +138,7 @@ def default_autocast_dtype(device: torch.device | str) -> str | None:
     On this model bf16 autocast makes a CPU training step ~1.7x faster; without native bf16 it would be emulated
     and slower than fp32.
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        # private but long-standing helpers (torch >= 2.1); absent -> assume no native bf16
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return "bfloat16" if any(getattr(torch.cpu, name, lambda: False)() for name in checks) else None
-    return None
+    return "bfloat16" if native_bf16(device) else None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | str | None):

@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from scripts.precision import native_bf16
+
 # Where the hd-bet package itself looks (HD_BET.paths.folder_with_parameter_files).
 DEFAULT_WEIGHTS_DIR = Path.home() / "hd-bet_params" / "release_2.0.0"
 CHECKPOINT = Path("fold_all") / "checkpoint_final.pth"
@@ -251,15 +253,7 @@ def resolve_precision(precision: str = "auto", device: str = "cpu") -> str:
         raise ValueError(f"HD-BET 1.x precision must be one of {', '.join(V1_PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
-    kind = torch.device(device).type
-    try:
-        if kind == "cpu":
-            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        else:
-            native = kind == "cuda" and torch.cuda.is_bf16_supported()
-    except (AttributeError, RuntimeError):  # private CPU probes of older or newer torch
-        native = False
-    return "bfloat16" if native else "float32"
+    return "bfloat16" if native_bf16(device) else "float32"
 
 
 def describe_v1(mode: str = "fast", tta: bool = False, precision: str = "bfloat16") -> str:

@@ -209,7 +209,7 @@ def test_metadata_follows_the_model_zoo(bundle_root):
 # The data flow as layers: a module may import only from layers below its own (so there is no cycle, and the
 # folder reads bottom-up as data -> preprocessing -> network -> engine -> inference -> analyses).
 LAYERS = [
-    {"atomic", "cli", "mni"},  # utilities: atomic writes, command lines, MNI geometry
+    {"atomic", "cli", "mni", "precision"},  # utilities: atomic writes, command lines, MNI geometry, native bf16
     {"figures"},  # drawing only
     {"hdbet", "dicom"},  # readers of external formats: HD-BET networks, DICOM series
     {"transforms"},  # the preprocessing chain as MONAI transforms
