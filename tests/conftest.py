@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 from pathlib import Path
@@ -66,6 +67,26 @@ def run_workflow(bundle_root):
         return workflow
 
     return run
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def predict(run_workflow, trained_model, input, output_dir, **overrides) -> list[dict]:
+    """``run inference`` with the tiny trained model on ``input``; the rows of its predictions.csv."""
+    overrides.setdefault("skull_strip", "template")  # the real HD-BET network is tested in test_transforms.py
+    run_workflow(
+        "inference.yaml",
+        "inference",
+        input=str(input),
+        output_dir=str(output_dir),
+        ckpt_path=str(trained_model["ckpt_path"]),
+        num_workers=1,
+        **overrides,
+    )
+    return read_csv(Path(output_dir) / "predictions.csv")
 
 
 @pytest.fixture(scope="session")

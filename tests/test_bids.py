@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import predict
 
 from scripts import bids, data
 
@@ -144,17 +145,7 @@ def test_datalist_leakage_is_checked_per_participant(tmp_path):
 
 def test_inference_on_a_bids_root_writes_predictions_and_derivatives(run_workflow, trained_model, bids_root, tmp_path):
     out = tmp_path / "out"
-    run_workflow(
-        "inference.yaml",
-        "inference",
-        input=str(bids_root),
-        output_dir=str(out),
-        ckpt_path=str(trained_model["ckpt_path"]),
-        num_workers=1,
-        skull_strip="template",
-    )
-    with open(out / "predictions.csv", newline="") as fh:
-        rows = {r["subject"]: r for r in csv.DictReader(fh)}
+    rows = {r["subject"]: r for r in predict(run_workflow, trained_model, bids_root, out)}
     assert len(rows) == 5 and all(r["error"] == "" and float(r["predicted_age"]) > 0 for r in rows.values())
     run2 = rows["sub-01_ses-2_acq-fast_run-2"]
     assert float(run2["age"]) == 62.5

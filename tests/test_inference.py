@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 import math
@@ -13,27 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import predict, read_csv
 
 from scripts import calibration, inference, statistics
-
-
-def read_csv(path):
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def predict(run_workflow, trained_model, input, output_dir, **overrides):
-    overrides.setdefault("skull_strip", "template")  # the real HD-BET network is tested in test_transforms.py
-    run_workflow(
-        "inference.yaml",
-        "inference",
-        input=str(input),
-        output_dir=str(output_dir),
-        ckpt_path=str(trained_model["ckpt_path"]),
-        num_workers=1,
-        **overrides,
-    )
-    return read_csv(output_dir / "predictions.csv")
 
 
 def best_model_predictions(trained_model, tiny_network, split: str) -> tuple[np.ndarray, np.ndarray]:
