@@ -62,7 +62,8 @@ def config_ddim_steps(config_file: str | Path, default: int = 50) -> int:
 
 
 def _load_slices(items: list[dict], transforms) -> torch.Tensor:
-    """Model-input slices as one float32 (N, C, H, W) batch, through the config's own slice transforms."""
+    """Model-input slices as one float32 (N, C, H, W) batch, through the config's own slice transforms (the
+    medial level of a multi-level file)."""
     from scripts.inference import is_model_input
 
     images = []
@@ -75,7 +76,8 @@ def _load_slices(items: list[dict], transforms) -> torch.Tensor:
                 f"{path}: not a 128x128 MNI model-input slice; preprocess raw scans first "
                 "(python -m monai.bundle run preprocess --config_file configs/preprocess.yaml ...)"
             )
-        images.append(torch.as_tensor(transforms({"image": path})["image"], dtype=torch.float32))
+        image = torch.as_tensor(transforms({"image": path})["image"], dtype=torch.float32)
+        images.append(image[..., image.shape[-1] // 2] if image.ndim == 4 else image)  # the medial level
     return torch.stack(images)
 
 

@@ -43,7 +43,10 @@ COLUMN_DESCRIPTIONS = {
     "acq": {"Description": "acq entity of the source image"},
     "run": {"Description": "run entity of the source image"},
     "source": {"Description": "the T1w image, relative to the source dataset"},
-    "predicted_age": {"Description": "brain age predicted from the medial axial slice", "Units": "year"},
+    "predicted_age": {
+        "Description": "brain age predicted from the medial axial slice (the median over slice_levels levels)",
+        "Units": "year",
+    },
     "predicted_age_lower": {"Description": "lower end of the prediction interval", "Units": "year"},
     "predicted_age_upper": {"Description": "upper end of the prediction interval", "Units": "year"},
     "age": {"Description": "chronological age (participants.tsv or sessions.tsv)", "Units": "year"},
@@ -52,6 +55,8 @@ COLUMN_DESCRIPTIONS = {
         "Description": "brain-PAD after the age-bias correction fitted on the model's validation data",
         "Units": "year",
     },
+    "slice_levels": {"Description": "axial levels predicted; predicted_age is the median of their ages"},
+    "level_sd": {"Description": "sd of the per-level predicted ages (n/a for one level)", "Units": "year"},
     "qc": {"Description": "QC image of the preprocessed slice with its brain-mask outline"},
     "error": {"Description": "why the image could not be used (empty when it was)"},
 }

@@ -144,12 +144,21 @@ def age_statistics(items: Iterable[dict]) -> tuple[float, float]:
     return mean, max(math.sqrt(var), 1.0)
 
 
-def embedded_phantom(dataset_dir: str | Path, n: int = 600, seed: int = 0) -> str:
+def embedded_phantom(
+    dataset_dir: str | Path, n: int = 600, seed: int = 0, channels: int = 1, levels: int = 1, level_spacing: int = 4
+) -> str:
     """The embedded default dataset: a phantom cohort generated once into ``dataset_dir``; its datalist.
 
     600 healthy research-grade subjects (420 training of which 25 % unlabelled, 90 validation, 90 test)
-    plus 120 with accelerated ageing and survival times; ~15 s to generate on one core.
+    plus 120 with accelerated ageing and survival times; ~15 s to generate on one core. ``channels``,
+    ``levels`` and ``level_spacing`` as preprocessing's ``slice_*`` keys (other values regenerate it).
     """
     from scripts import synthetic
 
-    return synthetic.ensure_dataset(dataset_dir, synthetic.CohortSpec(n=n, seed=seed))
+    return synthetic.ensure_dataset(
+        dataset_dir,
+        synthetic.CohortSpec(n=n, seed=seed),
+        channels=int(channels),
+        levels=int(levels),
+        level_spacing=int(level_spacing),
+    )

@@ -314,25 +314,75 @@ class AgeInferer(Inferer):
     ``return_latent`` (a ``DiffusionAutoencoder`` only) the output is ``{"age": (B, 1), "z": (B, z_dim)}`` from the
     same single encoder pass, for inference that also stores z_sem. ``channels_last`` feeds NHWC inputs: with the
     network converted too, bf16 age inference on CPU is ~20% faster (tests/benchmarks/bench_train_step.py).
+
+    Several axial levels per scan, ``(B, C, H, W, L)`` (the slice files of preprocessing ``slice_levels``), are
+    predicted one level at a time (the same batch shapes, so the same kernels, as single-level inputs) and
+    combined by the median, which one bad level cannot move; z_sem is the centre (medial) level's.
+    ``return_levels`` adds the per-level ages, ``"age_levels": (B, L)``, to the dict output.
+    Evaluators unpack a dict output with :func:`unpack_age_output`.
     """
 
     def __init__(
-        self, autocast_dtype: torch.dtype | str | None = None, return_latent: bool = False, channels_last: bool = False
+        self,
+        autocast_dtype: torch.dtype | str | None = None,
+        return_latent: bool = False,
+        channels_last: bool = False,
+        return_levels: bool = False,
     ) -> None:
         super().__init__()
         self.autocast_dtype = autocast_dtype
         self.return_latent = return_latent
         self.channels_last = channels_last
+        self.return_levels = return_levels
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any):
-        if self.channels_last and inputs.ndim == 4:  # match a network converted with .to(memory_format=...)
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        if inputs.ndim == 5:
+            per_level = [self._predict(inputs[..., i], network, *args, **kwargs) for i in range(inputs.shape[-1])]
+            ages = torch.cat([p["age"] if isinstance(p, dict) else p for p in per_level], dim=1).float()
+            out = per_level[len(per_level) // 2]
+            out = dict(out) if isinstance(out, dict) else {}
+            out.update(age=combine_levels(ages), age_levels=ages)
+        else:
+            out = self._predict(inputs, network, *args, **kwargs)
+            if not isinstance(out, dict):
+                out = {"age": out}
+            out.setdefault("age_levels", out["age"].float())
+        if not (self.return_latent or self.return_levels):
+            return out["age"]
+        if not self.return_levels:
+            out.pop("age_levels")
+        return out
+
+    def _predict(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any):
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        inputs = inputs.contiguous(memory_format=memory_format)  # also a level cut from (B, C, H, W, L)
         with _autocast(inputs.device, self.autocast_dtype):
             if not self.return_latent:
                 return network(inputs, *args, **kwargs)
             model = getattr(network, "module", network)
             z_sem = model.encode(inputs)
             return {"age": model.age_head(z_sem)[:, None], "z": z_sem.float()}
+
+
+def combine_levels(ages: torch.Tensor) -> torch.Tensor:
+    """(B, L) per-level predicted ages -> (B, 1): their median (the mean of the middle two for an even L)."""
+    return torch.quantile(ages.float(), 0.5, dim=1, keepdim=True, interpolation="midpoint")
+
+
+def unpack_age_output(data: dict) -> dict:
+    """Evaluator ``postprocessing``: a dict prediction of :class:`AgeInferer` -> ``pred`` (B, 1) years for the
+    metrics, with ``z`` and ``age_levels`` as output keys of their own for the writers."""
+    pred = data.get("pred")
+    if isinstance(pred, Mapping):
+        data = dict(data)
+        data["pred"] = pred["age"]
+        data.update({key: pred[key] for key in ("z", "age_levels") if key in pred})
+    return data
+
+
+def centre_level(images: torch.Tensor) -> torch.Tensor:
+    """The medial level of a ``(B, C, H, W, L)`` multi-level batch; a ``(B, C, H, W)`` batch as it is."""
+    return images[..., images.shape[-1] // 2] if images.ndim == 5 else images
 
 
 class LabelledRatioBatchSampler(Sampler[list[int]]):
@@ -623,7 +673,7 @@ class WrongLatentPenalty:
         kept = sum(len(x) for x in self._images)
         if kept < self.num_images:
             images = engine.state.output["image"]
-            images = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+            images = centre_level(images if isinstance(images, torch.Tensor) else torch.stack(list(images)))
             self._images.append(images[: self.num_images - kept].detach().float().cpu())
 
     def __call__(self, engine) -> None:

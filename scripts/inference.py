@@ -38,6 +38,8 @@ PREDICTION_COLUMNS = (
     "brain_pad_lower",
     "brain_pad_upper",
     "brain_pad_corrected",
+    "slice_levels",
+    "level_sd",
     "split",
     "error",
 )
@@ -117,10 +119,9 @@ def _dicom_item(folder: Path, name: str, dicom_age: bool) -> dict:
 def is_model_input(path: str | Path) -> bool:
     """Whether a NIfTI file already is a 128x128 MNI slice (as written by the chain or the phantom)."""
     img = nib.load(str(path))
-    shape = img.shape[:2] if len(img.shape) == 2 else img.shape
     return (
-        tuple(shape[:2]) == SLICE_SIZE
-        and len(img.shape) in (2, 3)
+        tuple(img.shape[:2]) == SLICE_SIZE
+        and len(img.shape) in (2, 3, 4)  # (H, W), (H, W, channels), (H, W, channels, levels)
         and np.allclose(img.affine[:3, :3], slice_affine()[:3, :3], atol=1e-3)
     )
 
@@ -269,6 +270,7 @@ class PredictionWriter:
         self.generator = generator
         self.ages: list[np.ndarray] = []
         self.latents: list[np.ndarray] = []
+        self.level_ages: list[np.ndarray] = []
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -278,14 +280,19 @@ class PredictionWriter:
         engine.add_event_handler(Events.COMPLETED, lambda _: self.write())
 
     def _reset(self, engine=None) -> None:
-        self.ages, self.latents = [], []
+        self.ages, self.latents, self.level_ages = [], [], []
 
     def _collect(self, engine) -> None:
-        pred = engine.state.output["pred"]
-        if isinstance(pred, dict):  # AgeInferer(return_latent=True)
-            self.latents.append(pred["z"].detach().float().cpu().numpy())
+        output = engine.state.output
+        pred = output["pred"]
+        if isinstance(pred, dict):  # an AgeInferer dict not unpacked by the evaluator (unpack_age_output)
+            output = {**output, **pred}
             pred = pred["age"]
         self.ages.append(pred.detach().float().cpu().numpy().reshape(-1))
+        if output.get("z") is not None:
+            self.latents.append(output["z"].detach().float().cpu().numpy())
+        if output.get("age_levels") is not None:
+            self.level_ages.append(output["age_levels"].detach().float().cpu().numpy())
 
     def correction(self) -> BiasCorrection | None:
         path = self.bias_correction_path
@@ -309,7 +316,11 @@ class PredictionWriter:
             raise RuntimeError(f"{len(ages)} predictions for {len(self.ready)} inputs: the evaluator must not shuffle")
         correction = self.correction() if self.ready else None
         interval = self.interval() if self.ready else None
-        rows = [_row(item, float(age), correction, interval) for item, age in zip(self.ready, ages.tolist())]
+        levels = _level_columns(self.level_ages, len(ages))
+        rows = [
+            {**_row(item, float(age), correction, interval), **level}
+            for item, age, level in zip(self.ready, ages.tolist(), levels)
+        ]
         rows += [_row(item, math.nan, None) for item in self.failed]
         if self.save_latents and self.latents:
             _save_latents(self.output_dir / "latents", self.ready, np.concatenate(self.latents))
@@ -417,6 +428,18 @@ def finish(ready: list[dict], items: list[dict], output_dir: str | Path) -> None
         raise SystemExit(
             f"inference: none of the {len(items)} inputs could be used; " f"see {Path(output_dir) / 'predictions.csv'}"
         )
+
+
+def _level_columns(level_ages: list[np.ndarray], n: int) -> list[dict]:
+    """``slice_levels`` and ``level_sd`` (sd of the per-level predicted ages; empty for one level) per row."""
+    if not level_ages:
+        return [{}] * n
+    ages = np.concatenate(level_ages)
+    if len(ages) != n:
+        raise RuntimeError(f"{len(ages)} per-level predictions for {n} inputs: the evaluator must not shuffle")
+    levels = ages.shape[1]
+    spread = ages.std(axis=1, ddof=1) if levels > 1 else np.full(n, np.nan)
+    return [{"slice_levels": levels, "level_sd": round(float(s), 3) if levels > 1 else ""} for s in spread]
 
 
 def _row(

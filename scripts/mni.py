@@ -82,6 +82,20 @@ def axial_index(offset: int = 0, shape: tuple[int, int, int] = GRID_SHAPE) -> in
     return index
 
 
+def level_offsets(levels: int = 1, spacing: int = 4, offset: int = 0) -> list[int]:
+    """Slice offsets of ``levels`` axial levels ``spacing`` grid slices apart, centred on ``offset``.
+
+    ``levels`` is odd so the centre level is the medial slice the paper uses; e.g. 5 levels 4 slices apart
+    span +-8 slices (+-11.6 mm) around it.
+    """
+    levels, spacing = int(levels), int(spacing)
+    if levels < 1 or levels % 2 == 0:
+        raise ValueError(f"slice levels must be an odd number >= 1 (the medial slice in the middle), got {levels}")
+    if levels > 1 and spacing < 1:
+        raise ValueError(f"slice level spacing must be >= 1 grid slice, got {spacing}")
+    return [int(offset) + spacing * (i - levels // 2) for i in range(levels)]
+
+
 def slice_affine(
     offset: int = 0, size: tuple[int, int] = SLICE_SIZE, shape: tuple[int, int, int] = GRID_SHAPE
 ) -> np.ndarray:

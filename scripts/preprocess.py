@@ -165,7 +165,13 @@ def preprocess_scan(
         image = np.asarray(data["image"], dtype=np.float32)
         mask = np.asarray(data["brain_mask"]) if "brain_mask" in data else None
         slice_file, qc_file = f"slices/{name}.nii.gz", f"qc/{name}.png"
-        write_atomic(out / slice_file, lambda tmp: slice_nifti(image, data.get("slice_offset", 0)).to_filename(tmp))
+        levels = int(data.get("slice_levels", 1))
+        write_atomic(
+            out / slice_file, lambda tmp: slice_nifti(image, data.get("slice_offset", 0), levels).to_filename(tmp)
+        )
+        if levels > 1:  # the QC image shows the centre (medial) level
+            image = np.array_split(image, levels)[levels // 2]
+            mask = None if mask is None else np.array_split(mask, levels)[levels // 2]
         title = str(record["subject"] or name)
         if "registration" in data:
             title += f"  r={data['registration']['template_correlation']:.2f}"

@@ -49,7 +49,7 @@ from scipy import ndimage, stats
 
 from scripts import cli
 from scripts.atomic import write_atomic, write_csv, write_json
-from scripts.mni import GRID_SHAPE, axial_index, grid_affine, load_template, slice_points
+from scripts.mni import GRID_SHAPE, axial_index, grid_affine, level_offsets, load_template, slice_points
 from scripts.transforms import finalise_slice, slice_nifti
 
 logger = logging.getLogger(__name__)
@@ -530,20 +530,31 @@ def _acquisition_key(subject: Subject, stream: int) -> list[int]:
 
 
 def render_slice(
-    subject: Subject, anatomy: Anatomy | None = None, channels: int = 1, slice_offset: int = 0, acquire: bool = True
+    subject: Subject,
+    anatomy: Anatomy | None = None,
+    channels: int = 1,
+    slice_offset: int = 0,
+    acquire: bool = True,
+    levels: int = 1,
+    level_spacing: int = 4,
 ) -> np.ndarray:
     """The fast path: the preprocessed model input ``(channels, 128, 128)`` in [0, 1].
 
     Emulates what registration, N4 (a residual bias remains) and template-mask skull stripping
     leave of an acquisition of the subject's grade. ``acquire=False`` gives the noise-free ground
-    truth of a perfect acquisition and registration.
+    truth of a perfect acquisition and registration. With ``levels`` > 1: ``(levels * channels, 128, 128)``,
+    the axial levels of :func:`scripts.mni.level_offsets` of one acquisition (one contrast, registration
+    error, bias field and motion); each level gets its own noise, and the centre level is the single-level
+    image.
     """
     atlas = build_atlas()
     anatomy = anatomy or Anatomy.draw(subject, atlas)
     grade = GRADES[subject.grade]
-    rng = np.random.default_rng(_acquisition_key(subject, 2))
+    key = _acquisition_key(subject, 2)
+    rng = np.random.default_rng(key)
     dz = grid_affine()[2, 2]
-    centres = (np.arange(channels) - channels // 2) * dz
+    level_shift = np.asarray(level_offsets(levels, level_spacing)) * dz
+    centres = (level_shift[:, None] + (np.arange(channels) - channels // 2)[None, :] * dz).ravel()
     if acquire and grade.thickness_mm[1] > 2.0:
         thickness = rng.uniform(*grade.thickness_mm)
         profile = np.linspace(-thickness / 2, thickness / 2, 5) + rng.uniform(-0.5, 0.5) * dz
@@ -561,18 +572,28 @@ def render_slice(
         shift = rng.normal(0.0, shift_sd, 3)
         planes = (planes - centre) @ matrix.T + centre + shift
     image = render(anatomy, planes, atlas, tissue)["intensity"]
-    image = image.reshape(channels, len(profile), *image.shape[1:]).mean(1)
+    image = image.reshape(len(centres), len(profile), *image.shape[1:]).mean(1)
     if acquire:
         image = image * _smooth_field(rng, centre_planes, grade.residual_bias)
         if rng.random() < grade.ghosting:
             image = _ghosting(rng, image, axis=2)
-        image = _rician(rng, image, grade.noise * TISSUE["wm"])
+        per_level = np.split(image, levels)
+        image = np.concatenate(  # the centre level's noise from the scan's stream, as a single-level image
+            [
+                _rician(
+                    rng if i == levels // 2 else np.random.default_rng(key + [1000 + i]),
+                    level,
+                    grade.noise * TISSUE["wm"],
+                )
+                for i, level in enumerate(per_level)
+            ]
+        )
         image = np.power(np.clip(image, 0, None) / TISSUE["wm"], gamma) * TISSUE["wm"]
         # The chain's resampling from scanner voxels onto the 130^3 grid smooths anatomy and noise alike;
         # 0.6 grid pixels matches the high-frequency content of the chain's output on phantom scans of both grades.
         image = ndimage.gaussian_filter(image, (0, RESAMPLING_BLUR_PX, RESAMPLING_BLUR_PX))
     image = np.where(template_mask, image, 0.0).astype(np.float32)
-    return finalise_slice(image)
+    return finalise_slice(image, levels=levels)
 
 
 @dataclass
@@ -722,9 +743,18 @@ def _save_nifti(image: nib.Nifti1Image, path: Path) -> None:
     write_atomic(path, lambda tmp: nib.save(image, tmp))
 
 
-def write_slice(subject: Subject, path: Path, channels: int = 1, slice_offset: int = 0, acquire: bool = True) -> None:
-    image = render_slice(subject, channels=channels, slice_offset=slice_offset, acquire=acquire)
-    _save_nifti(slice_nifti(image, slice_offset), path)  # (128,128) or (128,128,k), as the chain writes
+def write_slice(
+    subject: Subject,
+    path: Path,
+    channels: int = 1,
+    slice_offset: int = 0,
+    acquire: bool = True,
+    levels: int = 1,
+    level_spacing: int = 4,
+) -> None:
+    image = render_slice(subject, None, channels, slice_offset, acquire, levels, level_spacing)
+    # (128,128), (128,128,k) or (128,128,k,levels), as the chain writes
+    _save_nifti(slice_nifti(image, slice_offset, levels), path)
 
 
 def write_volume(
@@ -753,11 +783,11 @@ def write_volume(
 
 
 def _generate_one(args: tuple) -> dict:
-    subject, out, mode, channels, slice_offset = args
+    subject, out, mode, channels, slice_offset, levels, level_spacing = args
     t0 = time.perf_counter()
     if mode == "slices":
         rel = Path("slices") / f"{subject.subject}_slice.nii.gz"
-        write_slice(subject, out / rel, channels, slice_offset)
+        write_slice(subject, out / rel, channels, slice_offset, True, levels, level_spacing)
         extra = {}
     else:
         rel = Path("volumes") / f"{subject.subject}_T1w.nii.gz"
@@ -769,7 +799,7 @@ def _generate_one(args: tuple) -> dict:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         scan = write_volume(subject, out / rel, singleton_4d=singleton, brain_mask_path=out / mask)
         truth = truth_dir / f"{subject.subject}_slice.nii.gz"
-        write_slice(subject, out / truth, channels, slice_offset, acquire=False)
+        write_slice(subject, out / truth, channels, slice_offset, False, levels, level_spacing)
         extra = {
             "truth_slice": truth.as_posix(),
             "truth_brain_mask": mask.as_posix(),
@@ -805,6 +835,8 @@ def generate(
     slice_offset: int = 0,
     workers: int = 1,
     progress: bool = True,
+    levels: int = 1,
+    level_spacing: int = 4,
 ) -> dict:
     """Generate a cohort into ``out``: images, ``datalist.json``, ``participants.tsv`` (+ ``.json``)
     and ``phantom.json`` (generator settings, accuracy floor, true survival association)."""
@@ -817,7 +849,8 @@ def generate(
         (out / ("derivatives/truth" if mode == "bids" else "truth")).mkdir(parents=True, exist_ok=True)
     subjects = sample_cohort(spec)
     build_atlas()  # once, before any worker forks
-    jobs = [(s, out, mode, channels, slice_offset) for s in subjects]
+    level_offsets(levels, level_spacing, slice_offset)  # one-line error before any work
+    jobs = [(s, out, mode, channels, slice_offset, levels, level_spacing) for s in subjects]
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc=f"phantom {mode}", unit="subject", disable=not progress, file=sys.stderr)
@@ -878,6 +911,8 @@ def generate(
         "mode": mode,
         "channels": channels,
         "slice_offset": slice_offset,
+        "levels": levels,
+        "level_spacing": level_spacing,
         "ageing_model": asdict(AGEING),
         "accuracy_floor": floor,
         "test_oracle_mae": _oracle_mae(test, spec) if test else None,
@@ -907,7 +942,13 @@ def _sample_r(subjects: list[Subject]) -> float | None:
 
 
 def ensure_dataset(
-    folder: str | Path, spec: CohortSpec | None = None, mode: str = "slices", channels: int = 1, workers: int = 1
+    folder: str | Path,
+    spec: CohortSpec | None = None,
+    mode: str = "slices",
+    channels: int = 1,
+    workers: int = 1,
+    levels: int = 1,
+    level_spacing: int = 4,
 ) -> str:
     """Generate the phantom into ``folder`` unless an identical one is already there; return its datalist.
 
@@ -918,10 +959,12 @@ def ensure_dataset(
     spec = spec or CohortSpec()
     folder = Path(folder)
     wanted = {"phantom_version": PHANTOM_VERSION, "spec": asdict(spec), "mode": mode, "channels": channels}
+    if levels > 1:  # single-level phantoms written before levels existed stay valid
+        wanted.update(levels=levels, level_spacing=level_spacing)
     stamp = folder / "phantom.json"
     if stamp.exists():
         found = json.loads(stamp.read_text())
-        if all(found.get(k) == v for k, v in wanted.items()):
+        if all(found.get(k, 1 if k == "levels" else None) == v for k, v in wanted.items()):
             return str(folder / "datalist.json")
         logger.warning(
             f"{folder}: phantom of other settings or version {found.get('phantom_version')}; regenerating it"
@@ -931,7 +974,7 @@ def ensure_dataset(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        generate(spec, tmp, mode=mode, channels=channels, workers=workers)
+        generate(spec, tmp, mode=mode, channels=channels, workers=workers, levels=levels, level_spacing=level_spacing)
         if folder.exists():  # an empty or partial folder left by something else
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -1054,6 +1097,14 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument(
         "--slice-offset", type=int, default=0, help="offset of the slice from the medial one (130-grid slices)"
     )
+    p.add_argument(
+        "--slice-levels",
+        type=cli.positive_int,
+        default=1,
+        help="axial levels per image (odd; > 1 writes (128, 128, channels, levels) slices, as preprocessing "
+        "slice_levels)",
+    )
+    p.add_argument("--slice-level-spacing", type=cli.positive_int, default=4, help="130-grid slices between the levels")
     p.add_argument("--workers", type=cli.positive_int, default=1, help="worker processes")
     p.add_argument("--describe", action="store_true", help="print the ageing effects by brain age and exit")
     p.add_argument(
@@ -1097,8 +1148,9 @@ def main(argv: list[str] | None = None) -> int:
             clinical_fraction=args.clinical_fraction,
             session=args.session,
         )
-        axial_index(args.slice_offset + args.channels // 2)
-        axial_index(args.slice_offset - args.channels // 2)
+        for level in level_offsets(args.slice_levels, args.slice_level_spacing, args.slice_offset):
+            axial_index(level + args.channels // 2)
+            axial_index(level - args.channels // 2)
     except ValueError as err:
         parser.error(str(err))
     t0 = time.perf_counter()
@@ -1110,6 +1162,8 @@ def main(argv: list[str] | None = None) -> int:
         slice_offset=args.slice_offset,
         workers=args.workers,
         progress=not args.quiet,
+        levels=args.slice_levels,
+        level_spacing=args.slice_level_spacing,
     )
     floor = summary["accuracy_floor"]
     total = spec.n + spec.disease_count

@@ -47,6 +47,7 @@ from scripts.mni import (
     axial_index,
     grid_affine,
     grid_to_template_mask,
+    level_offsets,
     load_template,
     slice_affine,
 )
@@ -66,24 +67,82 @@ class PreprocessingError(ValueError):
 
 
 def finalise_slice(
-    image: np.ndarray | torch.Tensor, size: tuple[int, int] = SLICE_SIZE, upper_percentile: float = UPPER_PERCENTILE
+    image: np.ndarray | torch.Tensor,
+    size: tuple[int, int] = SLICE_SIZE,
+    upper_percentile: float = UPPER_PERCENTILE,
+    levels: int = 1,
 ) -> np.ndarray:
     """Resize a channel-first skull-stripped slice ``(C, H, W)`` to ``size`` and scale it to [0, 1].
 
-    The last step of the chain, shared with the phantom's fast path so both write identical inputs.
+    The last step of the chain, shared with the phantom's fast path so both write identical inputs. With
+    ``levels`` > 1 the C channels are ``levels`` axial levels of C / levels channels each, and every level is
+    scaled on its own, so a level is the slice a single-level run at its offset would give.
     """
-    resized = Resize(spatial_size=size, mode="bilinear", anti_aliasing=False)(torch.as_tensor(image))
+    image = torch.as_tensor(image)
+    if levels > 1:
+        return np.concatenate([finalise_slice(chunk, size, upper_percentile) for chunk in image.chunk(levels)])
+    resized = Resize(spatial_size=size, mode="bilinear", anti_aliasing=False)(image)
     scaled = ScaleIntensityRangePercentiles(
         lower=0, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=True, channel_wise=False
     )(resized)
     return np.asarray(scaled, dtype=np.float32)
 
 
-def slice_nifti(image: np.ndarray, offset: int = 0) -> nib.Nifti1Image:
-    """A finalised slice ``(C, 128, 128)`` as MNI-space NIfTI: ``(128, 128)`` for C = 1, else ``(128, 128, C)``."""
+def slice_nifti(image: np.ndarray, offset: int = 0, levels: int = 1) -> nib.Nifti1Image:
+    """A finalised slice ``(C, 128, 128)`` as MNI-space NIfTI: ``(128, 128)`` for C = 1, else ``(128, 128, C)``.
+
+    With ``levels`` > 1 the C channels are ``levels`` axial levels (level-major, as :func:`finalise_slice`):
+    ``(128, 128, C / levels, levels)``, the affine that of the centre level.
+    """
     image = np.asarray(image, dtype=np.float32)
-    data = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
-    return nib.Nifti1Image(data, slice_affine(offset))
+    if levels > 1:
+        if image.shape[0] % levels:
+            raise ValueError(f"{image.shape[0]} channels do not split into {levels} levels")
+        data = image.reshape(levels, -1, *image.shape[1:]).transpose(2, 3, 1, 0)
+    else:
+        data = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+    return nib.Nifti1Image(np.ascontiguousarray(data), slice_affine(offset))
+
+
+class AsSliceLevelsd(MapTransform):
+    """A loaded model-input slice file -> ``(channels, H, W, levels)``: its centre ``levels`` axial levels.
+
+    Slice files are ``(H, W)``, ``(H, W, channels)`` or, with several levels (preprocessing ``slice_levels``),
+    ``(H, W, channels, stored levels)``, the medial level in the middle (:func:`slice_nifti`). Taking the
+    centre levels lets a model use fewer levels than were stored (1: the paper's medial slice). Replaces
+    ``EnsureChannelFirstd``, which cannot tell a level axis from a channel axis.
+    """
+
+    def __init__(self, keys: KeysCollection, channels: int = 1, levels: int = 1, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.channels, self.levels = int(channels), int(levels)
+        level_offsets(self.levels)  # validates: odd, >= 1
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            shape = tuple(img.shape)
+            if img.ndim == 2:
+                img = img[..., None, None]
+            elif img.ndim == 3:
+                img = img[..., None]
+            if img.ndim != 4:
+                raise ValueError(f"a model-input slice file has 2 to 4 dimensions, got shape {shape}")
+            channels, stored = img.shape[2], img.shape[3]
+            if channels != self.channels:
+                raise ValueError(
+                    f"slice file of shape {shape} has {channels} channel(s), the model takes {self.channels} "
+                    "(in_channels = preprocessing slice_channels)"
+                )
+            if stored < self.levels or stored % 2 == 0:
+                raise ValueError(
+                    f"slice file of shape {shape} holds {stored} axial level(s), slice_levels is {self.levels}: "
+                    f"preprocess (or generate the phantom) with --slice_levels {self.levels} or more"
+                )
+            start = stored // 2 - self.levels // 2
+            d[key] = img[..., start : start + self.levels].permute(2, 0, 1, 3)
+        return d
 
 
 def _voxel_sizes(affine: np.ndarray) -> np.ndarray:
@@ -650,23 +709,40 @@ class ExtractAxialSliced(MapTransform):
     """Cut the medial axial slice of the 130^3 grid (``scripts.mni.axial_index``), ``offset`` slices up.
 
     With ``channels`` k > 1 the k neighbouring slices become channels, centred on that slice (as
-    the phantom writes them). Output ``(k, 130, 130)`` indexed ``[x, y]``; ``data["slice_offset"]``
-    keeps the offset for writing the slice in MNI space (:func:`slice_nifti`).
+    the phantom writes them). With ``levels`` L > 1 (odd), L such slices ``level_spacing`` grid slices apart,
+    centred on it (:func:`scripts.mni.level_offsets`), level-major. Output ``(L * k, 130, 130)`` indexed
+    ``[x, y]``; ``data["slice_offset"]`` and ``data["slice_levels"]`` keep what :func:`slice_nifti` needs.
     """
 
     stage = "slice"
 
-    def __init__(self, keys: KeysCollection, offset: int = 0, channels: int = 1, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        offset: int = 0,
+        channels: int = 1,
+        levels: int = 1,
+        level_spacing: int = 4,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         if int(channels) < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         self.offset, self.channels = int(offset), int(channels)
+        self.levels, self.level_spacing = int(levels), int(level_spacing)
         # axial_index raises when a channel would leave the grid
-        self.indices = [axial_index(self.offset + c - self.channels // 2) for c in range(self.channels)]
+        self.indices = [
+            axial_index(level + c - self.channels // 2)
+            for level in level_offsets(self.levels, self.level_spacing, self.offset)
+            for c in range(self.channels)
+        ]
 
     @property
     def settings(self) -> dict:
-        return {"offset": self.offset, "channels": self.channels}
+        settings = {"offset": self.offset, "channels": self.channels}
+        if self.levels > 1:  # single-level settings as before, so existing caches stay valid
+            settings.update(levels=self.levels, level_spacing=self.level_spacing)
+        return settings
 
     def __call__(self, data):
         d = dict(data)
@@ -678,6 +754,7 @@ class ExtractAxialSliced(MapTransform):
                 )
             d[key] = volume[0][:, :, self.indices].permute(2, 0, 1).contiguous()
         d["slice_offset"] = self.offset
+        d["slice_levels"] = self.levels
         return d
 
 
@@ -705,5 +782,5 @@ class FinaliseSliced(MapTransform):
         for key in self.key_iterator(d):
             if float(torch.as_tensor(d[key]).max()) <= 0.0:
                 raise PreprocessingError("the slice is empty after skull stripping")
-            d[key] = finalise_slice(d[key], self.size, self.upper_percentile)
+            d[key] = finalise_slice(d[key], self.size, self.upper_percentile, int(d.get("slice_levels", 1)))
         return d

@@ -172,6 +172,7 @@ def tiny_bundle(tmp_path, bundle_root):
         "ckpt_path": str(tmp_path / "tiny.pt"),
         "image_size": TINY["image_size"],
         "in_channels": 1,
+        "slice_levels": 1,
         "network_def": {"_target_": "scripts.networks.DiffusionAutoencoder", **TINY},
         "preprocessing": {"_target_": "Compose", "transforms": f"%{bundle_root}/configs/train.yaml::slice_loading"},
     }

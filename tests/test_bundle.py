@@ -112,7 +112,9 @@ def test_training_and_inference_configs_define_the_same_network_and_slice_loadin
         assert infer[key] == train[key], key
     assert infer["network_def"] == {k: v for k, v in train["network_def"].items() if k != "_requires_"}
     assert infer["preprocessing"]["transforms"] == train["slice_loading"]
-    assert train["train"]["preprocessing"]["transforms"] == "$@slice_loading + @augmentation"  # + training-only
+    assert infer["slice_levels"] == train["slice_levels"] == 1  # the paper's medial slice by default
+    # + training-only transforms: one level drawn per image, then acquisition augmentation
+    assert train["train"]["preprocessing"]["transforms"] == "$@slice_loading + @level_sampling + @augmentation"
 
 
 def test_no_config_refers_to_the_working_directory(bundle_root):

@@ -3,6 +3,8 @@
     .venv/bin/python tests/benchmarks/bench_accuracy.py --models semi-mixed sup25 --seeds 0 1 2 --out runs/bench_semi
     .venv/bin/python tests/benchmarks/bench_accuracy.py --models full densenet --seeds 0 1 2 --out runs/bench_base
     .venv/bin/python tests/benchmarks/bench_accuracy.py --models full-aug full --seeds 0 1 2 --steps 200 --out runs/bench_aug
+    .venv/bin/python tests/benchmarks/bench_accuracy.py --models full-levels full full-median full-levels-medial \
+        --seeds 0 1 2 --steps 200 --out runs/bench_levels
     .venv/bin/python tests/benchmarks/bench_accuracy.py --full ...     # paper sizes (128x128, 6000 steps), for a GPU
 
 Every model is trained and evaluated through the bundle's own commands (``monai.bundle run training`` /
@@ -18,8 +20,14 @@ Every model is trained and evaluated through the bundle's own commands (``monai.
    * ``sup25``: the same 25 % labelled scans alone, batch 8;
    * ``full``: ours with every training label (research grade), batch 8;
    * ``densenet``: the DenseNet121 baseline (``configs/baseline_densenet.yaml``) with every label;
-   * ``full-aug``: ``full`` with acquisition augmentation (``configs/augment_clinical.yaml``).
-   Every run gets the same number of optimizer steps (``--steps``); validation MAE picks the checkpoint.
+   * ``full-aug``: ``full`` with acquisition augmentation (``configs/augment_clinical.yaml``);
+   * ``full-levels``: ``full`` trained on ``--slice-levels`` axial levels (one drawn per image per step) and
+     evaluated on the median of their predictions (``slice_levels``);
+   * ``full-median``: the ``full`` checkpoint evaluated on the median of the levels (inference-only combination);
+   * ``full-levels-medial``: the ``full-levels`` checkpoint evaluated on the medial slice alone.
+   Every run gets the same number of optimizer steps (``--steps``); validation MAE picks the checkpoint. With a
+   multi-level model the phantom is written with ``--slice-levels`` levels; the single-level models read its
+   centre level, which is the single-level phantom's slice.
 3. Each model is evaluated on the research test set, the clinical test set and the disease cohort (brain-PAD
    against survival, which the phantom generated with a known negative association).
 4. For each pair in ``PAIRS`` present, per evaluation set: mean +/- sd of MAE over seeds, a paired t-test over
@@ -42,6 +50,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -59,8 +68,31 @@ MODELS = {  # name: (description, training datalist, config overlays, batch size
     "full": ("ours, 100 % labels", "full", [], 8, 1.0),
     "densenet": ("DenseNet121 baseline, 100 % labels", "full", ["configs/baseline_densenet.yaml"], 8, 1.0),
     "full-aug": ("ours, 100 % labels, acquisition augmentation", "full", ["configs/augment_clinical.yaml"], 8, 1.0),
+    "full-levels": ("ours, 100 % labels, several axial levels (median)", "full", [], 8, 1.0),
+    "full-median": ("ours, 100 % labels, medial training, median of levels at inference", "full", [], 8, 1.0),
+    "full-levels-medial": (
+        "ours, 100 % labels, trained on several levels, medial slice at inference",
+        "full",
+        [],
+        8,
+        1.0,
+    ),
 }
-PAIRS = [("semi-mixed", "sup25"), ("full", "densenet"), ("full-aug", "full")]
+# Multi-level models: (slice_levels in training, slice_levels in evaluation, model whose checkpoint is reused)
+# with L = --slice-levels; the others train and evaluate on the medial slice.
+LEVELS = {
+    "full-levels": ("L", "L", None),
+    "full-median": (1, "L", "full"),
+    "full-levels-medial": ("L", 1, "full-levels"),
+}
+PAIRS = [
+    ("semi-mixed", "sup25"),
+    ("full", "densenet"),
+    ("full-aug", "full"),
+    ("full-levels", "full"),
+    ("full-median", "full"),
+    ("full-levels", "full-levels-medial"),
+]
 EVAL_SETS = {"research": ("full", "test"), "clinical": ("clinical", "test"), "disease": ("full", "disease")}
 
 
@@ -79,7 +111,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--labelled-share", type=float, default=0.25, help="labels kept in the 25 % runs")
     parser.add_argument("--phantom-seed", type=int, default=0, help="seed of the phantom (the people)")
+    parser.add_argument(
+        "--slice-levels", type=int, default=5, help="axial levels of the multi-level models (odd), 4 grid slices apart"
+    )
     args = parser.parse_args(argv)
+    for name, (_, _, reused) in LEVELS.items():
+        if name in args.models and reused and reused not in args.models:
+            parser.error(f"{name} evaluates the checkpoint of {reused}: add {reused} to --models")
     args.image_size = args.image_size or (128 if args.full else 64)
     args.steps = args.steps or (6000 if args.full else 800)
     return args
@@ -99,9 +137,14 @@ def _clean(datalist: dict) -> dict:
 def make_data(args, out: Path) -> dict:
     """Research and clinical phantoms (same people) and, per seed, the training datalists of the 25 % runs."""
     spec = dict(n=args.n, seed=args.phantom_seed, unlabelled_fraction=0.0)
-    research = Path(synthetic.ensure_dataset(out / "phantom_research", synthetic.CohortSpec(**spec))).parent
+    levels = args.slice_levels if any(name in LEVELS for name in args.models) else 1
+    research = Path(
+        synthetic.ensure_dataset(out / "phantom_research", synthetic.CohortSpec(**spec), levels=levels)
+    ).parent
     clinical = Path(
-        synthetic.ensure_dataset(out / "phantom_clinical", synthetic.CohortSpec(**spec, grade="clinical"))
+        synthetic.ensure_dataset(
+            out / "phantom_clinical", synthetic.CohortSpec(**spec, grade="clinical"), levels=levels
+        )
     ).parent
     full, clinical_lists = load_datalist(research / "datalist.json"), load_datalist(clinical / "datalist.json")
     clinical_by_subject = {item["subject"]: item for item in clinical_lists["training"]}
@@ -155,20 +198,27 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
     folder.mkdir(parents=True, exist_ok=True)
     per_epoch = steps_per_epoch(datalist, batch_size, labelled_ratio)
     epochs = max(1, math.ceil(args.steps / per_epoch))
-    common = {"ckpt_path": folder / "model.pt", "image_size": args.image_size, "batch_size": batch_size}
-    print(f"[{name}, seed {seed}] {epochs} epochs x {per_epoch} steps", flush=True)
-    seconds = bundle(
-        "training",
-        ["configs/train.yaml", *overlays],
-        folder / "train.log",
-        datalist=datalist,
-        output_dir=folder / "run",
-        max_epochs=epochs,
-        val_interval=max(1, epochs // 15),
-        labelled_ratio=labelled_ratio,
-        seed=seed,
-        **common,
-    )
+    train_levels, eval_levels, reused = (args.slice_levels if v == "L" else v for v in LEVELS.get(name, (1, 1, None)))
+    checkpoint = (out / reused / f"seed{seed}" if reused else folder) / "model.pt"
+    common = {"ckpt_path": checkpoint, "image_size": args.image_size, "batch_size": batch_size}
+    seconds = 0.0
+    if reused:
+        print(f"[{name}, seed {seed}] the checkpoint of {reused}, {eval_levels} level(s)", flush=True)
+    else:
+        print(f"[{name}, seed {seed}] {epochs} epochs x {per_epoch} steps, {train_levels} level(s)", flush=True)
+        seconds = bundle(
+            "training",
+            ["configs/train.yaml", *overlays],
+            folder / "train.log",
+            datalist=datalist,
+            output_dir=folder / "run",
+            max_epochs=epochs,
+            val_interval=max(1, epochs // 15),
+            labelled_ratio=labelled_ratio,
+            seed=seed,
+            slice_levels=train_levels,
+            **common,
+        )
     result = {
         "model": name,
         "description": description,
@@ -187,12 +237,20 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
             datalist=data[eval_list],
             eval_split=split,
             output_dir=target,
+            slice_levels=eval_levels,
             **common,
         )
         metrics = json.loads((target / "metrics.json").read_text())
         result[label] = {key: metrics[key] for key in ("n", "r", "mae", "r2", "rmse", "pad_mean", "pad_std")}
+        for key in ("interval_coverage", "interval_width"):
+            result[label][key] = metrics.get(key)
         rows = read_predictions(target / "predictions.csv")
         result["errors"][label] = {r["subject"]: abs(r["predicted_age"] - r["age"]) for r in rows}
+        if eval_levels > 1:  # does the spread between levels flag the larger errors? (Spearman, over subjects)
+            spread = [float(r["level_sd"]) for r in rows]
+            error = [abs(r["predicted_age"] - r["age"]) for r in rows]
+            result[label]["level_sd_mean"] = float(np.mean(spread))
+            result[label]["level_sd_error_spearman"] = float(spearmanr(spread, error).statistic)
         if label == "disease":
             result[label]["survival"] = pad_outcome_association(rows, "survival_months", "brain_pad_corrected")
     print(json.dumps({k: v for k, v in result.items() if k != "errors"}), flush=True)
@@ -241,22 +299,44 @@ def _cell(values, spec=".2f") -> str:
 
 def table(args, results: list[dict], comparisons: list[dict], floor: dict, truth: dict, minutes: float) -> str:
     lines = [
-        "| model | seeds | research MAE | research r | clinical MAE | clinical r | PAD–survival r, disease |",
-        "|---|---|---|---|---|---|---|",
+        "| model | seeds | research MAE | research r | clinical MAE | clinical r | PAD–survival r, disease | "
+        "interval coverage, research / clinical |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in args.models:
         runs = [r for r in results if r["model"] == name]
         if not runs:
             continue
+        coverage = [
+            _cell([100 * r[label]["interval_coverage"] for r in runs if r[label].get("interval_coverage")], ".0f")
+            for label in ("research", "clinical")
+        ]
         lines.append(
             f"| {MODELS[name][0]} | {len(runs)} | {_cell([r['research']['mae'] for r in runs])} | "
             f"{_cell([r['research']['r'] for r in runs])} | {_cell([r['clinical']['mae'] for r in runs])} | "
-            f"{_cell([r['clinical']['r'] for r in runs])} | {_cell([r['disease']['survival']['r'] for r in runs])} |"
+            f"{_cell([r['clinical']['r'] for r in runs])} | {_cell([r['disease']['survival']['r'] for r in runs])} | "
+            f"{coverage[0]} % / {coverage[1]} % |"
         )
     lines.append(
         f"| *accuracy floor (knows brain age exactly)* | – | {floor['mae']:.2f} | {floor['r']:.2f} | "
-        f"{floor['mae']:.2f} | {floor['r']:.2f} | {truth['sample_r']:.2f} (true δ) |"
+        f"{floor['mae']:.2f} | {floor['r']:.2f} | {truth['sample_r']:.2f} (true δ) | – |"
     )
+    spread = [
+        name for name in args.models if any("level_sd_mean" in r["research"] for r in results if r["model"] == name)
+    ]
+    if spread:
+        lines += [
+            "",
+            "| model | set | mean level sd (years) | Spearman ρ(level sd, absolute error) |",
+            "|---|---|---|---|",
+        ]
+        for name in spread:
+            runs = [r for r in results if r["model"] == name]
+            for label in ("research", "clinical"):
+                lines.append(
+                    f"| {name} | {label} | {_cell([r[label]['level_sd_mean'] for r in runs])} | "
+                    f"{_cell([r[label]['level_sd_error_spearman'] for r in runs])} |"
+                )
     text = "\n".join(lines)
     if comparisons:
         text += (
