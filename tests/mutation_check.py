@@ -289,6 +289,31 @@ MUTANTS = [
         "        k_high = max(1, int(np.floor(n * (1 - alpha / 2))))",
         ("tests/test_intervals.py::test_interval_ranks_by_hand",),
     ),
+    Mutant(
+        "levels-combined-by-mean",
+        "several axial levels are combined by their mean, which one bad level can move, not the median",
+        "scripts/engine.py",
+        '    return torch.quantile(ages.float(), 0.5, dim=1, keepdim=True, interpolation="midpoint")',
+        "    return ages.float().mean(dim=1, keepdim=True)",
+        ("tests/test_multislice.py::test_inferer_predicts_each_level_and_takes_the_median",),
+    ),
+    Mutant(
+        "training-sees-the-medial-level-only",
+        "training takes the centre level every time instead of drawing one per image",
+        "configs/train.yaml",
+        "  - {_target_: RandSpatialCropd, keys: image, roi_size: [-1, -1, 1], random_size: false}",
+        "  - {_target_: CenterSpatialCropd, keys: image, roi_size: [-1, -1, 1]}",
+        ("tests/test_multislice.py::test_training_samples_one_level_per_image",),
+    ),
+    Mutant(
+        "phantom-levels-share-one-noise-stream",
+        "the phantom draws every level's noise from the scan's one stream, so the centre level is not the "
+        "single-level image",
+        "scripts/synthetic.py",
+        "                    rng if i == levels // 2 else np.random.default_rng(key + [1000 + i]),",
+        "                    rng,",
+        ("tests/test_multislice.py::test_phantom_levels_keep_the_single_level_image_in_the_middle",),
+    ),
 ]
 
 

@@ -19,6 +19,7 @@ AUG_KEYS = {
     "aug_kspace_spike_prob": "RandKSpaceSpikeNoised",
     "aug_noise_prob": "RandGaussianNoised",
     "aug_contrast_prob": "RandAdjustContrastd",
+    "aug_histogram_shift_prob": "RandHistogramShiftd",
 }
 
 

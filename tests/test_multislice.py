@@ -100,12 +100,12 @@ class _MeanAge(torch.nn.Module):
 
 def test_inferer_predicts_each_level_and_takes_the_median():
     images = torch.zeros(2, 1, 8, 8, 3)
-    images[0, ..., 0], images[0, ..., 1], images[0, ..., 2] = 0.5, 0.1, 0.9  # one outlying level
-    images[1, ..., 0], images[1, ..., 1], images[1, ..., 2] = 0.3, 0.4, 0.35
+    images[0, ..., 0], images[0, ..., 1], images[0, ..., 2] = 0.5, 0.1, 0.95  # one outlying level
+    images[1, ..., 0], images[1, ..., 1], images[1, ..., 2] = 0.3, 0.4, 0.32
     ages = AgeInferer()(images, _MeanAge())
-    np.testing.assert_allclose(ages.numpy(), [[50.0], [35.0]], atol=1e-4)
+    np.testing.assert_allclose(ages.numpy(), [[50.0], [32.0]], atol=1e-4)  # the means would be 51.7 and 34
     detailed = AgeInferer(return_levels=True)(images, _MeanAge())
-    np.testing.assert_allclose(detailed["age_levels"].numpy(), [[50, 10, 90], [30, 40, 35]], atol=1e-4)
+    np.testing.assert_allclose(detailed["age_levels"].numpy(), [[50, 10, 95], [30, 40, 32]], atol=1e-4)
     np.testing.assert_allclose(detailed["age"].numpy(), ages.numpy())
     # a single-level 5D batch is the 4D prediction
     np.testing.assert_allclose(AgeInferer()(images[..., :1], _MeanAge()), AgeInferer()(images[..., 0], _MeanAge()))
@@ -195,3 +195,13 @@ def test_multilevel_training_inference_and_evaluate(run_workflow, level_model, l
     metrics = json.loads((evaluated / "metrics.json").read_text())
     mae = np.mean([abs(float(r["predicted_age"]) - float(r["age"])) for r in evaluate_rows])
     assert metrics["mae"] == pytest.approx(mae, abs=1e-2)
+
+
+def test_raw_scan_inference_preprocesses_the_levels(run_workflow, level_model, volume_dataset, tmp_path):
+    """A raw scan with slice_levels 3: the chain writes its 3 levels, and the row is their median with a spread."""
+    item = json.loads((volume_dataset / "datalist.json").read_text())["training"][0]
+    rows = predict(run_workflow, level_model, volume_dataset / item["image"], tmp_path / "raw", slice_levels=3)
+    assert len(rows) == 1 and rows[0]["error"] == "" and rows[0]["slice_levels"] == "3"
+    assert float(rows[0]["level_sd"]) > 0
+    slab = next((tmp_path / "raw" / "preprocessed" / "slices").glob("*.nii.gz"))
+    assert nib.load(slab).shape == (128, 128, 1, 3)

@@ -348,3 +348,25 @@ def test_the_bundle_workflow_command(raw_datalist, tmp_path):
     )
     assert result.returncode != 0
     assert "no scan of" in result.stderr and "could be preprocessed" in result.stderr
+
+
+def test_several_axial_levels_in_one_file(first_run, raw_datalist, tmp_path):
+    """slice_levels 3: one (128, 128, 1, 3) file per scan whose centre level is the single-level slice, under a
+    new cache key (the single-level key is unchanged); the QC image shows the centre level."""
+    out, records = first_run
+    single = {r["subject"]: r for r in records}["sub-0002"]
+    datalist = json.loads(raw_datalist.read_text())
+    path = tmp_path / "one.json"
+    path.write_text(
+        json.dumps({"training": [{**datalist["training"][0], "image": str(raw_datalist.parent / "clinical.nii.gz")}]})
+    )
+    levels = preprocess.preprocess_datalist(path, tmp_path / "out", config_chain(slice_levels=3), progress=False)[0]
+    assert levels["status"] == "ok" and levels["key"] != single["key"]
+    slab = nib.load(tmp_path / "out" / levels["slice"]).get_fdata()
+    medial = nib.load(out / single["slice"]).get_fdata()
+    assert slab.shape == (128, 128, 1, 3)
+    assert correlation(slab[:, :, 0, 1], medial) > 0.999  # the same registration; ANTs may differ in the last bits
+    assert correlation(slab[:, :, 0, 0], medial) < 0.99  # other levels are other anatomy
+    for level in range(3):
+        assert slab[..., level].max() == pytest.approx(1.0, abs=1e-5)  # each level scaled on its own
+    assert (tmp_path / "out" / levels["qc"]).is_file()

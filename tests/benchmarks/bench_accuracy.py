@@ -24,10 +24,13 @@ Every model is trained and evaluated through the bundle's own commands (``monai.
    * ``full-levels``: ``full`` trained on ``--slice-levels`` axial levels (one drawn per image per step) and
      evaluated on the median of their predictions (``slice_levels``);
    * ``full-median``: the ``full`` checkpoint evaluated on the median of the levels (inference-only combination);
-   * ``full-levels-medial``: the ``full-levels`` checkpoint evaluated on the medial slice alone.
+   * ``full-levels-medial``: the ``full-levels`` checkpoint evaluated on the medial slice alone;
+   * ``full-aug-contrast``: ``full`` with gamma and histogram-shift augmentation at 0.5 each (contrast is the
+     clinical-grade factor that costs most, ``bench_clinical_factors.py``).
    Every run gets the same number of optimizer steps (``--steps``); validation MAE picks the checkpoint. With a
    multi-level model the phantom is written with ``--slice-levels`` levels; the single-level models read its
-   centre level, which is the single-level phantom's slice.
+   centre level, which is the single-level phantom's slice. A run whose ``result.json`` exists in ``OUT`` is
+   reused, not redone (delete its folder to redo it), so new models can be paired with earlier runs.
 3. Each model is evaluated on the research test set, the clinical test set and the disease cohort (brain-PAD
    against survival, which the phantom generated with a known negative association).
 4. For each pair in ``PAIRS`` present, per evaluation set: mean +/- sd of MAE over seeds, a paired t-test over
@@ -77,7 +80,16 @@ MODELS = {  # name: (description, training datalist, config overlays, batch size
         8,
         1.0,
     ),
+    "full-aug-contrast": (
+        "ours, 100 % labels, contrast augmentation (gamma + histogram shift, 0.5 each)",
+        "full",
+        [],
+        8,
+        1.0,
+    ),
 }
+# Config overrides of a model's training run (contrast: the acquisition factor that costs most, docs/accuracy.md).
+TRAINING_OVERRIDES = {"full-aug-contrast": {"aug_contrast_prob": 0.5, "aug_histogram_shift_prob": 0.5}}
 # Multi-level models: (slice_levels in training, slice_levels in evaluation, model whose checkpoint is reused)
 # with L = --slice-levels; the others train and evaluate on the medial slice.
 LEVELS = {
@@ -92,6 +104,7 @@ PAIRS = [
     ("full-levels", "full"),
     ("full-median", "full"),
     ("full-levels", "full-levels-medial"),
+    ("full-aug-contrast", "full"),
 ]
 EVAL_SETS = {"research": ("full", "test"), "clinical": ("clinical", "test"), "disease": ("full", "disease")}
 
@@ -195,6 +208,9 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
     description, training_list, overlays, batch_size, labelled_ratio = MODELS[name]
     datalist = data[training_list] if training_list in data else data[f"{training_list}_{seed}"]
     folder = out / name / f"seed{seed}"
+    if (folder / "result.json").is_file():
+        print(f"[{name}, seed {seed}] reused: {folder / 'result.json'}", flush=True)
+        return json.loads((folder / "result.json").read_text())
     folder.mkdir(parents=True, exist_ok=True)
     per_epoch = steps_per_epoch(datalist, batch_size, labelled_ratio)
     epochs = max(1, math.ceil(args.steps / per_epoch))
@@ -217,6 +233,7 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
             labelled_ratio=labelled_ratio,
             seed=seed,
             slice_levels=train_levels,
+            **TRAINING_OVERRIDES.get(name, {}),
             **common,
         )
     result = {
@@ -254,6 +271,7 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
         if label == "disease":
             result[label]["survival"] = pad_outcome_association(rows, "survival_months", "brain_pad_corrected")
     print(json.dumps({k: v for k, v in result.items() if k != "errors"}), flush=True)
+    write_json(folder / "result.json", result)
     return result
 
 
