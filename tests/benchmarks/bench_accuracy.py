@@ -5,6 +5,8 @@
     .venv/bin/python tests/benchmarks/bench_accuracy.py --models full-aug full --seeds 0 1 2 --steps 200 --out runs/bench_aug
     .venv/bin/python tests/benchmarks/bench_accuracy.py --models full-levels full full-median full-levels-medial \
         --seeds 0 1 2 --steps 200 --out runs/bench_levels
+    .venv/bin/python tests/benchmarks/bench_accuracy.py --models full-levels full --seeds 0 1 2 --steps 200 \
+        --slice-levels 3 --slice-level-spacing 2 --out runs/bench_levels3
     .venv/bin/python tests/benchmarks/bench_accuracy.py --full ...     # paper sizes (128x128, 6000 steps), for a GPU
 
 Every model is trained and evaluated through the bundle's own commands (``monai.bundle run training`` /
@@ -124,9 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--labelled-share", type=float, default=0.25, help="labels kept in the 25 % runs")
     parser.add_argument("--phantom-seed", type=int, default=0, help="seed of the phantom (the people)")
-    parser.add_argument(
-        "--slice-levels", type=int, default=5, help="axial levels of the multi-level models (odd), 4 grid slices apart"
-    )
+    parser.add_argument("--slice-levels", type=int, default=5, help="axial levels of the multi-level models (odd)")
+    parser.add_argument("--slice-level-spacing", type=int, default=4, help="130-grid slices between the levels")
     args = parser.parse_args(argv)
     for name, (_, _, reused) in LEVELS.items():
         if name in args.models and reused and reused not in args.models:
@@ -152,11 +153,19 @@ def make_data(args, out: Path) -> dict:
     spec = dict(n=args.n, seed=args.phantom_seed, unlabelled_fraction=0.0)
     levels = args.slice_levels if any(name in LEVELS for name in args.models) else 1
     research = Path(
-        synthetic.ensure_dataset(out / "phantom_research", synthetic.CohortSpec(**spec), levels=levels)
+        synthetic.ensure_dataset(
+            out / "phantom_research",
+            synthetic.CohortSpec(**spec),
+            levels=levels,
+            level_spacing=args.slice_level_spacing,
+        )
     ).parent
     clinical = Path(
         synthetic.ensure_dataset(
-            out / "phantom_clinical", synthetic.CohortSpec(**spec, grade="clinical"), levels=levels
+            out / "phantom_clinical",
+            synthetic.CohortSpec(**spec, grade="clinical"),
+            levels=levels,
+            level_spacing=args.slice_level_spacing,
         )
     ).parent
     full, clinical_lists = load_datalist(research / "datalist.json"), load_datalist(clinical / "datalist.json")
@@ -376,6 +385,8 @@ def table(args, results: list[dict], comparisons: list[dict], floor: dict, truth
         f"{', '.join(map(str, args.seeds))}, {args.n} healthy + {args.n // 5} disease phantom subjects "
         f"(phantom seed {args.phantom_seed})"
     )
+    if any(name in LEVELS for name in args.models):
+        settings += f", {args.slice_levels} axial levels {args.slice_level_spacing} grid slices apart"
     return text + f"\n\nMAE in years (mean ± sd over seeds). Settings: {settings}. Wall time {minutes:.0f} min.\n"
 
 
