@@ -283,32 +283,22 @@ class PredictionWriter:
         self.ages, self.latents, self.level_ages = [], [], []
 
     def _collect(self, engine) -> None:
-        output = engine.state.output
-        pred = output["pred"]
-        if isinstance(pred, dict):  # an AgeInferer dict not unpacked by the evaluator (unpack_age_output)
-            output = {**output, **pred}
-            pred = pred["age"]
-        self.ages.append(pred.detach().float().cpu().numpy().reshape(-1))
+        output = engine.state.output  # AgeInferer's dict unpacked by the evaluator (scripts.engine.unpack_age_output)
+        self.ages.append(output["pred"].detach().float().cpu().numpy().reshape(-1))
         if output.get("z") is not None:
             self.latents.append(output["z"].detach().float().cpu().numpy())
         if output.get("age_levels") is not None:
             self.level_ages.append(output["age_levels"].detach().float().cpu().numpy())
 
     def correction(self) -> BiasCorrection | None:
-        path = self.bias_correction_path
-        if path and Path(path).is_file():
-            return BiasCorrection.load(path)
-        if path:
-            logger.warning(f"no age-bias correction at {path}: brain_pad_corrected left empty")
-        return None
+        return _load_beside_model(
+            self.bias_correction_path, BiasCorrection, "age-bias correction", "brain_pad_corrected"
+        )
 
     def interval(self) -> PredictionInterval | None:
-        path = self.interval_path
-        if path and Path(path).is_file():
-            return PredictionInterval.load(path)
-        if path:
-            logger.warning(f"no prediction interval at {path}: predicted_age_lower/upper left empty")
-        return None
+        return _load_beside_model(
+            self.interval_path, PredictionInterval, "prediction interval", "predicted_age_lower/upper"
+        )
 
     def write(self) -> Path:
         ages = np.concatenate(self.ages) if self.ages else np.empty(0)
@@ -428,6 +418,15 @@ def finish(ready: list[dict], items: list[dict], output_dir: str | Path) -> None
         raise SystemExit(
             f"inference: none of the {len(items)} inputs could be used; " f"see {Path(output_dir) / 'predictions.csv'}"
         )
+
+
+def _load_beside_model(path, kind, what: str, columns: str):
+    """A calibration file stored beside the checkpoint (``kind.load``), or None with a warning when it is missing."""
+    if path and Path(path).is_file():
+        return kind.load(path)
+    if path:
+        logger.warning(f"no {what} at {path}: {columns} left empty")
+    return None
 
 
 def _level_columns(level_ages: list[np.ndarray], n: int) -> list[dict]:
