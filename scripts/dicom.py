@@ -3,14 +3,17 @@
 The series are listed the way MONAI's ``ITKReader`` lists them (ITK's GDCM series names, with series
 details and the series date as restriction), so the identifier chosen here is the ``series_name`` that
 reader then loads. With several series in one folder, the T1-weighted 3D one is taken when exactly one
-series looks like it (:func:`choose_series`); otherwise the scan is refused with the list of series.
+series looks like it (:func:`choose_series`); otherwise the scan is refused with the list of series. A folder's
+only series is checked too: it is refused when it is clearly not a T1-weighted 3D volume (T2, FLAIR, DWI, ...,
+post-contrast, 2D, too few slices, not MR). Slices are counted over frames, so that an enhanced (multi-frame)
+series, the whole volume in one file, counts its NumberOfFrames.
 
 Privacy: patient tags (group 0010: name, ID, birth date, age, sex, ...) are never copied into the
 bundle's outputs. Only :func:`patient_age`, called when a user asks for the age from the DICOM header
 (``--dicom_age true``), reads the age.
 
-    python -m scripts.dicom list FOLDER                   # the series of a folder, and which one would be used
-    python -m scripts.dicom from-nifti SCAN.nii.gz OUT    # write a NIfTI volume as a DICOM MR series (for trying)
+    python -m scripts.dicom list FOLDER                                # the series of a folder, and the one used
+    python -m scripts.dicom from-nifti SCAN.nii.gz OUT [--multiframe]  # a NIfTI volume as a DICOM MR series
 """
 
 from __future__ import annotations
@@ -27,12 +30,23 @@ from pathlib import Path
 # Series descriptions (or sequence names) of T1-weighted 3D acquisitions, and of what is not one.
 T1_PATTERN = re.compile(r"t1|mprage|mp-rage|mp2rage|spgr|bravo|tfe|tfl|fspgr|ir-?fspgr", re.IGNORECASE)
 NOT_T1_PATTERN = re.compile(r"t2|flair|dwi|dti|diff|swi|pd|bold|fmri|perf|asl|localizer|scout|survey", re.IGNORECASE)
+# Post-contrast: "+C", "C+", "POST" (not "post-op"), "GD", "GAD...", "CE" (words; a digit may lead: "T1CE", "T1GD"),
+# "contrast" (a "pre-", "non-", "no " or "without" contrast is first taken out of the text)
+POST_CONTRAST_PATTERN = re.compile(
+    r"\+\s*c(?![a-z])|(?<![a-z])(?:c\s*\+|post(?![\s_-]*op)|gd|gad\w*|ce|contrast)(?![a-z])", re.IGNORECASE
+)
+PRE_CONTRAST_PATTERN = re.compile(
+    r"(?<![a-z])(?:pre|non|no|without|w/o)[\s_-]*(?:contrast|gd|gad\w*|c)(?![a-z])", re.IGNORECASE
+)
+NO_AGENT = re.compile(r"(?:none|no|n/a|na|-|0)?", re.IGNORECASE)  # ContrastBolusAgent values that mean no contrast
 MIN_SLICES = 16  # fewer is a localizer or a single 2D slab, not a volume to register
 TAGS = {
     "description": "0008|103e",
     "modality": "0008|0060",
     "acquisition_type": "0018|0023",
     "sequence": "0018|0024",
+    "contrast_agent": "0018|0010",
+    "frames": "0028|0008",  # NumberOfFrames: an enhanced (multi-frame) file holds that many slices
     "patient_age": "0010|1010",
     "birth_date": "0010|0030",
     "study_date": "0008|0020",
@@ -53,21 +67,41 @@ class Series:
     modality: str = ""
     acquisition_type: str = ""
     sequence: str = ""
+    contrast_agent: str = ""
+    slices: int = 0  # the sum over its files of NumberOfFrames (1 for a file without it)
+
+    def problems(self) -> list[str]:
+        """Why this series is clearly not a T1-weighted 3D volume (empty when nothing says so)."""
+        out = []
+        if self.modality not in ("MR", ""):
+            out.append(f"modality {self.modality}, not MR")
+        named = (("description", self.description), ("sequence name", self.sequence))
+        not_t1 = [f"'{m.group(0)}' in its {where}" for where, text in named if (m := NOT_T1_PATTERN.search(text))]
+        if not_t1:
+            out.append(f"not T1-weighted ({not_t1[0]})")
+        contrast = [
+            f"'{m.group(0).strip()}' in its {where}"
+            for where, text in named
+            if (m := POST_CONTRAST_PATTERN.search(PRE_CONTRAST_PATTERN.sub(" ", text)))
+        ]
+        if not NO_AGENT.fullmatch(self.contrast_agent):
+            contrast.append(f"ContrastBolusAgent '{self.contrast_agent}'")
+        if contrast:
+            out.append(f"post-contrast ({contrast[0]})")
+        if self.acquisition_type == "2D":
+            out.append("2D (MRAcquisitionType 2D)")
+        if self.slices < MIN_SLICES:
+            out.append(f"{self.slices} slices, fewer than {MIN_SLICES}")
+        return out
 
     def looks_t1_3d(self) -> bool:
-        text = f"{self.description} {self.sequence}"
-        return (
-            self.modality in ("MR", "")
-            and len(self.files) >= MIN_SLICES
-            and self.acquisition_type != "2D"
-            and bool(T1_PATTERN.search(text))
-            and not NOT_T1_PATTERN.search(self.description)
-        )
+        return not self.problems() and bool(T1_PATTERN.search(f"{self.description} {self.sequence}"))
 
     def summary(self) -> str:
+        files = "" if self.slices == len(self.files) else f" in {len(self.files)} file{'s' * (len(self.files) > 1)}"
         return (
             f"'{self.description or '(no description)'}' ({self.modality or '?'}, "
-            f"{self.acquisition_type or '?'}, {len(self.files)} files)"
+            f"{self.acquisition_type or '?'}, {self.slices} slices{files})"
         )
 
 
@@ -103,6 +137,14 @@ def _tags(path: str) -> dict[str, str]:
     return {name: reader.GetMetaData(tag).strip() if tag in keys else "" for name, tag in TAGS.items()}
 
 
+def _frames(value: str) -> int:
+    """A file's slice count from its NumberOfFrames: 1 when absent (or unreadable)."""
+    try:
+        return max(int(value), 1)
+    except ValueError:
+        return 1
+
+
 def list_series(folder: str | Path) -> list[Series]:
     """The DICOM series in ``folder``, with the identifiers MONAI's ``ITKReader`` uses."""
     import itk
@@ -114,26 +156,39 @@ def list_series(folder: str | Path) -> list[Series]:
     out = []
     for identifier in names.GetSeriesUIDs():
         files = list(names.GetFileNames(identifier))
-        tags = _tags(files[0])
+        tags = [_tags(f) for f in files]  # every file: the slices are the sum of their NumberOfFrames
         out.append(
             Series(
                 identifier=str(identifier),
                 files=files,
-                description=tags["description"],
-                modality=tags["modality"],
-                acquisition_type=tags["acquisition_type"],
-                sequence=tags["sequence"],
+                description=tags[0]["description"],
+                modality=tags[0]["modality"],
+                acquisition_type=tags[0]["acquisition_type"],
+                sequence=tags[0]["sequence"],
+                contrast_agent=tags[0]["contrast_agent"],
+                slices=sum(_frames(t["frames"]) for t in tags),
             )
         )
     return out
 
 
 def choose_series(folder: str | Path) -> Series:
-    """The series to read from ``folder``: the only one, or the only T1-weighted 3D one; else :class:`DicomError`."""
+    """The series to read from ``folder``: the only T1-weighted 3D one; else :class:`DicomError`.
+
+    A folder's only series is taken unless something says it is not a T1-weighted 3D volume
+    (:meth:`Series.problems`): one without a description, or with one that names no sequence the patterns know,
+    is taken, since exports often strip or rewrite descriptions. Among several series, only one whose description
+    or sequence name says T1-weighted (and that has no problem) counts.
+    """
     series = list_series(folder)
     if not series:
         raise DicomError(f"{folder}: no DICOM image series in this folder")
     if len(series) == 1:
+        if problems := series[0].problems():
+            why = "; ".join(problems)
+            raise DicomError(
+                f"{folder}: its only DICOM series, {series[0].summary()}, is not a T1-weighted 3D volume: {why}"
+            )
         return series[0]
     t1 = [s for s in series if s.looks_t1_3d()]
     if len(t1) == 1:
@@ -173,10 +228,13 @@ def write_series(
     acquisition_type: str = "3D",
     series_uid: str | None = None,
     patient: dict[str, str] | None = None,
+    multiframe: bool = False,
 ) -> Path:
     """Write a NIfTI volume as a DICOM MR series (int16, one file per slice), keeping its geometry.
 
-    For trying the DICOM path and for the tests: ``patient`` adds tags such as ``{"0010|1010": "063Y"}``.
+    For trying the DICOM path and for the tests: ``patient`` adds tags such as ``{"0010|1010": "063Y"}`` (or any
+    other, e.g. ``{"0018|0010": "Gadovist"}``). With ``multiframe``, the volume is one enhanced MR file (GDCM writes
+    Enhanced MR Image Storage with NumberOfFrames and per-frame positions) instead of one file per slice.
     """
     import numpy as np
     import SimpleITK as sitk  # noqa: N813 (the library's own convention)
@@ -190,7 +248,7 @@ def write_series(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _locale_kept():  # GDCM's writer sets the process's LC_CTYPE to "C" (Python then decodes text as ASCII)
-        _write_planes(image, image16, out, description, acquisition_type, uid, patient)
+        _write_planes(image, image16, out, description, acquisition_type, uid, patient, multiframe)
     return out
 
 
@@ -203,7 +261,9 @@ def _locale_kept():
         locale.setlocale(locale.LC_ALL, saved)
 
 
-def _write_planes(image, image16, out: Path, description: str, acquisition_type: str, uid: str, patient) -> None:
+def _write_planes(
+    image, image16, out: Path, description: str, acquisition_type: str, uid: str, patient, multiframe: bool = False
+) -> None:
     import SimpleITK as sitk  # noqa: N813 (the library's own convention)
 
     direction = image.GetDirection()
@@ -224,6 +284,14 @@ def _write_planes(image, image16, out: Path, description: str, acquisition_type:
         "0018|0050": f"{image.GetSpacing()[2]:.6f}",
         **(patient or {}),
     }
+    if multiframe:  # GDCM computes orientation, positions and spacing from the image's geometry
+        for tag in ("0020|0037", "0018|0050"):
+            tags.pop(tag)
+        for tag, value in {**tags, "0008|0018": f"{uid}.1", "0020|0013": "1"}.items():
+            image16.SetMetaData(tag, value)
+        writer.SetFileName(str(out / f"{description.replace(' ', '_')}.dcm"))
+        writer.Execute(image16)
+        return
     for k in range(image.GetDepth()):
         plane = image16[:, :, k]
         for tag, value in tags.items():
@@ -246,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     write.add_argument("nifti")
     write.add_argument("out")
     write.add_argument("--description", default="T1 MPRAGE", help="SeriesDescription (default: %(default)s)")
+    write.add_argument("--multiframe", action="store_true", help="one enhanced multi-frame file, not a file a slice")
     args = parser.parse_args(argv)
     if args.command == "from-nifti":
-        print(write_series(args.nifti, args.out, args.description))
+        print(write_series(args.nifti, args.out, args.description, multiframe=args.multiframe))
         return 0
     folders = dicom_folders(args.folder)
     if not folders:
