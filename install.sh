@@ -17,6 +17,15 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install -r requirements.txt
 pip install --no-deps -r requirements-hdbet.txt
 pip install -r requirements-dev.txt   # the Model Zoo's code-style checks (tests/test_code_style.py)
+# The BIDS validator (npm bids-validator 1.15.0) into .venv/node, for tests/test_bids.py's checks of the phantom's
+# BIDS output and of the BIDS derivatives; without npm (or the npm registry) those two tests skip.
+BIDS_VALIDATOR_SPEC=bids-validator@1.15.0
+if ! command -v npm >/dev/null 2>&1; then
+    echo "npm not on PATH: the BIDS validator is not installed (its tests in tests/test_bids.py skip)"
+elif ! npm ls --prefix .venv/node "$BIDS_VALIDATOR_SPEC" >/dev/null 2>&1; then
+    npm install --prefix .venv/node --no-audit --no-fund --loglevel=error "$BIDS_VALIDATOR_SPEC" >/dev/null ||
+        echo "npm install $BIDS_VALIDATOR_SPEC failed: the BIDS validator is not installed (its tests skip)"
+fi
 # HD-BET's prediction path: its module, and the nnU-Net trainer module that rebuilds its network.
 .venv/bin/python -c "import torch, monai, ants, SimpleITK, HD_BET.hd_bet_prediction, nnunetv2.training.nnUNetTrainer.nnUNetTrainer; print(f'ok: torch {torch.__version__}, monai {monai.__version__}')"
 # HD-BET 1.x's shipped weights: all five folds against their pinned SHA-256 (scripts/hdbet.py; never downloads).

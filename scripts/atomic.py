@@ -1,4 +1,4 @@
-"""Atomic file writes: every output of the bundle goes through here.
+"""Atomic file writes and safe file names: every output of the bundle goes through here.
 
 A file is written under a temporary name in its own folder (``.<name>.tmp<pid><ext>``, hidden, same
 extension so writers that choose the format by suffix still work) and renamed over the target, so a kill
@@ -8,10 +8,25 @@ never leaves a half-written file under the final name. Batch jobs remove tempora
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one file name inside an output folder: itself when it is plain (letters, digits, ``._-``, no
+    leading dot), else its unsafe runs replaced by ``_`` and a digest of the original appended, so that two ids
+    never share a file and none (``../../x``, ``a/b``) leaves the folder."""
+    text = str(text)
+    if SAFE_NAME.fullmatch(text) and text not in (".", ".."):
+        return text
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:80] or "scan"
+    return f"{cleaned}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def temporary_path(path: str | os.PathLike) -> Path:

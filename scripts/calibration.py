@@ -1,34 +1,45 @@
-"""Age-bias correction and prediction intervals of brain-age predictions, fitted on validation data and stored
-beside the model.
+"""Calibration of brain-age predictions: the age-bias correction and the prediction interval, fitted at the end of
+training for the best model and stored beside it, each recording what it was fitted for.
 
 Brain-PAD (predicted age difference) = predicted age - chronological age. Regression to the mean makes raw PADs
-correlate negatively with age; the corrections here remove that dependence with a fit made at the end of training
-on the best model's validation predictions (:class:`BiasCorrectionFitter`), never on the data being analysed, as
-the field requires. Accuracy is always reported on the uncorrected predictions.
+correlate negatively with age; the corrections here remove that dependence with a fit made on the best model's
+validation predictions (:class:`CalibrationFitter`), never on the data being analysed, as the field requires.
+The prediction interval is fitted on a calibration split of its own, per band of image quality. Accuracy is always
+reported on the uncorrected predictions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from scripts.atomic import write_json
+from scripts.cli import BundleError
+from scripts.engine import read_model_weights
 
 __all__ = [
     "BIAS_CORRECTION_METHODS",
     "BiasCorrection",
-    "BiasCorrectionFitter",
+    "CalibrationError",
+    "CalibrationFitter",
     "PredictionInterval",
     "bias_correction_path",
+    "check_fitted_for",
+    "fitted_for",
     "interval_path",
+    "weights_sha256",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,23 +68,24 @@ class BiasCorrection:
     slope: float = 0.0
     intercept: float = 0.0
     n: int = 0
+    fitted_for: dict = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, predicted_age, age, method: str = "beheshti") -> "BiasCorrection":
+    def fit(cls, predicted_age, age, method: str = "beheshti", fitted_for: dict | None = None) -> "BiasCorrection":
         if method not in BIAS_CORRECTION_METHODS:
             raise ValueError(f"unknown bias correction {method!r}; choose from {', '.join(BIAS_CORRECTION_METHODS)}")
         pred, age = as_array(predicted_age), as_array(age)
         keep = np.isfinite(pred) & np.isfinite(age)
         pred, age = pred[keep], age[keep]
         if method == "none":
-            return cls("none", n=len(age))
+            return cls("none", n=len(age), fitted_for=dict(fitted_for or {}))
         if len(age) < 3 or np.ptp(age) == 0:
             raise ValueError(f"bias correction needs >= 3 labelled predictions with varying ages, got {len(age)}")
         target = pred - age if method == "beheshti" else pred
         slope, intercept = np.polyfit(age, target, 1)
         if method == "cole" and abs(slope) < 1e-3:
             raise ValueError(f"cole correction: predictions do not vary with age (slope {slope:.2g})")
-        return cls(method, float(slope), float(intercept), int(len(age)))
+        return cls(method, float(slope), float(intercept), int(len(age)), dict(fitted_for or {}))
 
     def corrected_pad(self, predicted_age, age) -> np.ndarray:
         pred, age = as_array(predicted_age), as_array(age)
@@ -91,50 +103,97 @@ class BiasCorrection:
     def load(cls, path: str | Path) -> "BiasCorrection":
         data = json.loads(Path(path).read_text())
         if data.get("method") not in BIAS_CORRECTION_METHODS:
-            raise ValueError(f"{path}: not a bias-correction file (method {data.get('method')!r})")
-        return cls(str(data["method"]), float(data["slope"]), float(data["intercept"]), int(data.get("n", 0)))
+            raise CalibrationError(f"{path}: not a bias-correction file (method {data.get('method')!r})")
+        return cls(
+            str(data["method"]),
+            float(data["slope"]),
+            float(data["intercept"]),
+            int(data.get("n", 0)),
+            dict(data.get("fitted_for", {})),
+        )
+
+
+#: Mondrian groups of the interval: at most this many bands of the quality score, each with at least
+#: ``MIN_GROUP`` calibration scans (fewer make a 90 % interval's ends noisy; below 19 it is unbounded).
+MAX_GROUPS = 3
+MIN_GROUP = 40
 
 
 @dataclass(frozen=True)
 class PredictionInterval:
-    """Split-conformal prediction interval of brain age (Vovk et al. 2005; Lei et al. 2018), fitted on validation.
+    """Mondrian split-conformal prediction interval of brain age (Vovk et al. 2005; Lei et al. 2018), fitted on a
+    calibration split.
 
-    With the signed validation residuals ``r = predicted - age`` of n scans, the interval of a new prediction
-    ``p`` is ``[p - upper, p - lower]`` where ``lower``/``upper`` are the ``floor((n+1) a/2)``-th and
-    ``ceil((n+1)(1 - a/2))``-th smallest residuals (``a = 1 - coverage``): for a scan exchangeable with the
-    validation scans it covers the true age with probability at least ``coverage`` (and below
-    ``coverage + 2/(n+1)``). Signed residuals keep the interval honest where the model is biased
-    (regression to the mean); the guarantee is marginal, over the validation population's ages and scan types,
-    not per age or per scanner. ``n`` below ``2/a - 1`` cannot reach the coverage: the interval is then
-    unbounded (``inf``), as the method says it must be.
+    The calibration scans are cut into up to :data:`MAX_GROUPS` bands of their image-quality score
+    (:mod:`scripts.quality`, quantile edges, at least :data:`MIN_GROUP` scans each). Within a band, with the signed
+    residuals ``r = predicted - age`` of its n scans, the interval of a new prediction ``p`` is
+    ``[p - upper, p - lower]`` where ``lower``/``upper`` are the ``floor((n+1) a/2)``-th and
+    ``ceil((n+1)(1 - a/2))``-th smallest residuals (``a = 1 - coverage``): for a scan exchangeable with the band's
+    calibration scans it covers the true age with probability at least ``coverage`` (and below
+    ``coverage + 2/(n+1)``). So coverage holds per band of image quality, not only on average: a noisy clinical
+    scan gets the interval of the noisy calibration scans (Mondrian conformal prediction, Vovk et al. 2003). Signed
+    residuals keep it honest where the model is biased (regression to the mean). It says nothing for scans unlike
+    every calibration scan (another scanner, contrast or population); a band with fewer than ``2/a - 1`` scans
+    is unbounded (``inf``), as the method says it must be. A scan without a quality score gets the widest band's
+    interval.
     """
 
     coverage: float
-    lower: float
-    upper: float
-    n: int
-    method: str = "split-conformal"
+    lower: tuple[float, ...]
+    upper: tuple[float, ...]
+    n: tuple[int, ...]
+    quality_edges: tuple[float, ...] = ()  # inner edges between the bands, ascending (none: one band)
+    fitted_for: dict = field(default_factory=dict)
+    method: str = "mondrian-split-conformal"
 
     @classmethod
-    def fit(cls, predicted_age, age, coverage: float = 0.9) -> "PredictionInterval":
+    def fit(
+        cls,
+        predicted_age,
+        age,
+        quality=None,
+        coverage: float = 0.9,
+        max_groups: int = MAX_GROUPS,
+        min_group: int = MIN_GROUP,
+        fitted_for: dict | None = None,
+    ) -> "PredictionInterval":
         if not 0 < coverage < 1:
             raise ValueError(f"interval coverage {coverage} must be between 0 and 1 (e.g. 0.9)")
         pred, age = as_array(predicted_age), as_array(age)
+        score = as_array(quality) if quality is not None else np.full(len(pred), np.nan)
         keep = np.isfinite(pred) & np.isfinite(age)
-        residual = np.sort(pred[keep] - age[keep])
-        n, alpha = len(residual), 1.0 - coverage
-        if n == 0:
-            raise ValueError("a prediction interval needs labelled validation predictions, got none")
-        k_low = int(np.floor((n + 1) * alpha / 2))  # 1-based rank; 0 means "below every residual"
-        k_high = int(np.ceil((n + 1) * (1 - alpha / 2)))
-        lower = float(residual[k_low - 1]) if k_low >= 1 else -math.inf
-        upper = float(residual[k_high - 1]) if k_high <= n else math.inf
-        return cls(float(coverage), lower, upper, n)
+        if not keep.any():
+            raise ValueError("a prediction interval needs labelled calibration predictions, got none")
+        pred, age, score = pred[keep], age[keep], score[keep]
+        scored = np.isfinite(score)
+        groups = int(np.clip(scored.sum() // max(min_group, 1), 1, max(max_groups, 1)))
+        if groups > 1 and scored.all():
+            edges = tuple(float(e) for e in np.quantile(score, np.arange(1, groups) / groups))
+        else:
+            edges = ()
+        member = np.searchsorted(np.asarray(edges), score, side="right") if edges else np.zeros(len(pred), int)
+        bands = [_split_conformal(pred[member == g] - age[member == g], coverage) for g in range(len(edges) + 1)]
+        return cls(
+            float(coverage),
+            tuple(b[0] for b in bands),
+            tuple(b[1] for b in bands),
+            tuple(b[2] for b in bands),
+            edges,
+            dict(fitted_for or {}),
+        )
 
-    def bounds(self, predicted_age) -> tuple[np.ndarray, np.ndarray]:
-        """(lower, upper) ends of the interval of each predicted age."""
+    def group(self, quality=None) -> np.ndarray:
+        """The band of each scan's quality score; the widest band where the score is missing."""
+        score = as_array(quality) if quality is not None else np.full(1, np.nan)
+        band = np.searchsorted(np.asarray(self.quality_edges), score, side="right") if self.quality_edges else 0
+        widest = int(np.argmax(np.asarray(self.upper) - np.asarray(self.lower)))
+        return np.where(np.isfinite(score), band, widest).astype(int)
+
+    def bounds(self, predicted_age, quality=None) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) ends of the interval of each predicted age, in the band of its quality score."""
         pred = as_array(predicted_age)
-        return pred - self.upper, pred - self.lower
+        band = np.broadcast_to(self.group(quality if quality is not None else np.full(len(pred), np.nan)), pred.shape)
+        return pred - np.asarray(self.upper)[band], pred - np.asarray(self.lower)[band]
 
     def save(self, path: str | Path) -> None:
         write_json(path, asdict(self))
@@ -142,9 +201,81 @@ class PredictionInterval:
     @classmethod
     def load(cls, path: str | Path) -> "PredictionInterval":
         data = json.loads(Path(path).read_text())
-        if data.get("method") != "split-conformal":
-            raise ValueError(f"{path}: not a prediction-interval file (method {data.get('method')!r})")
-        return cls(float(data["coverage"]), float(data["lower"]), float(data["upper"]), int(data["n"]))
+        if data.get("method") != "mondrian-split-conformal":
+            raise CalibrationError(
+                f"{path}: not a prediction-interval file of this bundle version (method {data.get('method')!r}); "
+                "refit it: python -m scripts.calibration CALIBRATION_PREDICTIONS.csv --ckpt_path MODEL"
+            )
+        return cls(
+            float(data["coverage"]),
+            tuple(float(v) for v in data["lower"]),
+            tuple(float(v) for v in data["upper"]),
+            tuple(int(v) for v in data["n"]),
+            tuple(float(v) for v in data["quality_edges"]),
+            dict(data.get("fitted_for", {})),
+        )
+
+
+def _split_conformal(residual: np.ndarray, coverage: float) -> tuple[float, float, int]:
+    """The (lower, upper) residual quantiles of split-conformal prediction at ``coverage``, and n."""
+    residual = np.sort(residual)
+    n, alpha = len(residual), 1.0 - coverage
+    k_low = int(np.floor((n + 1) * alpha / 2))  # 1-based rank; 0 means "below every residual"
+    k_high = int(np.ceil((n + 1) * (1 - alpha / 2)))
+    lower = float(residual[k_low - 1]) if k_low >= 1 else -math.inf
+    upper = float(residual[k_high - 1]) if k_high <= n else math.inf
+    return lower, upper, n
+
+
+class CalibrationError(BundleError, ValueError):
+    """A calibration file that does not belong to the model or the settings it would be applied to."""
+
+
+def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a model's weights (names, dtypes, shapes and values): which model a calibration was fitted for.
+
+    Computed from the tensors, so the training-time model and the saved file it becomes give the same digest.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fitted_for(network: nn.Module | Mapping[str, torch.Tensor], slice_levels: int, image_size: int, split: str) -> dict:
+    """What a calibration belongs to: the model's weights, the levels and size it predicted with, the split used."""
+    state = network.state_dict() if isinstance(network, nn.Module) else network
+    return {
+        "weights_sha256": weights_sha256(state),
+        "slice_levels": int(slice_levels),
+        "image_size": int(image_size),
+        "split": str(split),
+    }
+
+
+#: What must match between a calibration file and the run that applies it (the split is information only).
+CHECKED = ("weights_sha256", "slice_levels", "image_size")
+
+
+def check_fitted_for(path: str | Path, recorded: Mapping, expected: Mapping) -> None:
+    """:class:`CalibrationError` in one line when a calibration was fitted for another model or other settings."""
+    refit = "python -m scripts.calibration CALIBRATION_PREDICTIONS.csv --ckpt_path MODEL"
+    if not recorded:
+        raise CalibrationError(f"{path}: does not say which model it was fitted for (an older version); refit: {refit}")
+    differ = [key for key in CHECKED if recorded.get(key) != expected.get(key)]
+    if not differ:
+        return
+    shown = "; ".join(f"{key} {_short(recorded.get(key))} there, {_short(expected.get(key))} here" for key in differ)
+    raise CalibrationError(
+        f"{path}: fitted for another model or other settings ({shown}); use the calibration written with this "
+        f"model, predict with its settings, or refit: {refit}"
+    )
+
+
+def _short(value) -> str:
+    return f"{value[:12]}..." if isinstance(value, str) and len(value) > 16 else repr(value)
 
 
 def interval_path(ckpt_path: str | Path) -> Path:
@@ -159,15 +290,29 @@ def bias_correction_path(ckpt_path: str | Path) -> Path:
     return ckpt_path.with_name(f"{ckpt_path.stem}_bias_correction.json")
 
 
-class BiasCorrectionFitter:
-    """Fit the age-bias correction (and, with ``interval_path``, the :class:`PredictionInterval`) on the validation
-    predictions of the best model and store them beside it.
+class CalibrationFitter:
+    """Fit the age-bias correction and the :class:`PredictionInterval` of the best model and store them beside it.
 
-    Attached to the evaluator; collects (prediction, age) of every validation batch and, when the epoch sets a
-    new best key metric (the epoch whose model the best-model checkpoint holds), fits
-    :class:`BiasCorrection` and writes it atomically to ``path``. The correction is therefore always
-    from validation data, never from the data it is later applied to. A fit that cannot be made (``cole`` on a
-    model whose predictions do not yet vary with age) is logged and skipped; training goes on.
+    Attached to the validation evaluator. When an epoch sets a new best key metric (the epoch whose model the
+    best-model checkpoint holds), it fits
+
+    * the :class:`BiasCorrection` on that epoch's validation predictions, written to ``path``;
+    * the interval on the ``calibration`` split (``data_loader``): predicted there with the same network, inferer
+      and batch preparation, so on scans that did not choose the checkpoint, which the coverage guarantee needs.
+      Without a calibration split it falls back to the validation predictions, says so in the log and records
+      ``split: validation`` in the file: the validation split chose the checkpoint, so coverage may fall short.
+
+    Both files record what they were fitted for (:func:`fitted_for`); inference refuses them for another model,
+    another ``slice_levels`` or ``image_size``. A correction that cannot be fitted (``cole`` on a model whose
+    predictions do not yet vary with age) is logged and skipped; training goes on.
+
+    Args:
+        path: the bias-correction file (``<ckpt>_bias_correction.json``).
+        method: ``beheshti``, ``cole`` or ``none``.
+        interval_path: the interval file (``<ckpt>_interval.json``); None: no interval.
+        interval_coverage: e.g. 0.9.
+        data_loader: the calibration split (``image``, ``age``, ``quality``), or None.
+        slice_levels, image_size: what the model predicts with (recorded in both files).
     """
 
     def __init__(
@@ -176,13 +321,21 @@ class BiasCorrectionFitter:
         method: str = "beheshti",
         interval_path: str | os.PathLike | None = None,
         interval_coverage: float = 0.9,
+        data_loader=None,
+        slice_levels: int = 1,
+        image_size: int = 128,
+        quality_key: str = "quality",
     ) -> None:
         self.path = Path(path)
         self.method = method
         self.interval_path = Path(interval_path) if interval_path else None
         self.interval_coverage = float(interval_coverage)
+        self.data_loader = data_loader
+        self.slice_levels, self.image_size = int(slice_levels), int(image_size)
+        self.quality_key = quality_key
         self._pred: list[torch.Tensor] = []
         self._age: list[torch.Tensor] = []
+        self._quality: list[torch.Tensor] = []
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -192,31 +345,48 @@ class BiasCorrectionFitter:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._fit)
 
     def _reset(self, engine) -> None:
-        self._pred, self._age = [], []
+        self._pred, self._age, self._quality = [], [], []
 
     def _collect(self, engine) -> None:
-        self._pred.append(engine.state.output["pred"].detach().float().cpu().reshape(-1))
+        pred = engine.state.output["pred"].detach().float().cpu().reshape(-1)
+        self._pred.append(pred)
         self._age.append(engine.state.output["label"].detach().float().cpu().reshape(-1))
+        self._quality.append(_quality(engine.state.batch, self.quality_key, len(pred)))
 
     def _fit(self, engine) -> None:
         if engine.state.best_metric_epoch != engine.state.epoch:
             return
-        pred = torch.cat(self._pred) if self._pred else torch.empty(0)
-        age = torch.cat(self._age) if self._age else torch.empty(0)
+        pred, age, quality = (torch.cat(x) if x else torch.empty(0) for x in (self._pred, self._age, self._quality))
         if dist.is_available() and dist.is_initialized():  # every rank validated a shard: fit on all of them
             from monai.utils import evenly_divisible_all_gather
 
             device = getattr(engine.state, "device", None) or torch.device("cpu")  # NCCL gathers CUDA tensors
-            pred = evenly_divisible_all_gather(pred.to(device), concat=True).cpu()
-            age = evenly_divisible_all_gather(age.to(device), concat=True).cpu()
+            pred, age, quality = (
+                evenly_divisible_all_gather(x.to(device), concat=True).cpu() for x in (pred, age, quality)
+            )
             if dist.get_rank() != 0:
                 return
         if not len(pred):
             return
-        if self.interval_path is not None:  # the interval of the checkpoint's model, from the same validation data
-            PredictionInterval.fit(pred, age, self.interval_coverage).save(self.interval_path)
+        network = getattr(engine.network, "module", engine.network)
+        record = partial(fitted_for, network.state_dict(), self.slice_levels, self.image_size)
+        if self.interval_path is not None:  # the interval of the checkpoint's model
+            if self.data_loader is not None:
+                cal_pred, cal_age, cal_quality = predict_split(engine, self.data_loader, self.quality_key)
+                interval = PredictionInterval.fit(
+                    cal_pred, cal_age, cal_quality, self.interval_coverage, fitted_for=record("calibration")
+                )
+            else:
+                logger.warning(
+                    "no calibration split: the prediction interval is fitted on the validation split, which also "
+                    "chose the checkpoint, so its coverage may fall short; add a 'calibration' list to the datalist"
+                )
+                interval = PredictionInterval.fit(
+                    pred, age, quality, self.interval_coverage, fitted_for=record("validation")
+                )
+            interval.save(self.interval_path)
         try:
-            correction = BiasCorrection.fit(pred, age, self.method)
+            correction = BiasCorrection.fit(pred, age, self.method, fitted_for=record("validation"))
         except ValueError as err:
             # e.g. cole on an early model whose predictions barely vary with age: refuse, do not stop training;
             # a correction fitted for an earlier best model no longer belongs to the checkpoint, so it goes too
@@ -229,18 +399,48 @@ class BiasCorrectionFitter:
         correction.save(self.path)
 
 
+def _quality(batch, key: str, n: int) -> torch.Tensor:
+    """The quality scores of a batch (NaN where there are none)."""
+    value = batch.get(key) if isinstance(batch, Mapping) else None
+    if value is None:
+        return torch.full((n,), float("nan"))
+    return torch.as_tensor(value, dtype=torch.float32).reshape(-1).cpu()
+
+
+@torch.no_grad()
+def predict_split(engine, data_loader, quality_key: str = "quality") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predicted age, age and quality of every scan of ``data_loader`` with an evaluator's own network, batch
+    preparation and inferer (so the same levels and precision as its validation)."""
+    preds, ages, scores = [], [], []
+    for batch in data_loader:
+        images, age = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)
+        pred = engine.inferer(images, engine.network)
+        pred = pred["age"] if isinstance(pred, Mapping) else pred
+        preds.append(as_array(pred))
+        ages.append(as_array(age))
+        scores.append(as_array(_quality(batch, quality_key, len(as_array(pred)))))
+    if not preds:
+        return np.empty(0), np.empty(0), np.empty(0)
+    return np.concatenate(preds), np.concatenate(ages), np.concatenate(scores)
+
+
 def fit_from_predictions(
     predictions_csv: str | Path,
     ckpt_path: str | Path,
     method: str = "beheshti",
     coverage: float = 0.9,
-    split: str | None = "validation",
-) -> tuple[Path, Path]:
-    """Fit the bias correction and the prediction interval of ``ckpt_path`` from its predictions on *validation*
-    data (a predictions.csv of ``run inference --input_splits "['validation']"``); write both beside it.
+    interval_split: str | None = "calibration",
+    correction_split: str | None = "validation",
+    image_size: int = 128,
+) -> list[Path]:
+    """Refit a model's calibration from its predictions (a predictions.csv of ``run inference``): the interval on
+    the rows of ``interval_split``, the bias correction on those of ``correction_split`` (``"all"``: every row;
+    None: leave that file alone); write them beside ``ckpt_path``, recording what they were fitted for.
 
-    For a model trained before intervals existed, or to refit at another coverage. Never pass the data the
-    model will be evaluated on: calibrating on it voids the coverage guarantee.
+    For a model trained before the calibration split existed, to refit at another coverage or ``slice_levels``, or
+    to calibrate the interval on labelled scans of your own scanner (e.g. healthy controls): the interval then
+    holds for scans like those. Never pass the data the model will be evaluated on: calibrating on it voids the
+    coverage guarantee.
     """
     import csv
 
@@ -248,16 +448,31 @@ def fit_from_predictions(
         return float(text) if text not in (None, "") else math.nan
 
     with open(predictions_csv, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if split is None or r.get("split") == split]
-    pred = np.array([number(r.get("predicted_age")) for r in rows], dtype=np.float64)
-    age = np.array([number(r.get("age")) for r in rows], dtype=np.float64)
-    if not np.isfinite(pred + age).any():  # the interval and the correction need labelled predictions
-        raise ValueError(f"{predictions_csv}: no {split or ''} row with both a prediction and an age")
-    interval = interval_path(ckpt_path)
-    PredictionInterval.fit(pred, age, coverage).save(interval)
-    correction = bias_correction_path(ckpt_path)
-    BiasCorrection.fit(pred, age, method).save(correction)
-    return correction, interval
+        rows = list(csv.DictReader(fh))
+    levels = {r.get("slice_levels") or "1" for r in rows if r.get("predicted_age")}
+    if len(levels) > 1:
+        raise CalibrationError(f"{predictions_csv}: rows predicted with different slice_levels ({sorted(levels)})")
+    weights = read_model_weights(ckpt_path)
+    written = []
+    for kind, split in (("interval", interval_split), ("correction", correction_split)):
+        if split is None:
+            continue
+        chosen = [r for r in rows if split == "all" or r.get("split") == split]
+        pred = np.array([number(r.get("predicted_age")) for r in chosen], dtype=np.float64)
+        age = np.array([number(r.get("age")) for r in chosen], dtype=np.float64)
+        quality = np.array([number(r.get("quality")) for r in chosen], dtype=np.float64)
+        if not np.isfinite(pred + age).any():  # the interval and the correction need labelled predictions
+            raise CalibrationError(f"{predictions_csv}: no row of split {split!r} with both a prediction and an age")
+        record = fitted_for(weights, int(levels.pop() if levels else 1), image_size, split)
+        levels = {str(record["slice_levels"])}
+        if kind == "interval":
+            path = interval_path(ckpt_path)
+            PredictionInterval.fit(pred, age, quality, coverage, fitted_for=record).save(path)
+        else:
+            path = bias_correction_path(ckpt_path)
+            BiasCorrection.fit(pred, age, method, fitted_for=record).save(path)
+        written.append(path)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,18 +480,35 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = cli.ArgumentParser(
         prog="python -m scripts.calibration",
-        description="Fit a model's age-bias correction and split-conformal prediction interval from its "
-        "predictions on validation data, and store them beside the checkpoint (training does this itself).",
+        description="Refit a model's prediction interval (Mondrian split-conformal, per band of image quality) and "
+        "age-bias correction from its predictions (a predictions.csv of run inference), and store them beside the "
+        "checkpoint. Training does this itself; use it to calibrate on labelled scans of your own scanner.",
     )
-    parser.add_argument("predictions", type=cli.existing_file, help="predictions.csv with the validation split")
+    parser.add_argument("predictions", type=cli.existing_file, help="predictions.csv of the calibration scans")
     parser.add_argument("--ckpt_path", "--ckpt-path", default="models/model.pt", help="the model they belong to")
     parser.add_argument("--method", choices=BIAS_CORRECTION_METHODS, default="beheshti", help="bias correction")
-    parser.add_argument("--coverage", type=float, default=0.9, help="interval coverage (default: %(default)s)")
-    parser.add_argument("--split", default="validation", help="rows of this split only (default: %(default)s)")
+    parser.add_argument("--coverage", type=float, default=0.9, help="interval coverage")
+    parser.add_argument(
+        "--interval_split", default="calibration", help="rows (split column) for the interval; all: every row"
+    )
+    parser.add_argument(
+        "--correction_split",
+        default="validation",
+        help="rows for the bias correction; all: every row; none: keep the current correction",
+    )
+    parser.add_argument("--image_size", type=int, default=128, help="the model's image_size (recorded)")
     args = parser.parse_args(argv)
     try:
-        written = fit_from_predictions(args.predictions, args.ckpt_path, args.method, args.coverage, args.split)
-    except ValueError as err:
+        written = fit_from_predictions(
+            args.predictions,
+            args.ckpt_path,
+            args.method,
+            args.coverage,
+            args.interval_split,
+            None if args.correction_split == "none" else args.correction_split,
+            args.image_size,
+        )
+    except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     print("wrote " + " and ".join(map(str, written)))
     return 0

@@ -1,10 +1,54 @@
-"""Command-line conventions shared by the bundle's ``python -m scripts.*`` tools."""
+"""Command-line conventions shared by the bundle's tools: ``python -m scripts.*`` and the bundle's workflows."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+#: Set to 1 for the full traceback of a :class:`BundleError` (otherwise one line).
+TRACEBACK_VARIABLE = "BRAINAGE_TRACEBACK"
+
+
+class BundleError(Exception):
+    """A problem with the user's input or settings (not a bug): its message is the whole report, in one line.
+
+    The bundle's own error classes derive from it (datalists, BIDS, DICOM, shards, resume, calibration, ...), so
+    :func:`report_errors_in_one_line` can tell them from bugs, whose tracebacks stay.
+    """
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost cause of an exception chain: ``monai.bundle`` wraps what a config expression raises in
+    ``RuntimeError("Failed to evaluate ...")``, once per level of ``@`` reference."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    return err
+
+
+def report_errors_in_one_line() -> None:
+    """Make an uncaught :class:`BundleError` end the process with the line ``error: <reason>`` (exit status 1).
+
+    Called first in every workflow's run list, so that ``python -m monai.bundle run ...`` reports a bad input as
+    one line instead of a traceback with the reason in its middle. Any other exception keeps its traceback, and
+    ``BRAINAGE_TRACEBACK=1`` keeps it for these too.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "reports_bundle_errors", False):
+        return
+
+    def hook(kind, err, traceback):
+        cause = root_cause(err)
+        if isinstance(cause, BundleError) and os.environ.get(TRACEBACK_VARIABLE, "") in ("", "0"):
+            sys.stderr.write(f"error: {cause}\n")
+        else:
+            previous(kind, err, traceback)
+
+    hook.reports_bundle_errors = True
+    sys.excepthook = hook
 
 
 class ArgumentParser(argparse.ArgumentParser):

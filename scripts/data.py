@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-SPLITS = ("training", "validation", "test")
+from scripts.cli import BundleError
+
+SPLITS = ("training", "validation", "calibration", "test")
 IMAGE_SUFFIXES = (".nii", ".nii.gz")
 
 
-class DatalistError(ValueError):
+class DatalistError(BundleError, ValueError):
     """A datalist problem, reported in one line that names the file, the item and the reason."""
 
 
 def subject_from_path(image: str) -> str:
-    """Default subject id: the file name without its NIfTI/NumPy extension."""
-    name = Path(image).name
+    """Default subject id: the path as given without its NIfTI/NumPy extension (``a/T1w.nii.gz`` -> ``a/T1w``).
+
+    Pass a path relative to the input root, so that ``a/T1w.nii.gz`` and ``b/T1w.nii.gz`` stay two scans.
+    """
+    name = Path(image).as_posix()
     for suffix in (".nii.gz", ".nii", ".npy"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
@@ -88,14 +94,31 @@ def load_datalist(
                 )
     if check_leakage:
         seen: dict[str, str] = {}
+        images: dict[str, str] = {}
         for split in (s for s in SPLITS if s in raw):
             items = out[split] if split in out else _parse_split(path, split, raw[split], check_files=False)
             for it in items:
                 person = participant(it)
                 first = seen.setdefault(person, split)
                 if first != split:
-                    raise DatalistError(f"{path}: subject {person} is in both '{first}' and '{split}' (data leakage)")
+                    raise DatalistError(
+                        f"{path}: participant {person} is in both '{first}' and '{split}' (data leakage; "
+                        "give every scan of one person the same participant_id, and keep them in one split)"
+                    )
+                first = images.setdefault(it["image"], split)
+                if first != split:
+                    raise DatalistError(
+                        f"{path}: image {it['image']} is in both '{first}' and '{split}' (data leakage)"
+                    )
     return out
+
+
+def optional_split(path: str | Path, split: str) -> list[dict]:
+    """The items of ``split`` when the datalist has it (each with an age), else ``[]``; validated as
+    :func:`load_datalist` does, leakage across splits included."""
+    if not read_json(path).get(split):
+        return []
+    return load_datalist(path, splits=[split], require_age=[split])[split]
 
 
 def _parse_split(path: Path, split: str, items, check_files: bool) -> list[dict]:
@@ -124,14 +147,38 @@ def _parse_split(path: Path, split: str, items, check_files: bool) -> list[dict]
     return parsed
 
 
+BIDS_SCAN_ID = re.compile(r"(sub-[A-Za-z0-9]+)_(?:ses|acq|run|rec|ce)-[A-Za-z0-9]+(?:_.*)?")
+
+
 def participant(item: dict) -> str:
-    """Who a scan belongs to, for leakage checks: ``participant_id`` (BIDS, several scans per person) or ``subject``."""
-    return str(item.get("participant_id") or item["subject"])
+    """Who a scan belongs to, for leakage checks and splits: ``participant_id`` (several scans per person: re-scans,
+    follow-up sessions), else the ``sub-<label>`` of a BIDS-style scan id such as ``sub-01_ses-2``, else ``subject``.
+    """
+    if item.get("participant_id"):
+        return str(item["participant_id"])
+    subject = str(item["subject"])
+    match = BIDS_SCAN_ID.fullmatch(subject)
+    return match.group(1) if match else subject
 
 
 def is_labelled(item: dict) -> bool:
     age = item.get("age")
     return age is not None and not (isinstance(age, float) and math.isnan(age))
+
+
+def items_digest(items: Iterable[dict]) -> str:
+    """A short digest of what a list of items is (subject, image file name, age), for telling two datasets apart.
+
+    File names rather than paths, so a dataset moved to another folder is still the same dataset.
+    """
+    import hashlib
+
+    rows = [[str(it.get("subject", "")), Path(str(it["image"])).name, _age_text(it.get("age"))] for it in items]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def _age_text(age) -> str:
+    return "" if age is None or (isinstance(age, float) and math.isnan(age)) else repr(float(age))
 
 
 def age_statistics(items: Iterable[dict]) -> tuple[float, float]:
@@ -145,19 +192,26 @@ def age_statistics(items: Iterable[dict]) -> tuple[float, float]:
 
 
 def embedded_phantom(
-    dataset_dir: str | Path, n: int = 600, seed: int = 0, channels: int = 1, levels: int = 1, level_spacing: int = 4
+    dataset_dir: str | Path,
+    n: int = 600,
+    seed: int = 0,
+    channels: int = 1,
+    levels: int = 1,
+    level_spacing: int = 4,
+    n_calibration: int = 120,
 ) -> str:
     """The embedded default dataset: a phantom cohort generated once into ``dataset_dir``; its datalist.
 
-    600 healthy research-grade subjects (420 training of which 25 % unlabelled, 90 validation, 90 test)
-    plus 120 with accelerated ageing and survival times; ~15 s to generate on one core. ``channels``,
+    600 healthy research-grade subjects (420 training of which 25 % unlabelled, 90 validation, 90 test), 120
+    with accelerated ageing and survival times, and a calibration split of 120 more healthy people, half of them
+    clinical grade (the prediction interval is fitted on it); ~15 s to generate on one core. ``channels``,
     ``levels`` and ``level_spacing`` as preprocessing's ``slice_*`` keys (other values regenerate it).
     """
     from scripts import synthetic
 
     return synthetic.ensure_dataset(
         dataset_dir,
-        synthetic.CohortSpec(n=n, seed=seed),
+        synthetic.CohortSpec(n=n, seed=seed, n_calibration=n_calibration),
         channels=int(channels),
         levels=int(levels),
         level_spacing=int(level_spacing),

@@ -19,7 +19,6 @@ import math
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,13 @@ from monai.utils import convert_to_tensor
 from torch import nn
 from torch.utils.data import Sampler
 
-from scripts.precision import native_bf16
+from scripts.cli import BundleError
+from scripts.precision import autocast
 
 __all__ = [
     "AgeInferer",
     "AgePrepareBatch",
     "AtomicCheckpointSaver",
-    "BatchNormRecalibration",
     "DiffusionAutoencoderInferer",
     "DiffusionPrepareBatch",
     "LabelledAgeLoss",
@@ -50,12 +49,9 @@ __all__ = [
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "SemiSupervisedLoss",
-    "default_autocast_dtype",
     "GradientClipping",
     "loss_log_transform",
-    "resolve_autocast_dtype",
     "resume_state",
-    "BestMetricState",
     "EMAState",
     "RandomState",
     "SamplerEpoch",
@@ -107,47 +103,6 @@ class DiffusionPrepareBatch(PrepareBatch):
         return images, targets, (), {"noise": noise, "timesteps": timesteps, "labelled": ~torch.isnan(age)}
 
 
-FULL_PRECISION = ("none", "null", "off", "fp32", "float32", "false")
-
-
-def resolve_autocast_dtype(setting: str | torch.dtype | None, device: torch.device | str) -> str | None:
-    """The ``autocast_dtype`` config key -> an autocast dtype name, or None for full float32.
-
-    ``"auto"`` picks :func:`default_autocast_dtype`; ``"float32"`` (or ``"fp32"``, ``"none"``, ``"null"``, ``"off"``)
-    forces full precision; ``"bfloat16"``/``"bf16"`` and ``"float16"``/``"fp16"`` name a dtype. A plain string,
-    because ``python -m monai.bundle run`` drops command-line overrides whose value is None.
-    """
-    if setting is None or setting is False:
-        return None
-    if isinstance(setting, torch.dtype):
-        return None if setting == torch.float32 else str(setting).replace("torch.", "")
-    name = str(setting).strip().lower()
-    if name == "auto":
-        return default_autocast_dtype(device)
-    if name in FULL_PRECISION:
-        return None
-    aliases = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16"}
-    if name not in aliases:
-        raise ValueError(f"autocast_dtype must be auto, float32 or bfloat16 (or float16), got {setting!r}")
-    return aliases[name]
-
-
-def default_autocast_dtype(device: torch.device | str) -> str | None:
-    """``"bfloat16"`` where it runs natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else None (fp32).
-
-    On this model bf16 autocast makes a CPU training step ~1.7x faster; without native bf16 it would be emulated
-    and slower than fp32.
-    """
-    return "bfloat16" if native_bf16(device) else None
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | str | None):
-    """Autocast context for ``dtype`` on the inputs' device (MONAI's trainer ``amp`` flag only covers CUDA)."""
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-
-
 class DiffusionAutoencoderInferer(Inferer):
     """Noise x0 to x_t and run the network once for both outputs: ``{"eps": eps_hat, "age": years}``.
 
@@ -176,7 +131,7 @@ class DiffusionAutoencoderInferer(Inferer):
         labelled: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
-        with _autocast(inputs.device, self.autocast_dtype):
+        with autocast(inputs.device, self.autocast_dtype):
             return network(inputs, noisy, timesteps, labelled)
 
 
@@ -250,7 +205,7 @@ class LossComponentsHandler:
         engine.state.output["n_labelled"] = components["labelled"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(BundleError, RuntimeError):
     """The training loss became NaN or infinite; raised before the weights were updated."""
 
 
@@ -320,6 +275,10 @@ class AgeInferer(Inferer):
     combined by the median, which one bad level cannot move; z_sem is the centre (medial) level's.
     ``return_levels`` adds the per-level ages, ``"age_levels": (B, L)``, to the dict output.
     Evaluators unpack a dict output with :func:`unpack_age_output`.
+
+    ``batch_size``: evaluation runs the network on batches of exactly this many images, the last one padded with
+    blank images, so a scan's age does not depend on which or how many scans share its batch (oneDNN picks its
+    CPU kernels by batch shape: 0.01-0.1 years apart otherwise). A network in training mode is run as it comes.
     """
 
     def __init__(
@@ -328,12 +287,14 @@ class AgeInferer(Inferer):
         return_latent: bool = False,
         channels_last: bool = False,
         return_levels: bool = False,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.autocast_dtype = autocast_dtype
         self.return_latent = return_latent
         self.channels_last = channels_last
         self.return_levels = return_levels
+        self.batch_size = int(batch_size) if batch_size else None
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any):
         if inputs.ndim == 5:
@@ -354,9 +315,23 @@ class AgeInferer(Inferer):
         return out
 
     def _predict(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any):
+        size = self.batch_size
+        if not size or network.training or inputs.shape[0] == size:
+            return self._forward(inputs, network, *args, **kwargs)
+        parts = []
+        for chunk in inputs.split(size):
+            n = chunk.shape[0]
+            padded = torch.cat([chunk, chunk.new_zeros((size - n, *chunk.shape[1:]))]) if n < size else chunk
+            out = self._forward(padded, network, *args, **kwargs)
+            parts.append({k: v[:n] for k, v in out.items()} if isinstance(out, dict) else out[:n])
+        if isinstance(parts[0], dict):
+            return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        return torch.cat(parts)
+
+    def _forward(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any):
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         inputs = inputs.contiguous(memory_format=memory_format)  # also a level cut from (B, C, H, W, L)
-        with _autocast(inputs.device, self.autocast_dtype):
+        with autocast(inputs.device, self.autocast_dtype):
             if not self.return_latent:
                 return network(inputs, *args, **kwargs)
             model = getattr(network, "module", network)
@@ -480,28 +455,27 @@ class LabelledRatioBatchSampler(Sampler[list[int]]):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Age-head BatchNorm statistics for evaluation.
+# BatchNorm statistics for evaluation.
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class BatchNormRecalibration:
-    """Recompute every BatchNorm statistic of the model exactly on the training images before validation.
+class PreciseBatchNorm:
+    """Recompute the model's BatchNorm statistics on the training images before every validation ("precise BN").
 
-    "Precise BN": the latent standardisation (``SemanticEncoder.latent_norm``) gets the mean and variance of the
-    encoder's features over all training images, labelled or not (the population its batches come from); the
-    age head's BatchNorm layers then get theirs, layer by layer, over the labelled images (the only ones the head
-    trains on), with dropout off, i.e. as evaluation will see them. Running averages would describe weights that
-    have since moved, and the EMA weights validation uses (``ignite.handlers.EMAHandler``) never produced any.
-    Measured before this was added: a validation MAE of 150 years from running statistics, against 10 after
-    recalibration. Attach it before ``ValidationHandler`` (handlers run in attach order).
+    The statistics are the model's business (``recalibrate_batchnorm`` of :class:`scripts.networks.
+    DiffusionAutoencoder` and :class:`scripts.networks.AgeRegressor`); this handler feeds it the training images,
+    un-augmented and with their labelled mask, each axial level as an image of its own. Running averages would
+    describe weights that have since moved, and the EMA weights validation uses never produced any (ignite's
+    ``EMAHandler`` shares the online model's BatchNorm buffers). Measured before this existed: a validation MAE of
+    150 years from running statistics, against 10 after recalibration. Attach it before ``ValidationHandler``
+    (handlers run in attach order).
 
     Args:
-        network: the model whose statistics validation will use (the EMA model, or the trained network; a DDP
-            wrapper is unwrapped).
-        data_loader: the training images in order (``image`` and ``age`` keys, NaN age = unlabelled), without
-            augmentation.
+        network: the model validation will use (the EMA model, or the trained network; a DDP wrapper is unwrapped).
+        data_loader: the training images in order, without augmentation (``image`` and ``age`` keys; NaN age =
+            unlabelled).
         autocast_dtype: as the inferers'.
-        interval: recalibrate every N epochs (match the validation interval).
+        interval: every N epochs (match the validation interval).
     """
 
     def __init__(
@@ -525,42 +499,23 @@ class BatchNormRecalibration:
 
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
+    def batches(self, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images (N, C, H, W), labelled (N,))`` per loader batch; a level axis is unfolded into images."""
+        for batch in self.data_loader:
+            images = _image(batch, self.image_key, device, non_blocking=False)
+            labelled = ~torch.isnan(_batch_ages(batch, self.age_key, images.shape[0], device))
+            if images.ndim == 5:  # (B, C, H, W, L): every level is an image the model sees
+                levels = images.shape[-1]
+                images = images.permute(0, 4, 1, 2, 3).reshape(-1, *images.shape[1:4])
+                labelled = labelled.repeat_interleave(levels)
+            yield images, labelled
+
     @torch.no_grad()
     def __call__(self, engine=None) -> None:
         model = getattr(self.network, "module", self.network)  # unwrap DDP
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            features, labelled = [], []
-            for batch in self.data_loader:
-                images = _image(batch, self.image_key, device, non_blocking=False)
-                with _autocast(device, self.autocast_dtype):
-                    features.append(model.encoder.features(images).float())
-                labelled.append(~torch.isnan(_batch_ages(batch, self.age_key, images.shape[0], device)))
-            if not features:
-                return
-            features, labelled = torch.cat(features), torch.cat(labelled)
-            _set_batchnorm_statistics(model.encoder.latent_norm, features)
-            _recalibrate_sequential(model.age_head.mlp, model.encoder.latent_norm(features)[labelled])
-        finally:
-            model.train(was_training)
-
-
-def _set_batchnorm_statistics(module: nn.Module, inputs: torch.Tensor) -> None:
-    """Store the exact batch statistics of ``inputs`` in a BatchNorm layer (no-op for other layers)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats and len(inputs) > 1:
-        module.running_mean.copy_(inputs.mean(0))
-        module.running_var.copy_(inputs.var(0))  # unbiased, as BatchNorm's running estimate
-        module.num_batches_tracked.add_(1)
-
-
-def _recalibrate_sequential(layers: nn.Sequential, inputs: torch.Tensor) -> None:
-    """Exact BatchNorm statistics for each layer of an eval-mode ``nn.Sequential``, from its own input."""
-    h = inputs
-    for layer in layers:
-        _set_batchnorm_statistics(layer, h)
-        h = layer(h)
+        with autocast(device, self.autocast_dtype):
+            model.recalibrate_batchnorm(self.batches(device))
 
 
 class GradientClipping:
@@ -616,7 +571,7 @@ def wrong_latent_penalty(
     was_training = model.training
     model.eval()
     try:
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             z = torch.cat([model.encode(chunk.to(device)).float() for chunk in x0.split(batch_size)])
             wrong = z.roll(1, dims=0)
             own_sq, wrong_sq = 0.0, 0.0
@@ -696,6 +651,54 @@ def resume_state(**objects: Any) -> dict[str, Any]:
     Used as ``_target_`` in train.yaml so that optional parts (the EMA model) are saved and restored when enabled.
     """
     return {name: obj for name, obj in objects.items() if obj is not None}
+
+
+class ResumeMismatchError(BundleError, ValueError):
+    """A resumable state written by a run with other settings: resuming it would corrupt this run."""
+
+
+class RunSettings:
+    """The settings a training run's future depends on, as a checkpointable object that refuses a different run.
+
+    Saved in the resumable state. Restoring it compares the saved settings with this run's and raises
+    :class:`ResumeMismatchError`, naming every key that differs, before anything else is restored. Without it, a
+    rerun with another ``max_epochs`` restores the old cosine schedule (learning rates ``[1e-4, 0, 1e-4, 0]``), and
+    one with other data or sizes silently continues a different experiment.
+
+    Args:
+        settings: plain values (numbers, strings, lists; e.g. ``max_epochs``, ``learning_rate``, the sizes, a
+            digest of the training data), compared by equality.
+        resume_path: the state file, named in the error with the fix.
+    """
+
+    def __init__(self, settings: Mapping[str, Any], resume_path: str | os.PathLike | None = None) -> None:
+        self.settings = {key: _plain(value) for key, value in settings.items()}
+        self.resume_path = resume_path
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = {key: _plain(value) for key, value in state.items()}
+        keys = sorted(set(saved) | set(self.settings))
+        differ = [key for key in keys if saved.get(key) != self.settings.get(key)]
+        if differ:
+            shown = "; ".join(f"{key} {saved.get(key)!r} there, {self.settings.get(key)!r} now" for key in differ)
+            where = self.resume_path or "the resumable state"
+            raise ResumeMismatchError(
+                f"{where} was written by a run with other settings ({shown}): resuming would corrupt this run; "
+                f"rerun with the same settings, or delete {os.path.dirname(str(where)) or where} (or pass another "
+                "--output_dir) to start a new run"
+            )
+
+
+def _plain(value: Any) -> Any:
+    """Numbers, strings and nested lists as saved and loaded (tuples become lists, tensors numbers)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 class EMAState:
@@ -807,6 +810,40 @@ class SamplerEpoch:
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints that a kill cannot corrupt.
 # ---------------------------------------------------------------------------------------------------------------
+
+
+class CheckpointError(BundleError, ValueError):
+    """A checkpoint that cannot be used for prediction, in one line naming the file and the reason."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was expected."""
+
+
+def read_model_weights(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a best-model file written by training (``torch.load(weights_only=True)``: no code is
+    unpickled); :class:`CheckpointError` for anything else, the resumable training state ``last.pt`` included,
+    whose ``network`` holds the online weights while the model that was validated is its EMA."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise CheckpointNotFoundError(
+            f"{ckpt_path}: no checkpoint; train first (python -m monai.bundle run training ...) or pass --ckpt_path"
+        )
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = " ".join(str(err).split())[:300]
+        raise CheckpointError(
+            f"{ckpt_path}: not a readable weights-only checkpoint ({type(err).__name__}: {reason})"
+        ) from None
+    if not isinstance(state, dict) or any(
+        isinstance(state.get(key), dict) for key in ("network", "model", "optimizer")
+    ):
+        raise CheckpointError(
+            f"{ckpt_path}: a training state, not model weights; pass the best-model file that training "
+            "writes (models/model.pt)"
+        )
+    return state
 
 
 class _AtomicFileSaver(BaseSaveHandler):

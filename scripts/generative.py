@@ -33,7 +33,7 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
-from scripts.engine import _autocast
+from scripts.precision import autocast
 
 __all__ = [
     "counterfactual_ageing",
@@ -180,12 +180,12 @@ def _ddim_maps(
 
     def encode(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x0 = x0.to(device, torch.float32)
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             z_sem = model.encode(x0).float()
             return z_sem, ddim_encode(model, x0, z_sem, scheduler)
 
     def decode(z_sem: torch.Tensor, x_end: torch.Tensor) -> tuple[torch.Tensor]:
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             return (ddim_decode(model, x_end.to(device, torch.float32), z_sem.to(device), scheduler, clip),)
 
     return encode, decode
@@ -254,7 +254,7 @@ def latent_spread(
     with _eval_mode(model):
         latents = []
         for chunk in images.split(batch_size):
-            with _autocast(device, autocast_dtype):
+            with autocast(device, autocast_dtype):
                 latents.append(model.encode(chunk.to(device)).float().cpu())
     return torch.cat(latents).std(0).clamp_min(1e-12)
 

@@ -11,6 +11,7 @@ others go on; the run fails only when nothing could be predicted (:func:`finish`
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from pathlib import Path
@@ -21,8 +22,10 @@ import numpy as np
 import torch
 
 from scripts import data as datalists
-from scripts.atomic import write_atomic, write_csv
+from scripts.atomic import safe_name, write_atomic, write_csv
 from scripts.calibration import BiasCorrection, PredictionInterval
+from scripts.cli import BundleError
+from scripts.engine import CheckpointError, read_model_weights
 from scripts.mni import SLICE_SIZE, slice_affine
 
 logger = logging.getLogger(__name__)
@@ -40,10 +43,20 @@ PREDICTION_COLUMNS = (
     "brain_pad_corrected",
     "slice_levels",
     "level_sd",
+    "quality",
+    "interval_band",
     "split",
     "error",
 )
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class InputError(BundleError, ValueError):
+    """An input the workflow cannot take, in one line naming it and the reason."""
+
+
+class InputNotFoundError(InputError, FileNotFoundError):
+    """An input or checkpoint that does not exist."""
 
 
 def resolve_inputs(
@@ -75,24 +88,27 @@ def resolve_inputs(
         items = bids.bids_items(path)
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
-        items = [{"image": str(p), "subject": datalists.subject_from_path(p.name)} for p in files]
+        # a scan's id is its path below the folder: a/T1w.nii.gz and b/T1w.nii.gz are a/T1w and b/T1w
+        items = [{"image": str(p), "subject": datalists.subject_from_path(p.relative_to(path))} for p in files]
         for folder in dicom.dicom_folders(path):
-            name = "_".join(folder.relative_to(path).parts) or folder.name
+            name = folder.relative_to(path).as_posix() if folder != path else folder.name
             items.append(_dicom_item(folder, name, dicom_age))
         if not items:
-            raise FileNotFoundError(f"{path}: no .nii or .nii.gz files and no DICOM series in this folder")
+            raise InputNotFoundError(f"{path}: no .nii or .nii.gz files and no DICOM series in this folder")
     elif path.name.endswith(NIFTI_SUFFIXES):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise InputNotFoundError(f"{path}: no such file")
         items = [{"image": str(path), "subject": datalists.subject_from_path(path.name)}]
     elif path.suffix == ".json":
         if splits is None:
             raw = datalists.read_json(path)
-            splits = [k for k, v in raw.items() if isinstance(v, list)]
+            splits = [k for k, v in raw.items() if isinstance(v, list) and v]  # every list with items
+            if not splits:
+                raise datalists.DatalistError(f"{path}: every item list is empty ({', '.join(raw) or 'no lists'})")
         loaded = datalists.load_datalist(path, splits, check_files=False, check_leakage=False)
         items = [{**item, "split": split} for split, items in loaded.items() for item in items]
     else:
-        raise ValueError(
+        raise InputError(
             f"{path}: expected a .nii/.nii.gz file, a DICOM series folder, a folder of them, a BIDS dataset "
             "or a datalist .json"
         )
@@ -202,27 +218,12 @@ def prepare_inputs(
 
 
 def load_weights(network: torch.nn.Module, ckpt_path: str | Path) -> torch.nn.Module:
-    """Load a checkpoint written by training (``torch.load(weights_only=True)``: no code is unpickled).
-
-    Accepts the best-model file (a state dict) and the resumable ``last.pt`` (``{"network": state dict, ...}``).
-    """
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(
-            f"{ckpt_path}: no checkpoint; train first (python -m monai.bundle run training ...) " "or pass --ckpt_path"
-        )
+    """Load a best-model file (:func:`read_model_weights`) into ``network``, strictly."""
     try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{ckpt_path}: not a readable weights-only checkpoint ({type(err).__name__}: {err})") from None
-    for key in ("network", "model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    try:
-        network.load_state_dict(state)
+        network.load_state_dict(read_model_weights(ckpt_path))
     except RuntimeError as err:
         first = str(err).splitlines()[0]
-        raise ValueError(
+        raise CheckpointError(
             f"{ckpt_path}: does not fit the configured network ({first}); "
             "use the architecture settings the model was trained with"
         ) from None
@@ -271,6 +272,7 @@ class PredictionWriter:
         self.ages: list[np.ndarray] = []
         self.latents: list[np.ndarray] = []
         self.level_ages: list[np.ndarray] = []
+        self.qualities: list[np.ndarray] = []
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -280,11 +282,14 @@ class PredictionWriter:
         engine.add_event_handler(Events.COMPLETED, lambda _: self.write())
 
     def _reset(self, engine=None) -> None:
-        self.ages, self.latents, self.level_ages = [], [], []
+        self.ages, self.latents, self.level_ages, self.qualities = [], [], [], []
 
     def _collect(self, engine) -> None:
         output = engine.state.output  # AgeInferer's dict unpacked by the evaluator (scripts.engine.unpack_age_output)
         self.ages.append(output["pred"].detach().float().cpu().numpy().reshape(-1))
+        quality = engine.state.batch.get("quality") if isinstance(engine.state.batch, dict) else None
+        n = len(self.ages[-1])
+        self.qualities.append(np.full(n, np.nan) if quality is None else np.asarray(quality, np.float64).reshape(n))
         if output.get("z") is not None:
             self.latents.append(output["z"].detach().float().cpu().numpy())
         if output.get("age_levels") is not None:
@@ -307,9 +312,10 @@ class PredictionWriter:
         correction = self.correction() if self.ready else None
         interval = self.interval() if self.ready else None
         levels = _level_columns(self.level_ages, len(ages))
+        qualities = np.concatenate(self.qualities) if self.qualities else np.full(len(ages), np.nan)
         rows = [
-            {**_row(item, float(age), correction, interval), **level}
-            for item, age, level in zip(self.ready, ages.tolist(), levels)
+            {**_row(item, float(age), correction, interval, float(quality)), **level}
+            for item, age, level, quality in zip(self.ready, ages.tolist(), levels, qualities.tolist())
         ]
         rows += [_row(item, math.nan, None) for item in self.failed]
         if self.save_latents and self.latents:
@@ -378,12 +384,22 @@ def check_checkpoint(network: torch.nn.Module, ckpt_path: str | Path) -> None:
     import copy
 
     load_weights(copy.deepcopy(network).cpu(), ckpt_path)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if any(isinstance(state.get(key), dict) for key in ("network", "model", "state_dict")):
-        raise ValueError(
-            f"{ckpt_path}: a training state, not model weights; pass the best-model file that training "
-            "writes (models/model.pt)"
-        )
+
+
+def check_calibration(
+    ckpt_path: str | Path, paths: list[str | Path | None], slice_levels: int = 1, image_size: int = 128
+) -> None:
+    """Fail before any work, in one line, when a calibration file beside the model (bias correction, interval) was
+    fitted for another model, another ``slice_levels`` or ``image_size`` (:func:`scripts.calibration.
+    check_fitted_for`); a missing file is only a warning, later, that its columns stay empty."""
+    from scripts.calibration import check_fitted_for, fitted_for
+
+    existing = [Path(p) for p in paths if p and Path(p).is_file()]
+    if not existing:
+        return
+    expected = fitted_for(read_model_weights(ckpt_path), slice_levels, image_size, "")
+    for path in existing:
+        check_fitted_for(path, json.loads(path.read_text()).get("fitted_for", {}), expected)
 
 
 def require_inputs(source: str | Path, items: list[dict], shard: str | None = None) -> None:
@@ -395,12 +411,12 @@ def require_inputs(source: str | Path, items: list[dict], shard: str | None = No
     part = shards.parse_shard(shard)
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{path}: no such file or folder (--input: a NIfTI file, a DICOM folder, a folder of them, a BIDS "
             "dataset or a datalist)"
         )
     if not items and part is None:
-        raise FileNotFoundError(f"{path}: no scan to predict (no .nii/.nii.gz files, or empty datalist splits)")
+        raise InputNotFoundError(f"{path}: no scan to predict (no .nii/.nii.gz files, or empty datalist splits)")
 
 
 def log_run(device, autocast_dtype: str | None, ready: list[dict], failed: list[dict]) -> None:
@@ -442,13 +458,17 @@ def _level_columns(level_ages: list[np.ndarray], n: int) -> list[dict]:
 
 
 def _row(
-    item: dict, predicted: float, correction: BiasCorrection | None, interval: PredictionInterval | None = None
+    item: dict,
+    predicted: float,
+    correction: BiasCorrection | None,
+    interval: PredictionInterval | None = None,
+    quality: float = math.nan,
 ) -> dict:
     age = item.get("age")
     has_age = age is not None and not (isinstance(age, float) and math.isnan(age))
     known = has_age and math.isfinite(predicted)
     bounded = interval is not None and math.isfinite(predicted)
-    lower, upper = (float(v[0]) for v in interval.bounds([predicted])) if bounded else (math.nan, math.nan)
+    lower, upper = (float(v[0]) for v in interval.bounds([predicted], [quality])) if bounded else (math.nan, math.nan)
 
     def number(value: float) -> float | str:
         return round(value, 3) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
@@ -466,6 +486,8 @@ def _row(
         "brain_pad_corrected": (
             round(float(correction.corrected_pad([predicted], [age])[0]), 3) if known and correction else ""
         ),
+        "quality": round(quality, 4) if math.isfinite(quality) else "",
+        "interval_band": int(interval.group([quality])[0]) + 1 if bounded else "",
         "split": item.get("split", ""),
         "error": item.get("error", ""),
     }
@@ -482,11 +504,15 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     write_csv(path, rows, columns, restval="")
 
 
+def latent_path(folder: Path, item: dict) -> Path:
+    """Where a scan's z_sem goes: ``<split>_<subject>.npy`` as one safe file name inside ``folder``."""
+    return folder / f"{safe_name((item['split'] + '_' if item.get('split') else '') + item['subject'])}.npy"
+
+
 def _save_latents(folder: Path, items: list[dict], latents: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for item, z in zip(items, latents):
-        name = f"{item.get('split', '') + '_' if item.get('split') else ''}{item['subject']}.npy"
-        write_atomic(folder / name, lambda tmp, z=z: np.save(tmp, z.astype(np.float32)))
+        write_atomic(latent_path(folder, item), lambda tmp, z=z: np.save(tmp, z.astype(np.float32)))
 
 
 def read_predictions(path: str | Path) -> list[dict]:
@@ -494,6 +520,6 @@ def read_predictions(path: str | Path) -> list[dict]:
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
-        for key in ("predicted_age", "age", "brain_pad", "brain_pad_corrected"):
+        for key in ("predicted_age", "age", "brain_pad", "brain_pad_corrected", "quality"):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
     return rows

@@ -23,7 +23,7 @@ The encoder + age-head path is TorchScript-scriptable (``AgePredictor``) for exp
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -587,6 +587,34 @@ class DiffusionAutoencoder(nn.Module):
         """The encoder + head sub-network (shares parameters) for export and fast inference."""
         return AgePredictor(self.encoder, self.age_head)
 
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Set every BatchNorm statistic to its exact value over ``batches`` of ``(images, labelled)``.
+
+        "Precise BN" for the weights as they are (the EMA weights validation uses never produced running
+        statistics of their own): the latent standardisation gets the mean and variance of the encoder's
+        features over every image, labelled or not (the population its training batches come from); the head's
+        BatchNorm layers, if any, get theirs layer by layer over the labelled images (the only ones the head
+        trains on), with dropout off, as evaluation will see them. Pass un-augmented images.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            features, labelled = [], []
+            for images, mask in batches:
+                features.append(self.encoder.features(images).float())
+                labelled.append(mask.to(torch.bool).reshape(-1))
+            if not features:
+                return
+            features, labelled = torch.cat(features), torch.cat(labelled)
+            _set_batchnorm_statistics(self.encoder.latent_norm, features)
+            hidden = self.encoder.latent_norm(features)[labelled]
+            for layer in self.age_head.mlp:
+                _set_batchnorm_statistics(layer, hidden)
+                hidden = layer(hidden)
+        finally:
+            self.train(was_training)
+
 
 class AgePredictor(nn.Module):
     """Encoder + age head only: x0 (B, C, H, W) -> age in years (B, 1), as ``DiffusionAutoencoder.forward``.
@@ -627,6 +655,45 @@ class AgeRegressor(nn.Module):
         standardised = self.backbone(x0).reshape(x0.shape[0], 1)
         standardised = standardised.to(torch.promote_types(standardised.dtype, torch.float32))
         return standardised * self.age_std + self.age_mean
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Precise BN (Wu & Johnson 2021): every BatchNorm's running statistics recomputed as the average over
+        ``batches`` of ``(images, labelled)`` of its batch statistics, weighted by batch size, for the weights as
+        they are: the mean is the exact mean over all images, the variance the average within-batch variance.
+
+        The EMA model validation uses shares the online model's BatchNorm buffers (ignite's ``EMAHandler`` copies
+        them), which describe other weights; this makes them its own. The rest of the network stays in eval mode
+        (no dropout). Pass un-augmented images.
+        """
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not norms:
+            return
+        was_training = self.training
+        momenta = [m.momentum for m in norms]
+        self.eval()
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.train()
+            seen = 0
+            for images, _ in batches:
+                seen += len(images)
+                for m in norms:
+                    m.momentum = len(images) / seen  # running = the average of the batches so far, by size
+                self.backbone(images)
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+            self.train(was_training)
+
+
+def _set_batchnorm_statistics(module: nn.Module, inputs: torch.Tensor) -> None:
+    """Store the exact batch statistics of ``inputs`` in a BatchNorm layer (no-op for other layers)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats and len(inputs) > 1:
+        module.running_mean.copy_(inputs.mean(0))
+        module.running_var.copy_(inputs.var(0))  # unbiased, as BatchNorm's running estimate
+        module.num_batches_tracked.add_(1)
 
 
 def count_parameters(module: nn.Module) -> int:

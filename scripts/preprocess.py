@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.atomic import write_atomic, write_csv, write_json
+from scripts.atomic import safe_name, write_atomic, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ MANIFEST_COLUMNS = (
     "qc",
     "template_correlation",
     "determinant",
+    "brain_in_view",
     *(f"seconds_{s}" for s in STAGES),
     "seconds_total",
 )
@@ -85,9 +86,9 @@ def cache_key(path: str | Path, settings: list) -> str:
 
 
 def scan_name(item: dict, key: str) -> str:
-    """File-name stem of a scan's outputs: the subject (or the input's file name) and the key."""
+    """File-name stem of a scan's outputs: the subject (or the input's file name) as a safe name, and the key."""
     subject = str(item.get("subject") or re.sub(r"\.nii(\.gz)?$", "", Path(item["image"]).name))
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', subject)}_{key[:12]}"
+    return f"{safe_name(subject)}_{key[:12]}"
 
 
 def _read_record(path: Path) -> dict | None:
@@ -183,6 +184,7 @@ def preprocess_scan(
     record["skull_strip"] = data.get("skull_strip", "")
     record["dicom_series"] = data.get("dicom_series", "")
     record["registration"] = data.get("registration", {})
+    record["brain_in_view"] = data.get("brain_in_view", "")
     record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     record["seconds_total"] = round(time.perf_counter() - start, 3)
     write_json(record_path, record)
@@ -300,6 +302,7 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
             "qc": r.get("qc", ""),
             "template_correlation": registration.get("template_correlation", ""),
             "determinant": registration.get("determinant", ""),
+            "brain_in_view": r.get("brain_in_view", ""),
             **{f"seconds_{s}": seconds.get(s, "") for s in STAGES},
             "seconds_total": r.get("seconds_total", ""),
         }
@@ -327,7 +330,7 @@ def resolve_datalist(
     output_dir: str | Path,
     split_column: str | None = None,
     split_seed: int = 0,
-    split_fractions=(0.7, 0.15, 0.15),
+    split_fractions=(0.6, 0.15, 0.1, 0.15),
 ) -> Path:
     """A datalist JSON path for ``datalist``: the file itself, or for a BIDS root its scans split by subject
     (``scripts.bids.split_items``) into ``output_dir/bids_datalist.json``."""
@@ -354,7 +357,7 @@ def preprocess_datalist(
     shard: str | None = None,
     split_column: str | None = None,
     split_seed: int = 0,
-    split_fractions=(0.7, 0.15, 0.15),
+    split_fractions=(0.6, 0.15, 0.1, 0.15),
 ) -> list[dict]:
     """The ``preprocess`` workflow: every scan of ``datalist`` -> ``output_dir`` (see the module docstring).
 
@@ -452,7 +455,7 @@ def training_datalist(
     num_workers: int = 1,
     split_column: str | None = None,
     split_seed: int = 0,
-    split_fractions=(0.7, 0.15, 0.15),
+    split_fractions=(0.6, 0.15, 0.1, 0.15),
     **chain_settings,
 ) -> str:
     """What training reads: a datalist JSON as it is, or a BIDS root split by subject and preprocessed

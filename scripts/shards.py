@@ -20,10 +20,12 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+from scripts.cli import BundleError
+
 SHARD_DIR = "shards"
 
 
-class ShardError(ValueError):
+class ShardError(BundleError, ValueError):
     """A bad shard spec or an incomplete set of shards, in one line."""
 
 

@@ -54,7 +54,7 @@ from scripts.transforms import finalise_slice, slice_nifti
 
 logger = logging.getLogger(__name__)
 PHANTOM_VERSION = "2"  # bump when rendering changes: cached embedded datasets are regenerated
-SPLITS = ("training", "validation", "test")
+SPLITS = ("training", "validation", "calibration", "test")
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,6 +293,10 @@ class CohortSpec:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     clinical_fraction: float = 0.5  # share of clinical scans when grade == "mixed"
+    # a calibration split (labelled healthy people, for the prediction interval): how many, and their grade
+    # ("mixed": clinical with clinical_fraction, so the interval is calibrated for both kinds of scan)
+    n_calibration: int = 0
+    calibration_grade: str = "mixed"
     session: int = 0  # 0: the first scans; k > 0: the same people re-scanned (test-retest)
 
     def __post_init__(self):
@@ -308,6 +312,12 @@ class CohortSpec:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave subjects for training")
+        if self.n_calibration < 0:
+            raise ValueError(f"n_calibration must be >= 0, got {self.n_calibration}")
+        if self.calibration_grade not in GRADE_CHOICES:
+            raise ValueError(
+                f"unknown calibration grade {self.calibration_grade!r}; choose from {', '.join(GRADE_CHOICES)}"
+            )
 
     @property
     def disease_count(self) -> int:
@@ -317,7 +327,7 @@ class CohortSpec:
 def sample_cohort(spec: CohortSpec) -> list[Subject]:
     """Draw ages, brain ages, splits and survival for the healthy and disease cohorts."""
     rng = np.random.default_rng([spec.seed, 0])
-    seeds = np.random.SeedSequence(spec.seed).generate_state(spec.n + spec.disease_count)
+    seeds = np.random.SeedSequence(spec.seed).generate_state(spec.n + spec.disease_count + spec.n_calibration)
     n_val, n_test = round(spec.n * spec.val_fraction), round(spec.n * spec.test_fraction)
     n_train = spec.n - n_val - n_test
     splits = np.array(["training"] * n_train + ["validation"] * n_val + ["test"] * n_test)
@@ -369,6 +379,28 @@ def sample_cohort(spec: CohortSpec) -> list[Subject]:
                 grade=grade(i),
                 seed=int(seeds[i]),
                 survival_months=round(float(np.exp(log_surv[j])), 1),
+                session=spec.session,
+            )
+        )
+    # drawn after everyone else, so that adding a calibration split changes no other person
+    nc = spec.n_calibration
+    c_ages, c_deltas = rng.uniform(spec.age_min, spec.age_max, nc), rng.normal(0.0, spec.sigma, nc)
+    c_clinical = rng.random(nc) < spec.clinical_fraction
+    for j in range(nc):
+        i = spec.n + nd + j
+        c_grade = spec.calibration_grade
+        if c_grade == "mixed":
+            c_grade = "clinical" if c_clinical[j] else "research"
+        subjects.append(
+            Subject(
+                subject=f"sub-C{j + 1:03d}",
+                age=round(float(c_ages[j]), 2),
+                brain_age=round(float(c_ages[j] + c_deltas[j]), 2),
+                cohort="healthy",
+                split="calibration",
+                labelled=True,
+                grade=c_grade,
+                seed=int(seeds[i]),
                 session=spec.session,
             )
         )
@@ -791,9 +823,10 @@ def _generate_one(args: tuple) -> dict:
         extra = {}
     else:
         rel = Path("volumes") / f"{subject.subject}_T1w.nii.gz"
+        singleton = int(subject.seed) % 6 == 0  # some files carry a singleton 4th dimension
         if mode == "bids":  # sub-*/anat/sub-*_T1w.nii.gz, the ground truth out of the way in derivatives/
             rel = Path(subject.subject) / "anat" / f"{subject.subject}_T1w.nii.gz"
-        singleton = int(subject.seed) % 6 == 0  # some files carry a singleton 4th dimension
+            singleton = False  # BIDS: a T1w image has exactly three dimensions
         truth_dir = Path("derivatives") / "truth" if mode == "bids" else Path("truth")
         mask = truth_dir / f"{subject.subject}_brainmask.nii.gz"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -885,7 +918,7 @@ def generate(
         {
             "participant_id": s.subject,
             # a BIDS dataset gives only the labels a study would have: no age for unlabelled scans
-            "age": s.age if s.labelled or mode != "bids" else "n/a",
+            "age": _bids_age(s) if mode == "bids" else s.age,
             "brain_age": s.brain_age,
             "delta": round(s.delta, 2),
             "grade": s.grade,
@@ -901,7 +934,9 @@ def generate(
     write_json(out / "participants.json", {k: {"Description": v} for k, v in PARTICIPANT_COLUMNS.items()})
     if mode == "bids":
         description = {"Name": f"Synthetic ageing-brain phantom (seed {spec.seed})", "BIDSVersion": "1.10.0"}
-        write_json(out / "dataset_description.json", {**description, "DatasetType": "raw", "License": "CC0"})
+        description.update(DatasetType="raw", License="CC0", Authors=list(BIDS_AUTHORS))
+        write_json(out / "dataset_description.json", description)
+        write_bids_extras(out, spec)
 
     floor = accuracy_floor(spec.age_min, spec.age_max, spec.sigma)
     test = [s for s in subjects if s.split == "test"]
@@ -922,6 +957,39 @@ def generate(
     }
     write_json(out / "phantom.json", summary)
     return summary
+
+
+BIDS_AUTHORS = ("The brain-age diffusion autoencoder bundle contributors",)
+#: The phantom's own files at the root of a BIDS-mode dataset, which BIDS has no rules for (the validator's
+#: NOT_INCLUDED): listed in its .bidsignore, kept where the bundle's readers expect them.
+BIDS_IGNORED = ("/datalist.json", "/phantom.json")
+
+
+def _bids_age(s: Subject):
+    """participants.tsv's age in a BIDS dataset: only the labels a study would have (``n/a`` for unlabelled
+    scans), and ages of 89 and over as ``89+`` (the de-identification BIDS and HIPAA ask for)."""
+    if not s.labelled:
+        return "n/a"
+    return "89+" if s.age >= 89 else s.age
+
+
+def write_bids_extras(out: Path, spec: CohortSpec) -> None:
+    """The README and .bidsignore of a BIDS-mode phantom."""
+    ignore = ["# scripts.synthetic's own files: the phantom's datalist and its generator settings", *BIDS_IGNORED]
+    write_atomic(out / ".bidsignore", lambda tmp: tmp.write_text("\n".join(ignore) + "\n"))
+    readme = f"""# Synthetic ageing-brain phantom (seed {spec.seed})
+
+T1w brains rendered by `scripts/synthetic.py` of the brain-age diffusion autoencoder bundle (phantom version
+{PHANTOM_VERSION}) from nilearn's MNI152 ICBM 2009 template at a known brain age: not data of any person.
+
+- `sub-*/anat/sub-*_T1w.nii.gz`: the raw scans (random pose, voxel size and orientation; research or clinical
+  acquisition grade, so the scanning parameters differ between subjects on purpose).
+- `participants.tsv`: the age (`n/a` for the unlabelled training scans, `89+` for ages of 89 and over), the
+  true brain age and brain-PAD, the grade, cohort, split and, for the disease cohort, survival months.
+- `derivatives/truth/`: each subject's true brain mask in the scan's voxel space and the MNI-space slice.
+- `datalist.json`, `phantom.json`: the phantom's datalist and generator settings (not BIDS; in `.bidsignore`).
+"""
+    write_atomic(out / "README.md", lambda tmp: tmp.write_text(readme))
 
 
 def _oracle_mae(subjects: list[Subject], spec: CohortSpec) -> float:
@@ -1079,6 +1147,18 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--age-max", type=float, default=90.0, help="oldest chronological age (years)")
     p.add_argument("--sigma", type=float, default=5.0, help="sd of brain age around chronological age (years)")
     p.add_argument("--n-disease", type=cli.non_negative_int, default=None, help="disease-cohort size (default: n/5)")
+    p.add_argument(
+        "--n-calibration",
+        type=cli.non_negative_int,
+        default=0,
+        help="labelled healthy people in a 'calibration' split (the prediction interval is fitted on them)",
+    )
+    p.add_argument(
+        "--calibration-grade",
+        choices=GRADE_CHOICES,
+        default="mixed",
+        help="acquisition grade of the calibration split (mixed: --clinical-fraction of them clinical)",
+    )
     p.add_argument("--disease-shift", type=float, default=8.0, help="mean brain-PAD of the disease cohort (years)")
     p.add_argument(
         "--unlabelled-fraction",
@@ -1141,6 +1221,8 @@ def main(argv: list[str] | None = None) -> int:
             age_max=args.age_max,
             sigma=args.sigma,
             n_disease=args.n_disease,
+            n_calibration=args.n_calibration,
+            calibration_grade=args.calibration_grade,
             disease_shift=args.disease_shift,
             unlabelled_fraction=args.unlabelled_fraction,
             val_fraction=args.val_fraction,
@@ -1166,7 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
         level_spacing=args.slice_level_spacing,
     )
     floor = summary["accuracy_floor"]
-    total = spec.n + spec.disease_count
+    total = spec.n + spec.disease_count + spec.n_calibration
     print(f"wrote {total} subjects ({args.mode}, grade {args.grade}) to {args.out} in {time.perf_counter() - t0:.1f} s")
     print(
         f"accuracy floor (best predictor of age that sees only brain age, sigma={spec.sigma:g}): "

@@ -41,6 +41,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Resize, ScaleIntensityRangePercentiles, SpatialResample
 
 from scripts import hdbet
+from scripts.cli import BundleError
 from scripts.mni import (
     GRID_SHAPE,
     SLICE_SIZE,
@@ -62,7 +63,7 @@ SKULL_STRIP_METHODS = ("auto", "hdbet", "hdbet1", "template", "none")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-class PreprocessingError(ValueError):
+class PreprocessingError(BundleError, ValueError):
     """A scan that cannot be turned into a model input; the message is the one-line reason."""
 
 
@@ -492,14 +493,18 @@ class ResampleToMNIGridd(MapTransform):
     """Resample onto the paper's 130^3 grid over the MNI template's field of view (``scripts.mni``).
 
     Trilinear, straight from the loaded scan through its voxel->MNI affine: one interpolation,
-    whatever the input's orientation or voxel size. Outside the scan is 0.
+    whatever the input's orientation or voxel size. Outside the scan is 0; ``data[view_key]`` records which
+    grid points the scan covers, so that :class:`ExtractAxialSliced` can refuse a slice whose brain was cut off
+    by a partial field of view instead of predicting from zeros.
     """
 
     stage = "resample"
 
-    def __init__(self, keys: KeysCollection, mode: str = "bilinear", allow_missing_keys: bool = False):
+    def __init__(
+        self, keys: KeysCollection, mode: str = "bilinear", view_key: str = "field_of_view", allow_missing_keys=False
+    ):
         super().__init__(keys, allow_missing_keys)
-        self.mode = mode
+        self.mode, self.view_key = mode, view_key
         self.resampler = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)
 
     @property
@@ -510,8 +515,22 @@ class ResampleToMNIGridd(MapTransform):
         d = dict(data)
         grid = torch.as_tensor(grid_affine(), dtype=torch.float64)
         for key in self.key_iterator(d):
+            d[self.view_key] = field_of_view(np.asarray(d[key].affine), tuple(d[key].shape[1:]))
             d[key] = self.resampler(d[key], dst_affine=grid, spatial_size=GRID_SHAPE)
         return d
+
+
+def field_of_view(voxel_to_mni: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Which points of the 130^3 MNI grid fall inside a scan of ``shape`` with this voxel->MNI affine (bool)."""
+    to_voxel = np.linalg.inv(np.asarray(voxel_to_mni, dtype=np.float64)) @ grid_affine()
+    inside = np.ones(GRID_SHAPE, dtype=bool)
+    axes = [np.arange(n, dtype=np.float64) for n in GRID_SHAPE]
+    for row, size in zip(to_voxel[:3], shape):  # voxel coordinate along each scan axis, by broadcasting
+        coordinate = (
+            row[0] * axes[0][:, None, None] + row[1] * axes[1][None, :, None] + row[2] * axes[2][None, None, :] + row[3]
+        )
+        inside &= (coordinate >= -0.5) & (coordinate <= size - 0.5)
+    return inside
 
 
 class N4BiasCorrectd(MapTransform):
@@ -588,6 +607,7 @@ class SkullStripd(MapTransform):
         keys: KeysCollection,
         method: str = "auto",
         weights_dir: str | os.PathLike | None = None,
+        weights_sha256: str | None = None,
         device: str = "cpu",
         tta: bool = False,
         mode: str = "fast",
@@ -604,6 +624,7 @@ class SkullStripd(MapTransform):
         if precision not in hdbet.V1_PRECISIONS:
             raise ValueError(f"unknown HD-BET precision {precision!r}; choose from {', '.join(hdbet.V1_PRECISIONS)}")
         self.weights_dir = hdbet.weights_dir_or_default(weights_dir)
+        self.weights_sha256 = weights_sha256 or None
         self.device, self.tta = str(device), bool(tta)
         self.mode, self.precision = mode, hdbet.resolve_precision(precision, self.device)
         self.mask_key, self.method_key = mask_key, method_key
@@ -625,6 +646,8 @@ class SkullStripd(MapTransform):
                 raise FileNotFoundError(
                     f"skull_strip=hdbet: {why}; see docs/preprocessing.md or use skull_strip=hdbet1 or template"
                 )
+        if method in ("hdbet", "auto") and self.weights_sha256 and self._why_not_hdbet2() is None:
+            hdbet.load_checkpoint(self.weights_dir, self.weights_sha256)  # a pin that does not match: before any scan
         elif method == "hdbet1":
             hdbet.verify_v1_weights(hdbet.V1_FOLDS[self.mode])  # not installed or altered: HDBETWeightsError
         if method != "auto":
@@ -648,7 +671,8 @@ class SkullStripd(MapTransform):
             return hdbet.describe_v1(self.mode, self.tta, self.precision)
         if method == "hdbet":
             tta = ", tta" if self.tta else ""
-            return f"hdbet-2.x (hd-bet {version('hd-bet')}, weights {self.weights_dir.name}{tta})"
+            sha256 = hdbet.checkpoint_sha256(self.weights_dir)[:12]
+            return f"hdbet-2.x (hd-bet {version('hd-bet')}, weights {self.weights_dir.name}, sha256 {sha256}{tta})"
         return method
 
     @property
@@ -661,9 +685,8 @@ class SkullStripd(MapTransform):
     def settings(self) -> dict:
         settings = {"method": self.method}
         if self.method == "hdbet":
-            checkpoint = (self.weights_dir / hdbet.CHECKPOINT).stat()
             settings.update(
-                weights_dir=str(self.weights_dir), tta=self.tta, checkpoint=[checkpoint.st_size, checkpoint.st_mtime_ns]
+                weights_dir=str(self.weights_dir), tta=self.tta, sha256=hdbet.checkpoint_sha256(self.weights_dir)
             )
         elif self.method == "hdbet1":
             folds = hdbet.V1_FOLDS[self.mode]
@@ -686,7 +709,7 @@ class SkullStripd(MapTransform):
                 )
             if self.method == "hdbet":
                 mask = hdbet.predict_brain_mask(
-                    img[0].numpy(), np.asarray(img.affine), self.weights_dir, self.device, self.tta
+                    img[0].numpy(), np.asarray(img.affine), self.weights_dir, self.device, self.tta, self.weights_sha256
                 )
             elif self.method == "hdbet1":
                 mask = hdbet.predict_brain_mask_v1(
@@ -712,6 +735,10 @@ class ExtractAxialSliced(MapTransform):
     the phantom writes them). With ``levels`` L > 1 (odd), L such slices ``level_spacing`` grid slices apart,
     centred on it (:func:`scripts.mni.level_offsets`), level-major. Output ``(L * k, 130, 130)`` indexed
     ``[x, y]``; ``data["slice_offset"]`` and ``data["slice_levels"]`` keep what :func:`slice_nifti` needs.
+
+    A scan whose field of view (``data[view_key]``, from :class:`ResampleToMNIGridd`) leaves more than
+    ``1 - min_brain_in_view`` of the template brain of these slices outside it is refused: its missing part would
+    be zeros the model reads as brain anatomy. ``data["brain_in_view"]`` records the covered share.
     """
 
     stage = "slice"
@@ -723,6 +750,8 @@ class ExtractAxialSliced(MapTransform):
         channels: int = 1,
         levels: int = 1,
         level_spacing: int = 4,
+        min_brain_in_view: float = 0.98,
+        view_key: str = "field_of_view",
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -730,6 +759,7 @@ class ExtractAxialSliced(MapTransform):
             raise ValueError(f"channels must be >= 1, got {channels}")
         self.offset, self.channels = int(offset), int(channels)
         self.levels, self.level_spacing = int(levels), int(level_spacing)
+        self.min_brain_in_view, self.view_key = float(min_brain_in_view), view_key
         # axial_index raises when a channel would leave the grid
         self.indices = [
             axial_index(level + c - self.channels // 2)
@@ -739,13 +769,22 @@ class ExtractAxialSliced(MapTransform):
 
     @property
     def settings(self) -> dict:
-        settings = {"offset": self.offset, "channels": self.channels}
-        if self.levels > 1:  # single-level settings as before, so existing caches stay valid
+        settings = {"offset": self.offset, "channels": self.channels, "min_brain_in_view": self.min_brain_in_view}
+        if self.levels > 1:
             settings.update(levels=self.levels, level_spacing=self.level_spacing)
         return settings
 
     def __call__(self, data):
         d = dict(data)
+        if self.view_key in d:
+            brain = _template_brain_mask()[:, :, self.indices]
+            covered = float(np.asarray(d.pop(self.view_key))[:, :, self.indices][brain].mean())
+            d["brain_in_view"] = round(covered, 4)
+            if covered < self.min_brain_in_view:
+                raise PreprocessingError(
+                    f"partial field of view: {100 * (1 - covered):.0f}% of the brain in the slice lies outside the "
+                    f"scan (at most {100 * (1 - self.min_brain_in_view):.0f}% may; min_brain_in_view)"
+                )
         for key in self.key_iterator(d):
             volume = torch.as_tensor(d[key])
             if tuple(volume.shape[1:]) != GRID_SHAPE:

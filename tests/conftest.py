@@ -120,9 +120,11 @@ def bundle_root() -> Path:
 
 @pytest.fixture(scope="session")
 def slice_dataset(tmp_path_factory) -> Path:
-    """40 healthy + 8 disease research-grade subjects as preprocessed slices (fast path)."""
+    """40 healthy + 8 disease research-grade subjects and a calibration split of 12 (mixed grades) as preprocessed
+    slices (fast path)."""
     out = tmp_path_factory.mktemp("phantom_slices")
-    synthetic.generate(synthetic.CohortSpec(n=40, seed=7, n_disease=8), out, mode="slices", progress=False)
+    spec = synthetic.CohortSpec(n=40, seed=7, n_disease=8, n_calibration=12)
+    synthetic.generate(spec, out, mode="slices", progress=False)
     return out
 
 

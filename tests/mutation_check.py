@@ -13,6 +13,7 @@ default suite (it runs the named tests once per mutant); when a new behaviour la
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,7 @@ MUTANTS = [
         (
             "tests/test_engine.py::test_loss_is_noise_mse_plus_lambda_times_standardised_age_mse_on_labelled_only",
             "tests/test_engine.py::test_unlabelled_only_batch_sends_no_gradient_to_the_age_head",
+            "tests/test_training.py::test_unlabelled_scans_train_the_diffusion_arm_only",
         ),
     ),
     Mutant(
@@ -194,15 +196,15 @@ MUTANTS = [
     Mutant(
         "latent-statistics-from-labelled-only",
         "the latent's BatchNorm statistics come from labelled images only",
-        "scripts/engine.py",
-        "            _set_batchnorm_statistics(model.encoder.latent_norm, features)",
-        "            _set_batchnorm_statistics(model.encoder.latent_norm, features[labelled])",
+        "scripts/networks.py",
+        "            _set_batchnorm_statistics(self.encoder.latent_norm, features)",
+        "            _set_batchnorm_statistics(self.encoder.latent_norm, features[labelled])",
         ("tests/test_engine.py::test_batchnorm_recalibration_stores_the_exact_statistics_training_uses",),
     ),
     Mutant(
         "float32-override-ignored",
         "--autocast_dtype float32 falls back to bf16",
-        "scripts/engine.py",
+        "scripts/precision.py",
         "    if name in FULL_PRECISION:\n        return None",
         "    if name in FULL_PRECISION:\n" "        return default_autocast_dtype(device)",
         ("tests/test_inference.py::test_the_float32_override_reaches_inference_and_bf16_does_not_move_the_ages",),
@@ -235,8 +237,8 @@ MUTANTS = [
         "leakage-per-scan-only",
         "leakage is checked per scan, so one participant's sessions can sit in training and test",
         "scripts/data.py",
-        '    return str(item.get("participant_id") or item["subject"])',
-        '    return str(item["subject"])',
+        '    if item.get("participant_id"):\n        return str(item["participant_id"])\n',
+        '    return str(item["subject"])\n',
         ("tests/test_bids.py::test_datalist_leakage_is_checked_per_participant",),
     ),
     Mutant(
@@ -279,7 +281,7 @@ MUTANTS = [
         "        interval = self.interval() if self.ready else None\n",
         "        known = [(a, it['age']) for it, a in zip(self.ready, ages.tolist()) if it.get('age') == it.get('age')]\n"
         "        interval = PredictionInterval.fit(*zip(*known)) if len(known) > 2 else None\n",
-        ("tests/test_intervals.py::test_training_fits_the_interval_on_validation_and_inference_applies_it",),
+        ("tests/test_intervals.py::test_training_fits_the_interval_on_the_calibration_split_and_inference_applies_it",),
     ),
     Mutant(
         "interval-unsigned-residuals",
@@ -287,7 +289,7 @@ MUTANTS = [
         "scripts/calibration.py",
         "        k_high = int(np.ceil((n + 1) * (1 - alpha / 2)))",
         "        k_high = max(1, int(np.floor(n * (1 - alpha / 2))))",
-        ("tests/test_intervals.py::test_interval_ranks_by_hand",),
+        ("tests/test_intervals.py::test_interval_ranks_by_hand_and_bands_need_enough_scans",),
     ),
     Mutant(
         "levels-combined-by-mean",
@@ -361,6 +363,222 @@ MUTANTS += [
 ]
 
 
+# The defects of issue 21 ("right answers on real cohorts"), each planted back.
+MUTANTS += [
+    Mutant(
+        "bids-session-inherits-age",
+        "a session without a usable sessions.tsv age takes the participants.tsv age",
+        "scripts/bids.py",
+        "        if key in dated or len(visits[pid]) > 1:\n",
+        "        if False:\n",
+        (
+            "tests/test_bids.py::test_a_session_without_an_age_does_not_take_the_participants_age",
+            "tests/test_bids.py::test_several_sessions_without_session_ages_have_no_age",
+        ),
+    ),
+    Mutant(
+        "bids-several-sessions-take-participant-age",
+        "a participant with several sessions and no session ages gives every session the participants.tsv age",
+        "scripts/bids.py",
+        "        if key in dated or len(visits[pid]) > 1:\n",
+        "        if key in dated:\n",
+        ("tests/test_bids.py::test_several_sessions_without_session_ages_have_no_age",),
+    ),
+    Mutant(
+        "bids-censored-age-read-as-text",
+        "an age of 89+ is read as not a number instead of a censored age",
+        "scripts/bids.py",
+        "    if CENSORED_AGE.fullmatch(text):\n",
+        "    if False:\n",
+        ("tests/test_bids.py::test_a_censored_age_89_plus_is_no_age",),
+    ),
+    Mutant(
+        "interval-on-the-selection-split",
+        "the interval is fitted on the validation split that chose the checkpoint, not on the calibration split",
+        "scripts/calibration.py",
+        "            if self.data_loader is not None:\n",
+        "            if False:\n",
+        ("tests/test_intervals.py::test_training_fits_the_interval_on_the_calibration_split_and_inference_applies_it",),
+    ),
+    Mutant(
+        "interval-one-band",
+        "one interval for every scan, whatever its image quality (no Mondrian bands)",
+        "scripts/calibration.py",
+        "        groups = int(np.clip(scored.sum() // max(min_group, 1), 1, max(max_groups, 1)))",
+        "        groups = 1",
+        ("tests/test_intervals.py::test_mondrian_bands_keep_coverage_for_noisy_scans_that_a_single_band_under_covers",),
+    ),
+    Mutant(
+        "calibration-not-checked",
+        "inference applies whatever calibration lies beside the checkpoint",
+        "configs/inference.yaml",
+        "  - $scripts.inference.check_calibration(@ckpt_path, [@bias_correction_path, @interval_path], @slice_levels, "
+        "@image_size)\n",
+        "",
+        ("tests/test_intervals.py::test_inference_refuses_a_calibration_fitted_for_another_model_or_level_count",),
+    ),
+    Mutant(
+        "calibration-ignores-levels",
+        "a calibration fitted for one axial level is applied to a median of several",
+        "scripts/calibration.py",
+        'CHECKED = ("weights_sha256", "slice_levels", "image_size")',
+        'CHECKED = ("weights_sha256", "image_size")',
+        (
+            "tests/test_intervals.py::test_inference_refuses_a_calibration_fitted_for_another_model_or_level_count",
+            "tests/test_intervals.py::test_a_calibration_records_what_it_was_fitted_for_and_refuses_anything_else",
+        ),
+    ),
+    Mutant(
+        "resume-with-other-settings",
+        "a rerun with another max_epochs or learning rate resumes the old run",
+        "configs/train.yaml",
+        "    settings: $scripts.engine.RunSettings(@resume_settings, @resume_path)\n",
+        "",
+        ("tests/test_training.py::test_resuming_with_other_settings_is_refused_in_one_line",),
+    ),
+    Mutant(
+        "dicom-lone-series-unchecked",
+        "a folder's only series is used without checking it",
+        "scripts/dicom.py",
+        "        if problems := series[0].problems():",
+        "        if problems := []:",
+        ("tests/test_dicom.py::test_a_lone_series_that_is_not_t1w_3d_is_refused_with_the_reason",),
+    ),
+    Mutant(
+        "dicom-slices-count-files",
+        "a series' slices are counted as its files, so a one-file multi-frame volume is never 3D",
+        "scripts/dicom.py",
+        '                slices=sum(_frames(t["frames"]) for t in tags),',
+        "                slices=len(files),",
+        ("tests/test_dicom.py::test_an_enhanced_multiframe_series_counts_its_frames_and_is_read",),
+    ),
+    Mutant(
+        "scan-id-is-the-file-name",
+        "a folder input names each scan by its file name, so a/T1w and b/T1w collide",
+        "scripts/inference.py",
+        '        items = [{"image": str(p), "subject": datalists.subject_from_path(p.relative_to(path))} for p in files]',
+        '        items = [{"image": str(p), "subject": datalists.subject_from_path(p.name)} for p in files]',
+        ("tests/test_inference.py::test_scan_ids_are_unique_paths_and_no_output_leaves_the_output_folder",),
+    ),
+    Mutant(
+        "output-name-unsanitised",
+        "a scan id such as ../../x becomes a path outside the output folder",
+        "scripts/inference.py",
+        "    return folder / f\"{safe_name((item['split'] + '_' if item.get('split') else '') + item['subject'])}.npy\"",
+        "    return folder / f\"{(item['split'] + '_' if item.get('split') else '') + item['subject']}.npy\"",
+        ("tests/test_inference.py::test_scan_ids_are_unique_paths_and_no_output_leaves_the_output_folder",),
+    ),
+    Mutant(
+        "hdbet2-unpickles",
+        "HD-BET 2.x checkpoints are unpickled (weights_only=False)",
+        "scripts/hdbet.py",
+        '            checkpoint = torch.load(path, map_location="cpu", weights_only=True)',
+        '            checkpoint = torch.load(path, map_location="cpu", weights_only=False)',
+        (
+            "tests/test_transforms.py::test_hdbet2_checkpoint_holding_a_pickled_object_is_refused_and_never_run",
+            "tests/test_transforms.py::test_hdbet2_predictor_is_hdbets_with_the_weights_loaded_weights_only",
+        ),
+    ),
+    Mutant(
+        "hdbet2-pin-ignored",
+        "a wrong pinned hdbet_weights_sha256 is not refused",
+        "scripts/hdbet.py",
+        "        if found != expected:",
+        "        if False:",
+        ("tests/test_transforms.py::test_hdbet2_wrong_pinned_digest_is_refused_before_loading",),
+    ),
+    Mutant(
+        "regressor-batchnorm-shared-with-online-model",
+        "the DenseNet baseline validates its EMA weights with the online model's BatchNorm statistics",
+        "scripts/networks.py",
+        "        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and "
+        "m.track_running_stats]",
+        "        norms = []",
+        (
+            "tests/test_baseline.py::test_precise_batchnorm_of_a_regressor_is_the_average_of_batch_statistics_for_its_own_weights",
+            "tests/test_baseline.py::test_densenet_baseline_trains_and_evaluates_through_the_same_workflow",
+        ),
+    ),
+    Mutant(
+        "batchnorm-statistics-from-augmented-images",
+        "the exact BatchNorm statistics are computed on augmented training images",
+        "configs/train.yaml",
+        "    dataset: '@train#batchnorm_dataset'",
+        "    dataset: '@train#dataset'",
+        ("tests/test_training.py::test_the_saved_batchnorm_statistics_are_exact_on_the_un_augmented_training_images",),
+    ),
+    Mutant(
+        "rescans-cross-splits",
+        "re-scans named sub-01_ses-1 and sub-01_ses-2 without participant_id may sit in training and test",
+        "scripts/data.py",
+        "    match = BIDS_SCAN_ID.fullmatch(subject)",
+        "    match = None",
+        ("tests/test_bids.py::test_datalist_leakage_is_checked_per_participant",),
+    ),
+    Mutant(
+        "partial-field-of-view-predicted",
+        "a scan that misses part of the brain in the slice is zero-filled and predicted",
+        "scripts/transforms.py",
+        "            if covered < self.min_brain_in_view:",
+        "            if False:",
+        ("tests/test_preprocess.py::test_outputs_manifest_and_datalist",),
+    ),
+    Mutant(
+        "training-state-loaded-as-a-model",
+        "the resumable last.pt is loaded as model weights (online weights with the EMA's statistics)",
+        "scripts/engine.py",
+        '    if not isinstance(state, dict) or any(isinstance(state.get(key), dict) for key in ("network", "model", '
+        '"optimizer")):',
+        "    if not isinstance(state, dict):",
+        (
+            "tests/test_inference.py::test_checkpoint_loading_is_weights_only",
+            "tests/test_analysis.py::test_cli_bad_input_is_one_line_and_exit_2",
+        ),
+    ),
+    Mutant(
+        "empty-list-stops-inference",
+        'a datalist with "disease": [] is refused as a whole',
+        "scripts/inference.py",
+        "            splits = [k for k, v in raw.items() if isinstance(v, list) and v]  # every list with items",
+        "            splits = [k for k, v in raw.items() if isinstance(v, list)]",
+        ("tests/test_inference.py::test_a_datalist_with_an_empty_list_is_predicted",),
+    ),
+    Mutant(
+        "config-errors-as-tracebacks",
+        "a bad datalist reaches the user as a RuntimeError traceback with the reason in its middle",
+        "configs/train.yaml",
+        "  - $scripts.cli.report_errors_in_one_line()   # a bad input or setting: one line, not a traceback\n"
+        "  - $@checkpoint#loader.attach",
+        "  - $@checkpoint#loader.attach",
+        ("tests/test_training.py::test_a_bad_datalist_is_reported_in_one_line_on_the_command_line",),
+    ),
+    Mutant(
+        "bf16-probe-misses-amx",
+        "a CPU with AMX but no AVX512-BF16 is taken for one without native bf16",
+        "scripts/precision.py",
+        '        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")',
+        '        checks = ("_is_avx512_bf16_supported",)',
+        ("tests/test_engine.py::test_default_autocast_dtype_follows_native_bf16_support",),
+    ),
+    Mutant(
+        "age-depends-on-batch",
+        "evaluation runs whatever batch shape comes, so a scan's age depends on its batch",
+        "scripts/engine.py",
+        "        if not size or network.training or inputs.shape[0] == size:",
+        "        if True:",
+        ("tests/test_inference.py::test_a_scans_age_does_not_depend_on_its_batch",),
+    ),
+    Mutant(
+        "phantom-bids-t1w-4d",
+        "the BIDS-mode phantom writes T1w images with a singleton 4th dimension",
+        "scripts/synthetic.py",
+        "            singleton = False  # BIDS: a T1w image has exactly three dimensions\n",
+        "",
+        ("tests/test_bids.py::test_the_phantom_in_bids_mode_passes_the_bids_validator",),
+    ),
+]
+
+
 def copy_bundle(destination: Path) -> None:
     """The tracked files (and untracked, not ignored ones) of the bundle: what a clean checkout has."""
     for name in tracked_files():
@@ -380,12 +598,17 @@ def plant(copy: Path, mutant: Mutant) -> None:
 
 def run_tests(copy: Path, tests: tuple[str, ...], timeout: int) -> tuple[bool, str]:
     """True when every named test passes (the mutant survives)."""
+    env = dict(os.environ)
+    validator = ROOT / ".venv" / "node" / "node_modules" / ".bin" / "bids-validator"  # install.sh's, not copied
+    if validator.is_file():
+        env.setdefault("BIDS_VALIDATOR", str(validator))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", *tests],
         cwd=copy,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     return proc.returncode == 0, lines[-1] if lines else ""

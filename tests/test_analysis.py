@@ -153,10 +153,10 @@ def test_pad_distributions_match_scipy_and_write_the_box_plot(tmp_path):
 @pytest.fixture
 def tiny_bundle(tmp_path, bundle_root):
     """A config + checkpoint of a tiny model and three labelled model-input slices in a datalist."""
-    from scripts.engine import BatchNormRecalibration
+    from scripts.engine import PreciseBatchNorm
 
     model = tiny_model(seed=2)  # its latent statistics from training-like images, as training leaves them
-    BatchNormRecalibration(
+    PreciseBatchNorm(
         model,
         [
             {
@@ -166,6 +166,7 @@ def tiny_bundle(tmp_path, bundle_root):
         ],
     )()
     torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    torch.save({"network": model.state_dict(), "optimizer": {"state": {}}}, tmp_path / "last.pt")  # a training state
     config = {
         "imports": ["$import torch"],
         "device": "$torch.device('cpu')",
@@ -298,6 +299,10 @@ def test_cli_metrics_association_and_ks(predictions_csv, tmp_path, capsys):
             ["reconstruct", "--input", "{datalist}", "--config_file", "{config}", "--ddim-steps", "7"],
             "num_steps must divide",
         ),
+        (
+            ["reconstruct", "--input", "{datalist}", "--config_file", "{config}", "--ckpt_path", "{last}"],
+            "a training state, not model weights",
+        ),
         (["interpolate", "--young", "{image}"], "give --young and --old images, or --datalist"),
         (["interpolate", "--datalist", "{datalist}", "--frames", "1"], "--frames: must be >= 2"),
         (["counterfactual", "--image", "{image}", "--datalist", "{datalist}"], "give --image, or --datalist"),
@@ -309,6 +314,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, reason, predictions_csv, tin
         "datalist": tiny_bundle / "datalist.json",
         "config": tiny_bundle / "config.json",
         "image": tiny_bundle / "sub-a.nii.gz",
+        "last": tiny_bundle / "last.pt",
     }
     with pytest.raises(SystemExit) as exit_info:
         analysis.main([arg.format(**paths) for arg in argv])

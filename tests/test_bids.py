@@ -5,15 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import predict
 
-from scripts import bids, data
+from scripts import bids, data, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Where install.sh puts the BIDS validator (npm bids-validator 1.15.0); BIDS_VALIDATOR overrides it.
+VALIDATOR = Path(os.environ.get("BIDS_VALIDATOR", ROOT / ".venv" / "node" / "node_modules" / ".bin" / "bids-validator"))
 
 
 def read_tsv(path: Path) -> list[dict]:
@@ -89,6 +93,77 @@ def test_bids_root_without_participants_tsv_is_a_warning(bids_root, tmp_path, ca
         bids.bids_items(empty)
 
 
+def _dataset(root: Path, scans: list[str], participants: str, sessions: dict[str, str] | None = None) -> Path:
+    """A BIDS root of (empty: nothing here reads them) T1w files, with participants.tsv and sessions.tsv tables."""
+    for scan in scans:
+        path = root / scan
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    (root / "dataset_description.json").write_text('{"Name": "ages", "BIDSVersion": "1.10.0"}')
+    (root / "participants.tsv").write_text(participants)
+    for pid, text in (sessions or {}).items():
+        (root / pid / f"{pid}_sessions.tsv").write_text(text)
+    return root
+
+
+def test_a_session_without_an_age_does_not_take_the_participants_age(tmp_path, caplog):
+    root = _dataset(
+        tmp_path,
+        [f"sub-01/ses-{s}/anat/sub-01_ses-{s}_T1w.nii.gz" for s in (1, 2, 3)],
+        "participant_id\tage\tsurvival_months\nsub-01\t60\t31.5\n",
+        {"sub-01": "session_id\tage\nses-1\t60\nses-2\tn/a\nses-3\tsoon\n"},
+    )
+    with caplog.at_level(logging.WARNING):
+        items = {it["session_id"]: it for it in bids.bids_items(root)}
+    assert items["ses-1"]["age"] == 60.0
+    assert "age" not in items["ses-2"] and "age" not in items["ses-3"]  # never the baseline age of participants.tsv
+    assert all(it["survival_months"] == 31.5 for it in items.values())  # the other columns still ride along
+    sessions_tsv = root / "sub-01" / "sub-01_sessions.tsv"
+    assert f"{sessions_tsv} (ses-2): age 'n/a'" in caplog.text
+    assert f"{sessions_tsv} (ses-3): age 'soon' is not a number" in caplog.text
+
+
+def test_several_sessions_without_session_ages_have_no_age(tmp_path, caplog):
+    scans = [f"sub-01/ses-{s}/anat/sub-01_ses-{s}_T1w.nii.gz" for s in (1, 2)]
+    scans += ["sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz", "sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz"]
+    scans += ["sub-03/ses-1/anat/sub-03_ses-1_run-1_T1w.nii.gz", "sub-03/ses-1/anat/sub-03_ses-1_run-2_T1w.nii.gz"]
+    scans += ["sub-04/anat/sub-04_T1w.nii.gz"]
+    root = _dataset(
+        tmp_path,
+        scans,
+        "participant_id\tage\tgroup\nsub-01\t60\tA\nsub-02\t70\tB\nsub-03\t55\tC\nsub-04\t45\tD\n",
+        # sub-02: a sessions.tsv with an age column that lists ses-1 only
+        {"sub-01": "session_id\tsite\nses-1\tX\nses-2\tY\n", "sub-02": "session_id\tage\nses-1\t70\n"},
+    )
+    with caplog.at_level(logging.WARNING):
+        items = {it["subject"]: it for it in bids.bids_items(root)}
+    assert "age" not in items["sub-01_ses-1"] and "age" not in items["sub-01_ses-2"]
+    assert items["sub-01_ses-2"]["site"] == "Y" and items["sub-01_ses-2"]["group"] == "A"
+    assert items["sub-02_ses-1"]["age"] == 70.0 and "age" not in items["sub-02_ses-2"]
+    # one session (two runs of it) or none: participants.tsv's age is that visit's
+    assert items["sub-03_ses-1_run-1"]["age"] == items["sub-03_ses-1_run-2"]["age"] == 55.0
+    assert items["sub-04"]["age"] == 45.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w.split(":")[0] for w in warnings] == ["sub-01", "sub-02"]  # one warning per participant
+    assert "add an age column to sub-01/sub-01_sessions.tsv" in warnings[0] and "ses-1, ses-2" in warnings[0]
+    assert "for ses-2;" in warnings[1]
+
+
+def test_a_censored_age_89_plus_is_no_age(tmp_path, caplog):
+    root = _dataset(
+        tmp_path,
+        ["sub-01/anat/sub-01_T1w.nii.gz", "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz", "sub-03/anat/sub-03_T1w.nii.gz"],
+        "participant_id\tage\nsub-01\t89+\nsub-02\t80\nsub-03\t88.9\n",
+        {"sub-02": "session_id\tage\nses-1\t89+\n"},
+    )
+    with caplog.at_level(logging.WARNING):
+        items = {it["participant_id"]: it for it in bids.bids_items(root)}
+    assert "age" not in items["sub-01"] and "age" not in items["sub-02"] and items["sub-03"]["age"] == 88.9
+    assert f"{root / 'participants.tsv'} (sub-01): age '89+' is censored" in caplog.text
+    assert f"{root / 'sub-02' / 'sub-02_sessions.tsv'} (ses-1): age '89+' is censored" in caplog.text
+    assert "not a number" not in caplog.text
+
+
 def _people(n_labelled: int, n_unlabelled: int, scans: int = 2) -> list[dict]:
     items = []
     for p in range(n_labelled + n_unlabelled):
@@ -116,8 +191,13 @@ def test_subject_level_split_is_deterministic_and_keeps_people_whole():
     # small cohorts still get a validation and a test participant
     tiny = bids.split_items(_people(3, 0), seed=0)
     assert [len({it["participant_id"] for it in tiny[s]}) for s in ("training", "validation", "test")] == [1, 1, 1]
-    with pytest.raises(bids.BidsError, match="three non-negative"):
+    with pytest.raises(bids.BidsError, match="three or four non-negative"):
         bids.split_items(items, fractions=(0.5, 0.5))
+    # four fractions: a calibration split of labelled people too (the default), disjoint from the others
+    four = bids.split_items(items, seed=3, fractions=(0.6, 0.15, 0.1, 0.15))
+    people = {name: {it["participant_id"] for it in its} for name, its in four.items()}
+    assert [len(people[s]) for s in ("training", "validation", "calibration", "test")] == [16, 3, 2, 3]
+    assert sum(map(len, people.values())) == 24 and all("age" in it for it in four["calibration"])
 
 
 def test_split_from_a_participants_column(caplog):
@@ -139,13 +219,85 @@ def test_datalist_leakage_is_checked_per_participant(tmp_path):
     first = {"image": "a.nii.gz", "subject": "sub-01_ses-1", "participant_id": "sub-01", "age": 50}
     second = {"image": "b.nii.gz", "subject": "sub-01_ses-2", "participant_id": "sub-01", "age": 52}
     path.write_text(json.dumps({"training": [first], "test": [second]}))
-    with pytest.raises(data.DatalistError, match="subject sub-01 is in both 'training' and 'test'"):
+    with pytest.raises(data.DatalistError, match="participant sub-01 is in both 'training' and 'test'"):
         data.load_datalist(path, check_files=False)
+    # without participant_id, re-scans named the BIDS way are still one person
+    del first["participant_id"], second["participant_id"]
+    path.write_text(json.dumps({"training": [first], "test": [second]}))
+    with pytest.raises(data.DatalistError, match="participant sub-01 is in both 'training' and 'test'"):
+        data.load_datalist(path, check_files=False)
+    # and the same image file under two ids in two splits is leakage too
+    path.write_text(json.dumps({"training": [{**first, "subject": "x"}], "test": [{**first, "subject": "y"}]}))
+    with pytest.raises(data.DatalistError, match="image .*a.nii.gz is in both 'training' and 'test'"):
+        data.load_datalist(path, check_files=False)
+    # different people stay apart: sub-01 and sub-010, and ids that only look alike
+    other = {"image": "c.nii.gz", "subject": "sub-010_ses-1", "age": 40}
+    path.write_text(json.dumps({"training": [first], "test": [other, {"image": "d.nii.gz", "subject": "sub-01x"}]}))
+    assert len(data.load_datalist(path, check_files=False)["test"]) == 2
 
 
-def test_inference_on_a_bids_root_writes_predictions_and_derivatives(run_workflow, trained_model, bids_root, tmp_path):
-    out = tmp_path / "out"
-    rows = {r["subject"]: r for r in predict(run_workflow, trained_model, bids_root, out)}
+@pytest.fixture(scope="session")
+def bids_validator():
+    """``validate(path)``: the BIDS validator's issues on the dataset at ``path`` (``{"errors": [...], "warnings":
+    [...]}``, issue keys, one per kind of issue; ``issues``: the full report). Skips without node or the validator."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not on PATH: the BIDS validator (npm bids-validator 1.15.0) cannot run")
+    if not VALIDATOR.is_file():
+        pytest.skip(
+            f"{VALIDATOR}: no BIDS validator; ./install.sh installs it (npm bids-validator@1.15.0) when npm is there"
+        )
+
+    def validate(path: Path) -> dict:
+        run = subprocess.run([node, str(VALIDATOR), str(path), "--json"], capture_output=True, text=True, timeout=300)
+        assert run.stdout.strip(), f"bids-validator wrote no report (exit {run.returncode}): {run.stderr[-2000:]}"
+        issues = json.loads(run.stdout)["issues"]
+        report = {kind: [issue["key"] for issue in issues[kind]] for kind in ("errors", "warnings")}
+        assert run.returncode == (1 if report["errors"] else 0), run.stderr[-2000:]
+        return {**report, "issues": issues}
+
+    return validate
+
+
+def _issues(report: dict) -> str:
+    """The validator's issues in a line each (key, reason, first files): an assertion message."""
+    return "\n".join(
+        f"{issue['key']}: {issue['reason']} {[(f.get('file') or {}).get('relativePath') for f in issue['files'][:3]]}"
+        for kind in ("errors", "warnings")
+        for issue in report["issues"][kind]
+    )
+
+
+def test_the_phantom_in_bids_mode_passes_the_bids_validator(bids_validator, tmp_path, caplog):
+    out = tmp_path / "phantom"
+    args = ["--out", str(out), "--n", "6", "--n-disease", "0", "--mode", "bids", "--grade", "mixed", "--seed", "5"]
+    assert synthetic.main([*args, "--quiet"]) == 0
+    participants = read_tsv(out / "participants.tsv")
+    assert {r["grade"] for r in participants} == {"research", "clinical"}
+    assert "89+" in {r["age"] for r in participants}  # seed 5 has an 89.9-year-old: written censored
+    report = bids_validator(out)
+    assert report["errors"] == [], _issues(report)
+    # left: the phantom varies voxel size and field of view between scans on purpose, and has one author entry
+    assert set(report["warnings"]) <= {"INCONSISTENT_PARAMETERS", "TOO_FEW_AUTHORS"}, _issues(report)
+    # datalist.json and phantom.json stay where the bundle reads them (in .bidsignore); the BIDS reader finds every
+    # scan, and reads the censored age as no age
+    datalist = json.loads((out / "datalist.json").read_text())
+    with caplog.at_level(logging.WARNING):
+        items = bids.bids_items(out)
+    assert len(items) == sum(len(v) for v in datalist.values()) == 6
+    assert "age '89+' is censored" in caplog.text
+    assert json.loads((out / "phantom.json").read_text())["mode"] == "bids"
+
+
+@pytest.fixture(scope="module")
+def bids_inference(run_workflow, trained_model, bids_root, tmp_path_factory) -> tuple[Path, dict]:
+    """``run inference`` on ``bids_root`` once: its output folder and its predictions.csv rows by subject."""
+    out = tmp_path_factory.mktemp("bids_inference") / "out"
+    return out, {r["subject"]: r for r in predict(run_workflow, trained_model, bids_root, out)}
+
+
+def test_inference_on_a_bids_root_writes_predictions_and_derivatives(bids_inference):
+    out, rows = bids_inference
     assert len(rows) == 5 and all(r["error"] == "" and float(r["predicted_age"]) > 0 for r in rows.values())
     run2 = rows["sub-01_ses-2_acq-fast_run-2"]
     assert float(run2["age"]) == 62.5
@@ -170,6 +322,19 @@ def test_inference_on_a_bids_root_writes_predictions_and_derivatives(run_workflo
     sidecar = json.loads((derivatives / "brainage.json").read_text())
     header = list(read_tsv(derivatives / "brainage.tsv")[0])
     assert list(sidecar) == header and sidecar["predicted_age"]["Units"] == "year"
+    assert (derivatives / "README.md").is_file()
+    assert (derivatives / ".bidsignore").read_text().splitlines()[1:] == ["/brainage.tsv", "/brainage.json", "figures/"]
+
+
+def test_the_bids_derivatives_pass_the_bids_validator(bids_validator, bids_inference):
+    out, _ = bids_inference
+    report = bids_validator(out / "derivatives")
+    # bids-validator 1.x has no rules for derivatives: it validates a derivative dataset by the raw-dataset rules (and
+    # skips a raw dataset's derivatives/ folder). The group table and the figures, which BIDS has no file rules for,
+    # are in the derivatives' .bidsignore (as fMRIPrep lists its figures/); what is left is that no sub-* folder
+    # holds raw data, which a derivatives dataset of reports never does.
+    assert report["errors"] == ["SUBJECT_FOLDERS"], _issues(report)
+    assert set(report["warnings"]) <= {"NO_AUTHORS"}, _issues(report)  # the authors are whoever ran the bundle
 
 
 def test_training_from_a_bids_root_splits_by_participant_and_preprocesses(

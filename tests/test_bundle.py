@@ -214,7 +214,7 @@ LAYERS = [
     {"atomic", "cli", "mni", "precision"},  # utilities: atomic writes, command lines, MNI geometry, native bf16
     {"figures"},  # drawing only
     {"hdbet", "dicom"},  # readers of external formats: HD-BET networks, DICOM series
-    {"transforms"},  # the preprocessing chain as MONAI transforms
+    {"transforms", "quality"},  # the preprocessing chain as MONAI transforms; the image quality of a slice
     {"synthetic"},  # the phantom (rendered through the chain's last step)
     {"data", "bids", "shards"},  # datalists (the embedded default generates the phantom), BIDS, shards of inputs
     {"preprocess"},  # raw scans -> slices, as a batch job

@@ -18,20 +18,19 @@ from torch.utils.data import DataLoader
 from scripts.engine import (
     AgeInferer,
     AgePrepareBatch,
-    BatchNormRecalibration,
     DiffusionAutoencoderInferer,
     DiffusionPrepareBatch,
     GradientClipping,
     LabelledRatioBatchSampler,
     LossComponentsHandler,
+    PreciseBatchNorm,
     SemiSupervisedLoss,
     WrongLatentPenalty,
-    default_autocast_dtype,
     loss_log_transform,
-    resolve_autocast_dtype,
     wrong_latent_penalty,
 )
 from scripts.networks import DiffusionAutoencoder
+from scripts.precision import default_autocast_dtype, resolve_autocast_dtype
 
 TINY = dict(
     base_channels=8,
@@ -152,9 +151,15 @@ def test_inferer_noises_x0_and_uses_one_encoder_pass_for_both_outputs():
     torch.testing.assert_close(pred["age"][[0, 2]], expected_age[[0, 2]])
 
 
-def test_default_autocast_dtype_follows_native_bf16_support():
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert default_autocast_dtype("cpu") == ("bfloat16" if native else None)
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"), [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, None)]
+)
+def test_default_autocast_dtype_follows_native_bf16_support(monkeypatch, avx512_bf16, amx, expected):
+    """bf16 where the CPU computes it natively (either instruction set), else full precision; whatever this CPU has."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert default_autocast_dtype("cpu") == expected
+    assert resolve_autocast_dtype("auto", "cpu") == expected
     assert default_autocast_dtype(torch.device("meta")) is None
 
 
@@ -406,7 +411,7 @@ def test_batchnorm_recalibration_stores_the_exact_statistics_training_uses():
     model.train()
     for _ in range(3):  # running statistics drift away from what evaluation will see
         model.age_head(model.encode(torch.rand(4, 1, 16, 16)))
-    BatchNormRecalibration(model, loader)()
+    PreciseBatchNorm(model, loader)()
     assert model.training  # mode restored
     latent_bn, head_bn = model.encoder.latent_norm, model.age_head.mlp[2]
     assert head_bn.momentum == 0.1  # momentum untouched for further training

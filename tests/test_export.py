@@ -64,12 +64,16 @@ def test_age_predictor_loads_a_full_model_checkpoint_strictly_but_not_a_foreign_
     assert isinstance(predictor, AgePredictor)
 
 
-def test_verify_net_in_out_accepts_the_exported_network(bundle_root, tiny_network, monkeypatch):
+def test_verify_net_in_out_accepts_the_exported_network_and_would_reject_a_wrong_one(
+    bundle_root, tiny_network, monkeypatch, tmp_path
+):
     monkeypatch.chdir(bundle_root)
-    verify_net_in_out(
-        net_id="age_predictor_def",
-        meta_file="configs/metadata.json",
-        config_file="configs/inference.yaml",
-        device="cpu",
-        **tiny_network,
-    )
+    check = dict(net_id="age_predictor_def", config_file="configs/inference.yaml", device="cpu", **tiny_network)
+    verify_net_in_out(meta_file="configs/metadata.json", **check)  # raises when the network does not fit
+    # the same check against metadata promising a 3-channel input: the 1-channel network fails it
+    meta = json.loads((bundle_root / "configs" / "metadata.json").read_text())
+    meta["network_data_format"]["inputs"]["image"]["num_channels"] = 3
+    wrong = tmp_path / "metadata.json"
+    wrong.write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="channels"):
+        verify_net_in_out(meta_file=str(wrong), **check)

@@ -93,6 +93,33 @@ def test_predictions_match_the_model_on_the_same_slices(run_workflow, trained_mo
     np.testing.assert_allclose([float(r["predicted_age"]) for r in rows[:4]], expected, atol=1e-2)
 
 
+@pytest.mark.parametrize("autocast_dtype", [None, "bfloat16"])
+def test_a_scans_age_does_not_depend_on_its_batch(trained_model, tiny_network, autocast_dtype):
+    """The inference inferer (channels-last on the CPU, with or without bf16 autocast) gives a scan exactly the same
+    age alone, with one other scan, or in a full batch of others: it always runs batches of one shape."""
+    from monai.bundle import ConfigParser
+
+    from scripts.engine import AgeInferer
+
+    parser = ConfigParser()
+    parser.read_config("configs/inference.yaml")
+    parser.update(tiny_network)
+    network = inference.load_weights(parser.get_parsed_content("network_def"), trained_model["ckpt_path"]).eval()
+    network = network.to(memory_format=torch.channels_last)
+    images = torch.rand(9, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    inferer = AgeInferer(autocast_dtype, channels_last=True, batch_size=8)
+    with torch.no_grad():
+        alone = inferer(images[:1], network)
+        pair = inferer(images[[0, 5]], network)
+        full = inferer(images[:8], network)
+        spill = inferer(images, network)  # 8 + a padded batch of 1
+        reversed_order = inferer(images.flip(0), network).flip(0)
+    assert alone.shape == (1, 1) and full.shape == (8, 1) and spill.shape == (9, 1)
+    assert torch.equal(alone[0], pair[0]) and torch.equal(alone[0], full[0]) and torch.equal(full, spill[:8])
+    assert torch.equal(spill, reversed_order)
+    assert len(torch.unique(full)) == 8  # eight different images, eight different ages
+
+
 def test_the_float32_override_reaches_inference_and_bf16_does_not_move_the_ages(
     trained_model, bundle_root, tiny_network, tmp_path
 ):
@@ -193,6 +220,43 @@ def test_single_file_input_and_unusable_inputs(run_workflow, trained_model, slic
     }
 
 
+def test_scan_ids_are_unique_paths_and_no_output_leaves_the_output_folder(
+    run_workflow, trained_model, slice_dataset, tmp_path
+):
+    """A folder input names a scan by its path below the folder (a/T1w and b/T1w are two scans, two latents), and
+    an id that is a path (../../x from a datalist) still writes only inside OUT."""
+    test = json.loads((slice_dataset / "datalist.json").read_text())["test"]
+    folder = tmp_path / "scans"
+    for name, item in zip(("a", "b"), test):
+        (folder / name).mkdir(parents=True)
+        shutil.copy(slice_dataset / item["image"], folder / name / "T1w.nii.gz")
+    rows = predict(run_workflow, trained_model, folder, tmp_path / "out", save_latents=True)
+    assert sorted(r["subject"] for r in rows) == ["a/T1w", "b/T1w"]
+    assert len({r["predicted_age"] for r in rows}) == 2  # two scans, not one twice
+    latents = sorted(p.name for p in (tmp_path / "out" / "latents").iterdir())
+    assert len(latents) == 2 and all(name.startswith(("a_T1w-", "b_T1w-")) for name in latents)
+
+    escape = tmp_path / "deep" / "escape.json"
+    escape.parent.mkdir()
+    image = str(slice_dataset / test[0]["image"])
+    escape.write_text(json.dumps({"test": [{"image": image, "subject": "../../x", "age": 50.0}]}))
+    rows = predict(run_workflow, trained_model, escape, tmp_path / "deep" / "out", save_latents=True)
+    assert rows[0]["subject"] == "../../x"
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "x" in p.name and p.suffix == ".npy"]
+    assert written and all((tmp_path / "deep" / "out") in p.parents for p in written)
+    assert not (tmp_path / "x.npy").exists() and not (tmp_path / "test_x.npy").exists()
+
+
+def test_a_datalist_with_an_empty_list_is_predicted(run_workflow, trained_model, slice_dataset, tmp_path):
+    """The phantom with --n-disease 0 writes "disease": []; inference predicts the other lists."""
+    datalist = json.loads((slice_dataset / "datalist.json").read_text())
+    datalist = {"test": [{**it, "image": str(slice_dataset / it["image"])} for it in datalist["test"]], "disease": []}
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(datalist))
+    rows = predict(run_workflow, trained_model, path, tmp_path / "out")
+    assert len(rows) == len(datalist["test"]) and {r["split"] for r in rows} == {"test"}
+
+
 def test_evaluate_overlay_writes_metrics_table_and_scatter(run_workflow, trained_model, tmp_path, capsys):
     out = tmp_path / "eval"
     run_workflow(
@@ -241,6 +305,11 @@ def test_checkpoint_loading_is_weights_only(tmp_path, trained_model):
         inference.load_weights(DiffusionAutoencoder(), trained_model["ckpt_path"])  # tiny weights, paper network
     with pytest.raises(FileNotFoundError, match="train first"):
         inference.load_weights(DiffusionAutoencoder(), tmp_path / "missing.pt")
+    # the resumable training state holds the online weights, not the validated EMA model: refused, not loaded
+    state = {"network": torch.load(trained_model["ckpt_path"], weights_only=True), "optimizer": {"state": {}}}
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="a training state, not model weights"):
+        inference.load_weights(DiffusionAutoencoder(), tmp_path / "last.pt")
 
 
 def test_bias_corrections_remove_the_age_dependence_they_were_fitted_on():

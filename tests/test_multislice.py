@@ -71,8 +71,8 @@ def test_chain_cuts_and_writes_levels_level_major():
     img = slice_nifti(finalised, levels=3)
     assert img.shape == (128, 128, 3, 3)
     np.testing.assert_array_equal(np.asarray(img.dataobj)[:, :, 2, 1], finalised[5])
-    # single level: the settings (cache key) and file layout are those from before levels existed
-    assert ExtractAxialSliced(keys="image").settings == {"offset": 0, "channels": 1}
+    # single level: no level settings in the cache key, and the file layout of before levels existed
+    assert ExtractAxialSliced(keys="image").settings == {"offset": 0, "channels": 1, "min_brain_in_view": 0.98}
     assert slice_nifti(finalised[:1]).shape == (128, 128)
 
 
@@ -154,7 +154,13 @@ def level_model(tmp_path_factory, run_workflow, level_dataset):
 
 def test_multilevel_training_inference_and_evaluate(run_workflow, level_model, level_dataset, tmp_path):
     """Trained with slice_levels 3 from config alone; inference and evaluate write the median of 3 levels with
-    its spread, and inference with 1 level predicts the medial slice alone from the same files."""
+    its spread, and inference with 1 level predicts the medial slice alone from the same files: refused with the
+    3-level calibration beside the model, predicted (without interval) by the model alone."""
+    import shutil
+
+    from scripts.calibration import CalibrationError
+    from scripts.cli import root_cause
+
     assert level_model["ckpt_path"].is_file()
     rows = predict(
         run_workflow,
@@ -164,9 +170,16 @@ def test_multilevel_training_inference_and_evaluate(run_workflow, level_model, l
         slice_levels=3,
         input_splits=["test"],
     )
+    with pytest.raises(Exception) as refused:
+        predict(run_workflow, level_model, level_dataset / "datalist.json", tmp_path / "x", slice_levels=1)
+    assert isinstance(root_cause(refused.value), CalibrationError)
+    assert "slice_levels 3 there, 1 here" in str(root_cause(refused.value))
+    alone = tmp_path / "model_alone" / "model.pt"
+    alone.parent.mkdir()
+    shutil.copy(level_model["ckpt_path"], alone)
     one = predict(
         run_workflow,
-        level_model,
+        {"ckpt_path": alone},
         level_dataset / "datalist.json",
         tmp_path / "one",
         slice_levels=1,
@@ -177,6 +190,7 @@ def test_multilevel_training_inference_and_evaluate(run_workflow, level_model, l
     assert all(float(r["level_sd"]) > 0 for r in rows) and {r["level_sd"] for r in one} == {""}
     assert any(abs(float(a["predicted_age"]) - float(b["predicted_age"])) > 1e-3 for a, b in zip(rows, one))
     assert all(r["predicted_age_lower"] and r["predicted_age_upper"] for r in rows)
+    assert not any(r["predicted_age_lower"] for r in one)  # no calibration for one level: no interval
 
     evaluated = tmp_path / "eval"
     run_workflow(

@@ -232,9 +232,9 @@ def phantom_slices(slice_dataset) -> torch.Tensor:
 
 def calibrate(model: DiffusionAutoencoder, images: torch.Tensor) -> DiffusionAutoencoder:
     """Exact BatchNorm statistics on these images, as training does before every validation."""
-    from scripts.engine import BatchNormRecalibration
+    from scripts.engine import PreciseBatchNorm
 
-    BatchNormRecalibration(model, [{"image": images, "age": torch.full((len(images),), 50.0)}])()
+    PreciseBatchNorm(model, [{"image": images, "age": torch.full((len(images),), 50.0)}])()
     return model.eval()
 
 

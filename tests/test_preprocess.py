@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigParser
 
-from scripts import mni, preprocess
+from scripts import hdbet, mni, preprocess
 from scripts.transforms import EstimateMNIAffined, LoadScand
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,14 @@ def raw_datalist(volume_dataset, tmp_path_factory) -> Path:
     nib.save(
         nib.Nifti1Image(head, nib.load(volume_dataset / phantom["sub-0001"]["image"]).affine), folder / "nan.nii.gz"
     )
+    # a partial field of view: the scan stops 30 % of the way short along the anterior-posterior axis, so the front
+    # of the brain in the medial axial slice is missing (zeros after resampling), though registration still works
+    original = nib.load(volume_dataset / phantom["sub-0001"]["image"])
+    ap_axis = [i for i, code in enumerate(nib.aff2axcodes(original.affine)) if code in "AP"][0]
+    cut = [slice(None)] * 3
+    cut[ap_axis] = slice(0, int(0.7 * original.shape[ap_axis]))
+    whole_head = np.asarray(original.dataobj, dtype=np.float32).reshape(original.shape[:3])
+    nib.save(nib.Nifti1Image(whole_head[tuple(cut)], original.affine), folder / "partial.nii.gz")
     nib.save(nib.Nifti1Image(noise[:, :, 0], np.diag([3.0, 3.0, 3.0, 1.0])), folder / "flat.nii.gz")
     nib.save(nib.Nifti1Image((noise > 0.6).astype(np.int16), np.diag([3.0, 3.0, 3.0, 1.0])), folder / "mask.nii.gz")
     truth = {s: str(volume_dataset / phantom[s]["truth_slice"]) for s in ("sub-0002", "sub-0004")}
@@ -96,6 +104,7 @@ def raw_datalist(volume_dataset, tmp_path_factory) -> Path:
             {"image": "nan.nii.gz", "subject": "bad-nan"},
             {"image": "flat.nii.gz", "subject": "bad-2d"},
             {"image": "mask.nii.gz", "subject": "bad-mask"},
+            {"image": "partial.nii.gz", "subject": "bad-partial-fov"},
         ],
     }
     path = folder / "datalist.json"
@@ -112,7 +121,7 @@ def first_run(raw_datalist, tmp_path_factory):
 
 def test_outputs_manifest_and_datalist(first_run, raw_datalist):
     out, records = first_run
-    assert len(records) == 11
+    assert len(records) == 12
     rows = read_manifest(out)
     assert set(rows) == {
         "sub-0002",
@@ -126,6 +135,7 @@ def test_outputs_manifest_and_datalist(first_run, raw_datalist):
         "bad-nan",
         "bad-2d",
         "bad-mask",
+        "bad-partial-fov",
     }
     for subject in ("sub-0002", "sub-0004"):
         row = rows[subject]
@@ -135,6 +145,7 @@ def test_outputs_manifest_and_datalist(first_run, raw_datalist):
         assert float(row["seconds_register"]) > 0.5
         assert float(row["seconds_total"]) >= sum(float(row[f"seconds_{s}"]) for s in preprocess.STAGES) - 0.01
         assert float(row["template_correlation"]) > 0.45
+        assert float(row["brain_in_view"]) == 1.0
     reasons = {s: rows[s]["reason"] for s in rows if rows[s]["status"] == "failed"}
     assert reasons["bad-4d"] == "load: 4D image with 3 volumes; give one 3D T1w volume"
     assert reasons["bad-empty"] == "load: empty image: no voxel is above 0"
@@ -146,6 +157,11 @@ def test_outputs_manifest_and_datalist(first_run, raw_datalist):
     assert re.fullmatch(r"load: 2[45]\.\d% of the voxels are NaN/Inf", reasons["bad-nan"]), reasons["bad-nan"]
     assert reasons["bad-2d"] == "load: expected a 3D volume, got an image of shape (60, 60)"
     assert reasons["bad-mask"] == "load: only 2 distinct intensities: a label map or mask, not a T1w image"
+    assert re.fullmatch(
+        r"slice: partial field of view: \d+% of the brain in the slice lies outside the scan \(at most 2% may; "
+        r"min_brain_in_view\)",
+        reasons["bad-partial-fov"],
+    ), reasons["bad-partial-fov"]
     assert all("\n" not in r for r in reasons.values())
 
     datalist = json.loads((out / "datalist.json").read_text())
@@ -201,6 +217,7 @@ def test_a_second_run_does_no_work(first_run, raw_datalist):
         "bad-nan": True,
         "bad-2d": True,
         "bad-mask": True,
+        "bad-partial-fov": True,
         "bad-missing": False,  # nothing to cache: there are no bytes to key on
     }
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted((out / "slices").iterdir())} == before
@@ -228,7 +245,7 @@ def test_a_killed_run_resumes(first_run, raw_datalist, tmp_path):
     again = nib.load(out / result["sub-0004"]["slice"]).get_fdata()
     assert correlation(again, nib.load(done / by_subject["sub-0004"]["slice"]).get_fdata()) > 0.99
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
-    assert len(read_manifest(out)) == 11
+    assert len(read_manifest(out)) == 12
 
 
 def test_failures_are_redone_only_on_request(first_run, raw_datalist):
@@ -246,7 +263,8 @@ def test_auto_skull_stripping_runs_hdbet_when_its_weights_are_installed(raw_data
     transform = config_chain(skull_strip="auto", hdbet_weights_dir=str(tiny_hdbet_weights))
     (record,) = preprocess.preprocess_items([item], tmp_path, transform, progress=False)
     assert record["status"] == "ok", record["reason"]
-    assert record["skull_strip"] == f"hdbet-2.x (hd-bet 2.0.1, weights {tiny_hdbet_weights.name})"
+    digest = hdbet.checkpoint_sha256(tiny_hdbet_weights)[:12]
+    assert record["skull_strip"] == f"hdbet-2.x (hd-bet 2.0.1, weights {tiny_hdbet_weights.name}, sha256 {digest})"
     assert record["seconds"]["skull_strip"] > 0
     # a different skull stripper is a different result: the cache key changed
     assert record["key"] != preprocess.cache_key(item["image"], preprocess.chain_settings(config_chain()))

@@ -40,7 +40,7 @@ def images(tmp_path):
                 "training": [{"image": "a.nii.gz", "subject": "s1"}],
                 "test": [{"image": "b.nii.gz", "subject": "s1", "age": 50}],
             },
-            "subject s1 is in both 'training' and 'test' (data leakage)",
+            "participant s1 is in both 'training' and 'test' (data leakage;",
         ),
         ({"training": [{"image": "missing.nii.gz"}]}, "training[0] (missing): image"),
         ({"training": "a.nii.gz"}, "'training' must be a list of items"),
@@ -87,11 +87,20 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoints(run_workf
         "batch_size": 4,
         "val_batch_size": 8,
     }
-    run_workflow("train.yaml", "training", max_epochs=1, **settings)
+    from ignite.engine import Events
+
+    def killed_after_epoch_1(workflow):
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
+
+    def nan_loss(workflow):  # the same run resumed, whose loss turns NaN (e.g. a NaN voxel, a diverging step)
+        workflow.parser.get_parsed_content("train#loss").lambda_age = math.nan
+
+    run_workflow("train.yaml", "training", max_epochs=2, before_run=killed_after_epoch_1, **settings)
     last, best = tmp_path / "run" / "last.pt", tmp_path / "models" / "model.pt"
     before = {path: path.read_bytes() for path in (last, best)}
     with pytest.raises(RuntimeError) as err:  # MONAI's config machinery re-raises with the expression as context
-        run_workflow("train.yaml", "training", max_epochs=2, lambda_age=math.nan, **settings)
+        run_workflow("train.yaml", "training", max_epochs=2, before_run=nan_loss, **settings)
     cause = err.value
     while cause is not None and not isinstance(cause, NonFiniteLossError):
         cause = cause.__cause__

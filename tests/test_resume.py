@@ -10,7 +10,7 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from scripts.calibration import BiasCorrection, BiasCorrectionFitter
+from scripts.calibration import BiasCorrection, CalibrationFitter
 
 SETTINGS = {"batch_size": 4, "val_batch_size": 8, "max_epochs": 3}
 
@@ -65,6 +65,7 @@ def test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run(run_work
     assert resumed["best_metric"] == pytest.approx(whole["best_metric"], rel=1e-6)
     assert resumed["metrics"] == pytest.approx(whole["metrics"], rel=1e-6)
     assert resumed["correction"].pop("method") == whole["correction"].pop("method") == "beheshti"
+    assert resumed["correction"].pop("fitted_for") == whole["correction"].pop("fitted_for")  # the same model
     assert resumed["correction"] == pytest.approx(whole["correction"], rel=1e-6)
     for key, value in whole["best"].items():  # the same best model
         torch.testing.assert_close(resumed["best"][key], value, rtol=1e-5, atol=1e-6)
@@ -78,10 +79,15 @@ def test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run(run_work
 
 
 def test_a_resumed_run_keeps_the_best_model_when_it_scores_no_better(run_workflow, slice_dataset, tmp_path, caplog):
-    """The issue's reproduction: epoch 1 trained, then resumed with the age loss off and a head that now predicts
-    40 years too old. Epoch 2 validates far worse; model.pt and the bias correction must stay epoch 1's."""
+    """The issue's reproduction: epoch 1 trained (the age loss off throughout), then resumed with a head that now
+    predicts 40 years too old. Epoch 2 validates far worse; model.pt and the bias correction must stay epoch 1's."""
     datalist = slice_dataset / "datalist.json"
-    train(run_workflow, tmp_path, datalist, max_epochs=1)
+
+    def killed_after_epoch_1(workflow):
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
+
+    train(run_workflow, tmp_path, datalist, before_run=killed_after_epoch_1, max_epochs=2, lambda_age=0.0)
     best, correction = tmp_path / "models" / "model.pt", tmp_path / "models" / "model_bias_correction.json"
     before = {path: path.read_bytes() for path in (best, correction)}
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
@@ -121,7 +127,7 @@ def _validate_three_epochs(tmp_path, table, method="beheshti"):
     ages = torch.linspace(20.0, 80.0, 10)
     data = [{"image": torch.arange(10.0)[:, None, None, None], "age": ages}]
     inferer = _Scripted(table)
-    fitter = BiasCorrectionFitter(tmp_path / "correction.json", method)
+    fitter = CalibrationFitter(tmp_path / "correction.json", method)
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"),
         val_data_loader=data,

@@ -27,9 +27,15 @@ def read_participants(folder):
 def test_slice_dataset_files_and_labels(slice_dataset):
     datalist = json.loads((slice_dataset / "datalist.json").read_text())
     rows = {r["participant_id"]: r for r in read_participants(slice_dataset)}
-    assert set(datalist) == {"training", "validation", "test", "disease"}
-    assert [len(datalist[k]) for k in ("training", "validation", "test", "disease")] == [28, 6, 6, 8]
-    assert len(rows) == 48
+    assert set(datalist) == {"training", "validation", "calibration", "test", "disease"}
+    assert [len(datalist[k]) for k in ("training", "validation", "calibration", "test", "disease")] == [28, 6, 12, 6, 8]
+    assert len(rows) == 60
+    # the calibration split: labelled healthy people of both grades, who are nobody else
+    calibration = datalist["calibration"]
+    assert all("age" in it for it in calibration) and {it["grade"] for it in calibration} == {"research", "clinical"}
+    assert {it["subject"] for it in calibration}.isdisjoint(
+        it["subject"] for k in datalist if k != "calibration" for it in datalist[k]
+    )
     unlabelled = [it for it in datalist["training"] if "age" not in it]
     assert len(unlabelled) == 7  # 25 % of the 28 training scans
     for split, items in datalist.items():

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
+from ignite.engine import Events
 
 
 def run_training(run_workflow, **overrides):
@@ -26,13 +28,23 @@ def test_training_writes_best_model_last_state_and_logs(run_workflow, slice_data
     evaluator = wf.parser.get_parsed_content("validate#evaluator")
     assert trainer.state.epoch == 2
     assert set(evaluator.state.metrics) == {"val_mae", "val_r", "val_wrong_z_penalty"}
-    assert 0 < evaluator.state.metrics["val_mae"] < 100
     best = torch.load(outputs["ckpt_path"], weights_only=True)
+    # the best validation MAE is the saved model's: its ages on the validation images, recomputed here
+    model = wf.parser.get_parsed_content("network_def")
+    model.load_state_dict(best)
+    model.eval()
+    dataset = wf.parser.get_parsed_content("validate#dataset")
+    with torch.no_grad():
+        images = torch.stack([torch.as_tensor(item["image"]) for item in dataset])
+        ages = torch.tensor([float(item["age"]) for item in dataset])
+        predicted = model(images[..., 0]).reshape(-1)  # (B, C, H, W, levels): one level
+    assert evaluator.state.best_metric == pytest.approx(float((predicted - ages).abs().mean()), rel=1e-4)
     assert "age_head.age_mean" in best  # the weights only, loadable without pickled code
     network = wf.parser.get_parsed_content("network")
     assert set(best) == set(network.state_dict())
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert set(last) == {
+        "settings",
         "network",
         "optimizer",
         "lr_scheduler",
@@ -78,6 +90,31 @@ def test_validation_and_the_checkpoint_use_the_ema_weights(run_workflow, slice_d
         torch.testing.assert_close(last["ema"]["model"][key], value, rtol=0, atol=0)
 
 
+def test_the_saved_batchnorm_statistics_are_exact_on_the_un_augmented_training_images(
+    run_workflow, slice_dataset, outputs
+):
+    """With augmentation on, the latent standardisation of the saved model still holds the mean and variance of the
+    encoder's features over the training images as they are (not over random augmented views of them)."""
+    wf = run_training(
+        run_workflow,
+        datalist=str(slice_dataset / "datalist.json"),
+        max_epochs=1,
+        aug_noise_prob=1.0,
+        aug_contrast_prob=1.0,
+        **outputs,
+    )
+    model = wf.parser.get_parsed_content("network_def")
+    model.load_state_dict(torch.load(outputs["ckpt_path"], weights_only=True))
+    model.eval()
+    loading = wf.parser.get_parsed_content("validate#preprocessing")  # the slice files as inference reads them
+    images = torch.stack([loading(dict(item))["image"][..., 0] for item in wf.parser.get_parsed_content("train_items")])
+    with torch.no_grad():
+        features = model.encoder.features(images)
+    norm = model.encoder.latent_norm
+    torch.testing.assert_close(norm.running_mean, features.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norm.running_var, features.var(0), rtol=1e-4, atol=1e-5)
+
+
 def test_without_ema_the_trained_network_is_validated_and_saved(run_workflow, slice_dataset, outputs):
     wf = run_training(
         run_workflow, datalist=str(slice_dataset / "datalist.json"), max_epochs=1, use_ema=False, **outputs
@@ -89,32 +126,117 @@ def test_without_ema_the_trained_network_is_validated_and_saved(run_workflow, sl
         torch.testing.assert_close(best[key], value, rtol=0, atol=0)
 
 
-def test_interrupted_run_resumes_with_epoch_count_and_optimizer_state(run_workflow, slice_dataset, outputs, tmp_path):
+def learning_rates(workflow, seen: list) -> None:
+    """Record the learning rate of every epoch the workflow's trainer runs."""
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    optimizer = workflow.parser.get_parsed_content("optimizer")
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: seen.append(optimizer.param_groups[0]["lr"]))
+
+
+def test_interrupted_run_resumes_with_epoch_count_optimizer_state_and_schedule(
+    run_workflow, slice_dataset, outputs, tmp_path
+):
     datalist = str(slice_dataset / "datalist.json")
-    first = run_training(run_workflow, datalist=datalist, max_epochs=1, **outputs)
+    rates: list[float] = []
+
+    def stop_after_epoch_1(workflow):  # the kill: last.pt of epoch 1 is written, epoch 2 never starts
+        learning_rates(workflow, rates)
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
+
+    first = run_training(run_workflow, datalist=datalist, max_epochs=3, before_run=stop_after_epoch_1, **outputs)
     steps_per_epoch = first.parser.get_parsed_content("train#trainer").state.epoch_length
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
     assert adam_steps == {steps_per_epoch}
 
-    second = run_training(run_workflow, datalist=datalist, max_epochs=3, **outputs)
+    second = run_training(
+        run_workflow, datalist=datalist, max_epochs=3, before_run=lambda wf: learning_rates(wf, rates), **outputs
+    )
     trainer = second.parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 3
     assert trainer.state.iteration == 3 * steps_per_epoch  # continued, not restarted
     optimizer = second.parser.get_parsed_content("optimizer")
     assert {int(s["step"]) for s in optimizer.state.values()} == {3 * steps_per_epoch}
-    scheduler = second.parser.get_parsed_content("lr_scheduler")
-    assert scheduler.last_epoch == 3
+    # the cosine schedule of one 3-epoch run, not a restarted one
+    assert rates == pytest.approx([1e-4 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [("max_epochs", 3, "max_epochs 1 there, 3 now"), ("learning_rate", 3e-4, "learning_rate 0.0001 there, 0.0003 now")],
+)
+def test_resuming_with_other_settings_is_refused_in_one_line(
+    run_workflow, slice_dataset, outputs, tmp_path, key, value, shown
+):
+    """Resuming a 1-epoch run with --max_epochs 3 used to restore the old cosine schedule (lr 1e-4, 0, 1e-4, 0)."""
+    from scripts.cli import root_cause
+    from scripts.engine import ResumeMismatchError
+
+    datalist = str(slice_dataset / "datalist.json")
+    run_training(run_workflow, datalist=datalist, max_epochs=1, **outputs)
+    last = tmp_path / "run" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(Exception) as raised:
+        run_training(run_workflow, datalist=datalist, **{"max_epochs": 1, key: value}, **outputs)
+    err = root_cause(raised.value)
+    assert isinstance(err, ResumeMismatchError)
+    assert shown in str(err) and str(last) in str(err) and "\n" not in str(err)
+    assert last.read_bytes() == before  # nothing was overwritten
+
+
+def test_a_bad_datalist_is_reported_in_one_line_on_the_command_line(bundle_root, tmp_path):
+    """monai.bundle wraps what a config expression raises in RuntimeError tracebacks; the bundle prints the reason."""
+    bad = tmp_path / "bad.json"
+    item = {"image": "missing.nii.gz", "age": 50}
+    bad.write_text(json.dumps({"training": [item], "validation": [item]}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml"]
+        + ["--datalist", str(bad), "--output_dir", str(tmp_path / "run"), "--ckpt_path", str(tmp_path / "m.pt")],
+        cwd=bundle_root,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    reason = f"{bad}: training[0] (missing): image {tmp_path / 'missing.nii.gz'} does not exist"
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {reason}"
+    assert "Traceback" not in proc.stderr
 
 
 def test_unlabelled_scans_train_the_diffusion_arm_only(run_workflow, slice_dataset, outputs):
-    """The datalist's unlabelled items reach the trainer with NaN ages; batches mix both kinds."""
+    """The datalist's unlabelled items reach the trainer with NaN ages, batches mix both kinds, and through the
+    configured prepare_batch, inferer and loss an unlabelled image sends gradient to the encoder and the U-Net but
+    none to the age head; a labelled one reaches the head too."""
     wf = run_training(run_workflow, datalist=str(slice_dataset / "datalist.json"), max_epochs=1, **outputs)
     sampler = wf.parser.get_parsed_content("train#sampler")
     dataset = wf.parser.get_parsed_content("train#dataset")
     batch = next(iter(sampler))
     ages = torch.tensor([float(dataset[i]["age"]) for i in batch])
     assert torch.isnan(ages).sum() == 2 and (~torch.isnan(ages)).sum() == 2  # labelled_ratio 0.5 of 4
+
+    from monai.data import list_data_collate
+
+    network = wf.parser.get_parsed_content("network")
+    prepare = wf.parser.get_parsed_content("train#prepare_batch")
+    inferer = wf.parser.get_parsed_content("train#inferer")
+    loss_function = wf.parser.get_parsed_content("train#loss")
+    unlabelled = [i for i in range(len(dataset)) if math.isnan(float(dataset[i]["age"]))][:2]
+    labelled = [i for i in range(len(dataset)) if not math.isnan(float(dataset[i]["age"]))][:2]
+
+    def gradients(indices):
+        network.train()
+        network.zero_grad(set_to_none=False)
+        images, targets, _, kwargs = prepare(list_data_collate([dataset[i] for i in indices]), torch.device("cpu"))
+        loss_function(inferer(images, network, **kwargs), targets).backward()
+        return {
+            part: sum(float(p.grad.abs().sum()) for p in getattr(network, part).parameters())
+            for part in ("encoder", "unet", "age_head")
+        }
+
+    only_unlabelled, only_labelled = gradients(unlabelled), gradients(labelled)
+    assert only_unlabelled["encoder"] > 0 and only_unlabelled["unet"] > 0
+    assert only_unlabelled["age_head"] == 0.0
+    assert only_labelled["age_head"] > 0
 
 
 def test_embedded_default_generates_the_phantom_once(run_workflow, outputs, tmp_path):
