@@ -60,6 +60,17 @@ def slice_quality(image: np.ndarray | torch.Tensor) -> float:
     return float((sd[1] + sd[2]) / contrast) if contrast > 1e-6 else math.inf
 
 
+def noise_level(image: np.ndarray | torch.Tensor) -> float:
+    """Noise sd of a skull-stripped slice ``(H, W)`` by Immerkaer's estimator (CVIU 1996), over the brain away from
+    its edge: the mean absolute response to the Laplacian-difference mask, times sqrt(pi/2) / 6."""
+    image = np.asarray(image, dtype=np.float64)
+    core = ndimage.binary_erosion(image > BRAIN_THRESHOLD, iterations=EDGE_PIXELS)
+    if core.sum() < MIN_PIXELS:
+        return math.nan
+    mask = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
+    return float(math.sqrt(math.pi / 2) / 6 * np.abs(ndimage.convolve(image, mask))[core].mean())
+
+
 class SliceQualityd(MapTransform):
     """Store :func:`slice_quality` of a loaded model-input image under ``quality_key``.
 

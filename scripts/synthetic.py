@@ -525,18 +525,21 @@ def _rician(rng: np.random.Generator, image: np.ndarray, sigma: float) -> np.nda
     return np.sqrt(real * real + imag * imag)
 
 
-def _ghosting(rng: np.random.Generator, image: np.ndarray, axis: int) -> np.ndarray:
+def _ghosting(image: np.ndarray, axis: int, period: float, amplitude: float, phase: float) -> np.ndarray:
     """Periodic motion during phase encoding along ``axis``: k-space phase errors -> ghosts."""
     n = image.shape[axis]
     lines = np.arange(n) - n // 2
-    period = rng.uniform(4.0, 16.0)
-    amplitude = rng.uniform(0.15, 0.6)
-    phase = amplitude * np.sin(2 * np.pi * lines / period + rng.uniform(0, 2 * np.pi))
+    modulation = amplitude * np.sin(2 * np.pi * lines / period + phase)
     shape = [1] * image.ndim
     shape[axis] = n
     kspace = np.fft.fftshift(np.fft.fft(image, axis=axis), axes=axis)
-    kspace *= np.exp(1j * phase).reshape(shape)
+    kspace *= np.exp(1j * modulation).reshape(shape)
     return np.abs(np.fft.ifft(np.fft.ifftshift(kspace, axes=axis), axis=axis)).astype(np.float32)
+
+
+def _ghost_draw(rng: np.random.Generator) -> tuple[float, float, float]:
+    """The period, amplitude and phase of a motion ghost, in the order the first phantom versions drew them."""
+    return float(rng.uniform(4.0, 16.0)), float(rng.uniform(0.15, 0.6)), float(rng.uniform(0, 2 * np.pi))
 
 
 def _contrast(rng: np.random.Generator, grade: Grade) -> tuple[dict, float]:
@@ -608,7 +611,7 @@ def render_slice(
     if acquire:
         image = image * _smooth_field(rng, centre_planes, grade.residual_bias)
         if rng.random() < grade.ghosting:
-            image = _ghosting(rng, image, axis=2)
+            image = _ghosting(image, 2, *_ghost_draw(rng))
         per_level = np.split(image, levels)
         image = np.concatenate(  # the centre level's noise from the scan's stream, as a single-level image
             [
@@ -652,29 +655,42 @@ AXCODES = [
 ]
 
 
-def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
-    """A raw scanner-space T1w volume of the subject at its grade (full head, random pose)."""
-    atlas = build_atlas()
-    anatomy = anatomy or Anatomy.draw(subject, atlas)
+@dataclass
+class Acquisition:
+    """How a scanner acquired one subject's raw volume: everything :func:`render_volume` draws before its noise.
+
+    The pose maps the subject's MNI-space head into scanner world coordinates (``world = pose @ mni``); the voxel
+    grid (``affine``, ``dims``) has thick slices along ``slice_axis`` for thick-slice protocols; the bias field is
+    ``_smooth_field`` of ``bias_rng_state`` on the coarse grid, interpolated trilinearly; ghosting, when present,
+    modulates k-space along ``ghost_axis``. Drawn from the scan's acquisition stream in render_volume's order, so
+    the fast path (:func:`render_slice`) can render what the chain makes of the same acquisition.
+    """
+
+    tissue: dict
+    gamma: float
+    pose: np.ndarray
+    size: np.ndarray
+    affine: np.ndarray  # voxel -> world (RAS), before reorientation to the storage order
+    dims: np.ndarray
+    slice_axis: int
+    thickness: float
+    profile: np.ndarray  # offsets (mm) along the slice axis averaged by a thick slice; [0] for thin ones
+    bias_grid: np.ndarray  # the coarse multiplicative bias field (coarse grid over the volume)
+    ghost_axis: int | None
+    ghost: tuple[float, float, float] | None  # period, amplitude, phase of the k-space phase error
+    rng: np.random.Generator  # the stream, positioned at the noise
+
+
+def draw_acquisition(subject: Subject) -> Acquisition:
+    """The raw volume's acquisition of ``subject`` at its grade (the draws of :func:`render_volume`, in order)."""
     grade = GRADES[subject.grade]
     rng = np.random.default_rng(_acquisition_key(subject, 3))
     tissue, gamma = _contrast(rng, grade)
-
-    # The subject in MNI space on the paper's 130^3 grid, head included.
-    grid = grid_affine()
-    # Points in (z, y, x) order: x fastest, matching the atlas layout (see _as_volume).
-    z, y, x = (grid[d, 3] + grid[d, d] * np.arange(GRID_SHAPE[d], dtype=np.float32) for d in (2, 1, 0))
-    mni_points = np.stack(np.meshgrid(x, y, z, indexing="ij"), -1).transpose(2, 1, 0, 3)
-    rendered = render(anatomy, mni_points, atlas, tissue)
-    head = torch.from_numpy(rendered["intensity"].astype(np.float32))[None, None]
-    brain = torch.from_numpy(rendered["brain"].astype(np.float32))[None, None]
-
     # Pose of the head in the scanner: head size/shape, rotation, position (world = pose @ mni).
     size = rng.normal(1.0, 0.05) * rng.normal(1.0, 0.02, 3)
     pose = np.eye(4)
     pose[:3, :3] = _rotation(rng, 8.0) @ np.diag(size)
     pose[:3, 3] = rng.normal(0.0, 10.0, 3) + np.array([0.0, 15.0, 10.0])
-
     # Scanner grid in RAS world axes; one axis is the slice direction for thick-slice protocols.
     inplane = rng.uniform(*grade.voxel_mm)
     thickness = rng.uniform(*grade.thickness_mm)
@@ -687,31 +703,57 @@ def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
     affine[:3, :3] = np.diag(voxel)
     affine[:3, 3] = pose[:3, 3] - (dims - 1) / 2 * voxel
     profile = np.linspace(-thickness / 2, thickness / 2, 5) if thickness > 2.0 else np.zeros(1)
-    image = np.zeros(dims, dtype=np.float32)
-    for dz in profile:  # thick slices average the anatomy across the slice profile
-        shifted = affine.copy()
-        shifted[slice_axis, 3] += dz
-        image += _sample_grid(head, pose @ grid, shifted, dims)
-    image /= len(profile)
-    # The true brain: its fraction (trilinear, as the head) at each voxel centre, no slice profile.
-    brain_mask = _sample_grid(brain, pose @ grid, affine, dims) > 0.5
-
-    # Scanner effects in scanner space.
     coarse = tuple(max(2, d // 8) for d in dims)
     corner = affine[:3, 3]
     far = corner + (dims - 1) * voxel
     coarse_world = np.stack(
         np.meshgrid(*[np.linspace(corner[d], far[d], coarse[d]) for d in range(3)], indexing="ij"), -1
     )
-    bias = _smooth_field(rng, coarse_world, grade.bias).astype(np.float32)
-    bias = F.interpolate(torch.from_numpy(bias)[None, None], size=tuple(dims), mode="trilinear", align_corners=True)[
-        0, 0
-    ].numpy()
-    image *= bias
+    bias_grid = _smooth_field(rng, coarse_world, grade.bias).astype(np.float32)
+    ghost_axis, ghost = None, None
     if rng.random() < grade.ghosting:
-        image = _ghosting(rng, image, axis=[a for a in range(3) if a != slice_axis][int(rng.integers(2))])
+        ghost_axis = [a for a in range(3) if a != slice_axis][int(rng.integers(2))]
+        ghost = _ghost_draw(rng)
+    return Acquisition(
+        tissue, gamma, pose, size, affine, dims, slice_axis, thickness, profile, bias_grid, ghost_axis, ghost, rng
+    )
+
+
+def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
+    """A raw scanner-space T1w volume of the subject at its grade (full head, random pose)."""
+    atlas = build_atlas()
+    anatomy = anatomy or Anatomy.draw(subject, atlas)
+    grade = GRADES[subject.grade]
+    acq = draw_acquisition(subject)
+    rng, dims, affine = acq.rng, acq.dims, acq.affine
+
+    # The subject in MNI space on the paper's 130^3 grid, head included.
+    grid = grid_affine()
+    # Points in (z, y, x) order: x fastest, matching the atlas layout (see _as_volume).
+    z, y, x = (grid[d, 3] + grid[d, d] * np.arange(GRID_SHAPE[d], dtype=np.float32) for d in (2, 1, 0))
+    mni_points = np.stack(np.meshgrid(x, y, z, indexing="ij"), -1).transpose(2, 1, 0, 3)
+    rendered = render(anatomy, mni_points, atlas, acq.tissue)
+    head = torch.from_numpy(rendered["intensity"].astype(np.float32))[None, None]
+    brain = torch.from_numpy(rendered["brain"].astype(np.float32))[None, None]
+
+    image = np.zeros(dims, dtype=np.float32)
+    for dz in acq.profile:  # thick slices average the anatomy across the slice profile
+        shifted = affine.copy()
+        shifted[acq.slice_axis, 3] += dz
+        image += _sample_grid(head, acq.pose @ grid, shifted, dims)
+    image /= len(acq.profile)
+    # The true brain: its fraction (trilinear, as the head) at each voxel centre, no slice profile.
+    brain_mask = _sample_grid(brain, acq.pose @ grid, affine, dims) > 0.5
+
+    # Scanner effects in scanner space.
+    bias = F.interpolate(
+        torch.from_numpy(acq.bias_grid)[None, None], size=tuple(dims), mode="trilinear", align_corners=True
+    )[0, 0].numpy()
+    image *= bias
+    if acq.ghost is not None:
+        image = _ghosting(image, acq.ghost_axis, *acq.ghost)
     image = _rician(rng, image, grade.noise * TISSUE["wm"])
-    image = np.power(np.clip(image, 0, None) / TISSUE["wm"], gamma) * TISSUE["wm"]
+    image = np.power(np.clip(image, 0, None) / TISSUE["wm"], acq.gamma) * TISSUE["wm"]
     image *= rng.uniform(600.0, 1500.0)  # arbitrary scanner units
 
     codes = AXCODES[int(rng.integers(len(AXCODES)))]

@@ -475,6 +475,7 @@ class EstimateMNIAffined(MapTransform):
         scales = np.linalg.svd(template_to_scan[:3, :3], compute_uv=False)
         qc["scales"] = [round(float(s), 4) for s in scales]
         qc["determinant"] = round(float(np.linalg.det(template_to_scan[:3, :3])), 4)
+        qc["template_to_scan"] = np.round(template_to_scan, 5).tolist()  # MNI mm -> scan (RAS) mm
         low, high = self.scale_range
         if not (low <= scales.min() and scales.max() <= high):
             shown = " x ".join(f"{s:.2f}" for s in scales)
@@ -560,24 +561,34 @@ class N4BiasCorrectd(MapTransform):
         return {"shrink_factor": self.shrink_factor, "iterations": self.iterations}
 
     def __call__(self, data):
-        import SimpleITK as sitk  # noqa: N813 (the library's own convention)
-
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            volume = np.ascontiguousarray(img[0].numpy().transpose(2, 1, 0), dtype=np.float32)  # ITK order z, y, x
-            image = sitk.GetImageFromArray(volume)
-            image.SetSpacing(tuple(float(s) for s in _voxel_sizes(np.asarray(img.affine))))
-            head = sitk.OtsuThreshold(image, 0, 1, 200) * sitk.Cast(image > 0, sitk.sitkUInt8)
-            n4 = sitk.N4BiasFieldCorrectionImageFilter()
-            n4.SetMaximumNumberOfIterations(list(self.iterations))
-            shrink = [self.shrink_factor] * 3
-            n4.Execute(sitk.Shrink(image, shrink), sitk.Shrink(head, shrink))
-            log_bias = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image)).transpose(2, 1, 0)
+            spacing = _voxel_sizes(np.asarray(img.affine))
             corrected = img.clone()
-            corrected[0] = torch.from_numpy(volume.transpose(2, 1, 0) / np.exp(log_bias))
+            corrected[0] = torch.from_numpy(n4_correct(img[0].numpy(), spacing, self.shrink_factor, self.iterations))
             d[key] = corrected
         return d
+
+
+def n4_correct(
+    image: np.ndarray, spacing, shrink_factor: int = 4, iterations: tuple[int, ...] = (50, 50, 30)
+) -> np.ndarray:
+    """An image (2D or 3D, indexed ``[x, y(, z)]``) divided by its N4 bias field, fitted on a copy shrunk by
+    ``shrink_factor`` inside an Otsu head mask; the chain's N4 (:class:`N4BiasCorrectd`) and the phantom's fast
+    path (on its slice) both run this."""
+    import SimpleITK as sitk  # noqa: N813 (the library's own convention)
+
+    array = np.ascontiguousarray(np.asarray(image, dtype=np.float32).T)  # ITK's order: z, y, x
+    itk_image = sitk.GetImageFromArray(array)
+    itk_image.SetSpacing(tuple(float(s) for s in spacing))
+    head = sitk.OtsuThreshold(itk_image, 0, 1, 200) * sitk.Cast(itk_image > 0, sitk.sitkUInt8)
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations(list(iterations))
+    shrink = [int(shrink_factor)] * array.ndim
+    n4.Execute(sitk.Shrink(itk_image, shrink), sitk.Shrink(head, shrink))
+    log_bias = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(itk_image))
+    return np.ascontiguousarray((array / np.exp(log_bias)).T)
 
 
 class SkullStripd(MapTransform):

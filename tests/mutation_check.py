@@ -287,8 +287,8 @@ MUTANTS = [
         "interval-unsigned-residuals",
         "the interval uses the 90th percentile of |residual| without the finite-sample rank",
         "scripts/calibration.py",
-        "        k_high = int(np.ceil((n + 1) * (1 - alpha / 2)))",
-        "        k_high = max(1, int(np.floor(n * (1 - alpha / 2))))",
+        "    k_high = int(np.ceil((n + 1) * (1 - alpha / 2)))",
+        "    k_high = max(1, int(np.floor(n * (1 - alpha / 2))))",
         ("tests/test_intervals.py::test_interval_ranks_by_hand_and_bands_need_enough_scans",),
     ),
     Mutant(
