@@ -49,8 +49,8 @@ from scipy import ndimage, stats
 
 from scripts import cli
 from scripts.atomic import write_atomic, write_csv, write_json
-from scripts.mni import GRID_SHAPE, axial_index, grid_affine, level_offsets, load_template, slice_points
-from scripts.transforms import finalise_slice, slice_nifti
+from scripts.mni import GRID_SHAPE, axial_index, field_of_view, grid_affine, level_offsets, load_template, slice_points
+from scripts.transforms import finalise_slice, n4_correct, slice_nifti
 
 logger = logging.getLogger(__name__)
 PHANTOM_VERSION = "2"  # bump when rendering changes: cached embedded datasets are regenerated
@@ -126,23 +126,22 @@ class Grade:
     name: str
     noise: float  # Rician noise sigma / white-matter intensity
     bias: float  # peak-to-mean amplitude of the multiplicative bias field in the raw scan
-    residual_bias: float  # what N4 leaves behind (fast path only)
     voxel_mm: tuple[float, float]  # in-plane voxel size range
     thickness_mm: tuple[float, float]  # slice thickness range
     ghosting: float  # probability of motion ghosting
     gamma: tuple[float, float]  # contrast (power-law) variation range
     intensity_jitter: float  # relative sd of per-scan tissue intensities
-    registration_error: tuple[float, float, float]  # fast path: rotation deg, scale, shift mm (sd)
+    # what the chain's ANTs registration of such scans leaves beyond removing the affine part of the subject's
+    # anatomy (sd of rotation per axis in degrees, of isotropic scale, of shift in mm per axis), which the fast path
+    # draws instead of running ANTs (measured against the true pose: tests/benchmarks/bench_fidelity.py)
+    registration_error: tuple[float, float, float]
 
 
 GRADES = {
-    "research": Grade(
-        "research", 0.02, 0.06, 0.015, (0.9, 1.1), (0.9, 1.1), 0.0, (0.95, 1.05), 0.03, (0.7, 0.007, 0.5)
-    ),
-    "clinical": Grade("clinical", 0.06, 0.30, 0.06, (0.8, 1.0), (4.0, 6.0), 0.7, (0.75, 1.35), 0.08, (1.5, 0.015, 1.0)),
+    "research": Grade("research", 0.02, 0.06, (0.9, 1.1), (0.9, 1.1), 0.0, (0.95, 1.05), 0.03, (0.2, 0.003, 0.15)),
+    "clinical": Grade("clinical", 0.06, 0.30, (0.8, 1.0), (4.0, 6.0), 0.7, (0.75, 1.35), 0.08, (0.2, 0.004, 0.35)),
 }
 GRADE_CHOICES = (*GRADES, "mixed")
-RESAMPLING_BLUR_PX = 0.6  # fast path: Gaussian sd (130-grid pixels) of the chain's resampling smoothness
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +205,15 @@ def build_atlas() -> Atlas:
     deep_wm = np.argwhere(ndimage.binary_erosion(wm > 0.9, iterations=2))
     wm_points = (deep_wm @ tpl.affine[:3, :3].T + tpl.affine[:3, 3]).astype(np.float32)
     return Atlas(_as_volume(maps), affine, wm_points)
+
+
+@lru_cache(maxsize=1)
+def _brain_sample_points() -> np.ndarray:
+    """Every 100th point of the template brain on the 130^3 grid (MNI mm), for fitting affine maps of the anatomy."""
+    from scripts.mni import grid_to_template_mask
+
+    brain = np.argwhere(grid_to_template_mask())[::100].astype(np.float64)
+    return brain @ grid_affine()[:3, :3].T + grid_affine()[:3, 3]
 
 
 def _as_volume(array: np.ndarray) -> torch.Tensor:
@@ -453,6 +461,16 @@ class Anatomy:
         waves = np.sin(pts @ self.warp_k.T.astype(np.float32) + self.warp_phase.astype(np.float32))
         return pts + waves @ self.warp_amp.astype(np.float32)
 
+    def affine_part(self) -> np.ndarray:
+        """The 4x4 affine map closest (least squares over the template brain) to :meth:`to_atlas`: what an affine
+        registration of this subject to the template takes out of its anatomy."""
+        points = _brain_sample_points()
+        design = np.hstack([points, np.ones((len(points), 1))])
+        coefficients, *_ = np.linalg.lstsq(design, self.to_atlas(points).astype(np.float64), rcond=None)
+        affine = np.eye(4)
+        affine[:3, :] = coefficients.T
+        return affine
+
 
 def render(
     anatomy: Anatomy,
@@ -573,62 +591,161 @@ def render_slice(
     levels: int = 1,
     level_spacing: int = 4,
 ) -> np.ndarray:
-    """The fast path: the preprocessed model input ``(channels, 128, 128)`` in [0, 1].
+    """The fast path: the preprocessed model input ``(channels, 128, 128)`` in [0, 1], as the chain would make it of
+    the subject's raw volume, at a small fraction of the cost.
 
-    Emulates what registration, N4 (a residual bias remains) and template-mask skull stripping
-    leave of an acquisition of the subject's grade. ``acquire=False`` gives the noise-free ground
-    truth of a perfect acquisition and registration. With ``levels`` > 1: ``(levels * channels, 128, 128)``,
-    the axial levels of :func:`scripts.mni.level_offsets` of one acquisition (one contrast, registration
-    error, bias field and motion); each level gets its own noise, and the centre level is the single-level
-    image.
+    The raw volume's acquisition itself (:func:`draw_acquisition`: pose, voxel grid and thick slices, bias field,
+    motion ghosting, contrast) is rendered, but only at the scanner voxels the slice is interpolated from; then the
+    chain's own steps follow: a registration with the chain's error (``Grade.registration_error``, measured against
+    the true pose by ``tests/benchmarks/bench_fidelity.py``), trilinear resampling onto the 130^3 grid's plane, N4
+    (:func:`scripts.transforms.n4_correct`, on the plane), the subject's brain as mask (what HD-BET finds) and
+    :func:`scripts.transforms.finalise_slice`. Only the expensive steps are emulated: the registration's error
+    is drawn rather than estimated, and HD-BET's mask is the true brain's. ``acquire=False`` gives the noise-free
+    ground truth of a perfect acquisition and registration. With ``levels`` > 1: ``(levels * channels, 128, 128)``,
+    the axial levels of :func:`scripts.mni.level_offsets` of one acquisition.
     """
     atlas = build_atlas()
     anatomy = anatomy or Anatomy.draw(subject, atlas)
+    grid = grid_affine()
+    indices = [
+        axial_index(level + c - channels // 2)
+        for level in level_offsets(levels, level_spacing, slice_offset)
+        for c in range(channels)
+    ]
+    i, j = np.meshgrid(np.arange(GRID_SHAPE[0]), np.arange(GRID_SHAPE[1]), indexing="ij")
+    planes = np.stack([np.stack([i, j, np.full_like(i, k)], -1) for k in indices]).astype(np.float64)
+    points = planes @ grid[:3, :3].T + grid[:3, 3]  # (planes, 130, 130, 3) MNI mm
+    if not acquire:
+        maps = render(anatomy, points, atlas)
+        return finalise_slice(np.where(maps["brain"] > 0.5, maps["intensity"], 0.0).astype(np.float32), levels=levels)
     grade = GRADES[subject.grade]
-    key = _acquisition_key(subject, 2)
-    rng = np.random.default_rng(key)
-    dz = grid_affine()[2, 2]
-    level_shift = np.asarray(level_offsets(levels, level_spacing)) * dz
-    centres = (level_shift[:, None] + (np.arange(channels) - channels // 2)[None, :] * dz).ravel()
-    if acquire and grade.thickness_mm[1] > 2.0:
-        thickness = rng.uniform(*grade.thickness_mm)
-        profile = np.linspace(-thickness / 2, thickness / 2, 5) + rng.uniform(-0.5, 0.5) * dz
-    else:
-        profile = np.zeros(1)
-    planes = slice_points((centres[:, None] + profile[None, :]).ravel(), offset=slice_offset)
-    centre_planes = slice_points(centres, offset=slice_offset)
-    template_mask = _sample(atlas.maps[:, 2:3], atlas.affine, centre_planes)[0] > 0.5
-    tissue, gamma = TISSUE, 1.0
-    if acquire:
-        tissue, gamma = _contrast(rng, grade)
-        rot_sd, scale_sd, shift_sd = grade.registration_error
-        centre = planes.reshape(-1, 3).mean(0)
-        matrix = _rotation(rng, rot_sd) * (1.0 + rng.normal(0.0, scale_sd))
-        shift = rng.normal(0.0, shift_sd, 3)
-        planes = (planes - centre) @ matrix.T + centre + shift
-    image = render(anatomy, planes, atlas, tissue)["intensity"]
-    image = image.reshape(len(centres), len(profile), *image.shape[1:]).mean(1)
-    if acquire:
-        image = image * _smooth_field(rng, centre_planes, grade.residual_bias)
-        if rng.random() < grade.ghosting:
-            image = _ghosting(image, 2, *_ghost_draw(rng))
-        per_level = np.split(image, levels)
-        image = np.concatenate(  # the centre level's noise from the scan's stream, as a single-level image
-            [
-                _rician(
-                    rng if i == levels // 2 else np.random.default_rng(key + [1000 + i]),
-                    level,
-                    grade.noise * TISSUE["wm"],
-                )
-                for i, level in enumerate(per_level)
-            ]
-        )
-        image = np.power(np.clip(image, 0, None) / TISSUE["wm"], gamma) * TISSUE["wm"]
-        # The chain's resampling from scanner voxels onto the 130^3 grid smooths anatomy and noise alike;
-        # 0.6 grid pixels matches the high-frequency content of the chain's output on phantom scans of both grades.
-        image = ndimage.gaussian_filter(image, (0, RESAMPLING_BLUR_PX, RESAMPLING_BLUR_PX))
-    image = np.where(template_mask, image, 0.0).astype(np.float32)
-    return finalise_slice(image, levels=levels)
+    acquisition = draw_acquisition(subject)
+    rng = np.random.default_rng(_acquisition_key(subject, 2))  # the fast path's own: registration error, noise
+    # MNI -> MNI, the chain's estimated map against the true pose: an affine registration to the template removes
+    # the affine part of the subject's anatomy (its deformation), and leaves a small error of its own
+    error = np.linalg.inv(anatomy.affine_part()) @ _registration_error(rng, grade)
+    to_voxels = np.linalg.inv(acquisition.affine) @ acquisition.pose @ error
+    coordinates = points @ to_voxels[:3, :3].T + to_voxels[:3, 3]
+    scanner = _ScannerVoxels(acquisition, anatomy, atlas, grade, rng)
+    image = _interpolate_voxels(coordinates.reshape(-1, 3), scanner, acquisition.dims).reshape(points.shape[:-1])
+    spacing = np.diag(grid)[:2]
+    image = np.stack([n4_correct(plane, spacing) for plane in image])
+    brain = _sample(atlas.maps[:, 2:3], atlas.affine, anatomy.to_atlas(points @ error[:3, :3].T + error[:3, 3]))[0]
+    return finalise_slice(np.where(brain > 0.5, image, 0.0).astype(np.float32), levels=levels)
+
+
+def _registration_error(rng: np.random.Generator, grade: Grade) -> np.ndarray:
+    """A 4x4 MNI -> MNI map: rotation, isotropic scale and shift with the grade's sds, about the brain's centre (what
+    the chain's registration adds to removing the affine part of the anatomy)."""
+    rotation_sd, scale_sd, shift_sd = grade.registration_error
+    centre = np.array([0.0, -18.0, 18.0])  # MNI mm, the middle of the template brain
+    error = np.eye(4)
+    error[:3, :3] = _rotation(rng, rotation_sd) * (1.0 + rng.normal(0.0, scale_sd))
+    error[:3, 3] = centre - error[:3, :3] @ centre + rng.normal(0.0, shift_sd, 3)
+    return error
+
+
+class _ScannerVoxels:
+    """Values of a raw volume at chosen scanner voxels, computed as :func:`render_volume` would compute them.
+
+    The anatomy of a voxel is the head rendered on the 130^3 MNI grid (only the slab of grid slices the voxels
+    need), averaged over the thick-slice profile; times the bias field; with motion ghosting, plus the shifted
+    copies of the image along the phase-encoding axis (the k-space phase error ``a sin(2 pi f / P + t)`` is
+    ``sum_m J_m(a) e^{i m t}`` times the image shifted by ``m N / P`` voxels; ``|m| <= 2``, J_3 < 0.4 %), rendered
+    straight at their (possibly far) positions at the profile's centre; then Rician noise and the contrast curve.
+    Noise comes from ``rng``, so it is the same scan's noise in distribution, not voxel for voxel.
+    """
+
+    GHOST_ORDERS = (-2, -1, 1, 2)
+
+    def __init__(self, acquisition: Acquisition, anatomy: Anatomy, atlas: Atlas, grade: Grade, rng) -> None:
+        self.acquisition, self.anatomy, self.atlas, self.grade, self.rng = acquisition, anatomy, atlas, grade, rng
+        self.to_grid = np.linalg.inv(acquisition.pose @ grid_affine())  # world -> grid index
+
+    def __call__(self, voxels: np.ndarray) -> np.ndarray:
+        acq = self.acquisition
+        voxels = voxels.astype(np.float64)
+        world = self._world(voxels)
+        profile = np.stack([world + dz * np.eye(3)[acq.slice_axis] for dz in acq.profile])  # (profile, N, 3)
+        grid_index = profile.reshape(-1, 3) @ self.to_grid[:3, :3].T + self.to_grid[:3, 3]
+        image = self._head_on_grid(grid_index).reshape(len(acq.profile), -1).mean(0) * self._bias(voxels)
+        if acq.ghost is not None:
+            from scipy.special import jv
+
+            period, amplitude, phase = acq.ghost
+            n = acq.dims[acq.ghost_axis]
+            complex_sum = jv(0, amplitude) * image.astype(np.complex128)
+            for m in self.GHOST_ORDERS:
+                shifted = voxels.copy()
+                shifted[:, acq.ghost_axis] = np.mod(shifted[:, acq.ghost_axis] + m * n / period, n)
+                copy = self._head_at(self._world(shifted)) * self._bias(shifted)
+                complex_sum += jv(m, amplitude) * np.exp(1j * m * phase) * copy
+            image = np.abs(complex_sum)
+        image = _rician(self.rng, image.astype(np.float32), self.grade.noise * TISSUE["wm"])
+        return np.power(np.clip(image, 0, None) / TISSUE["wm"], acq.gamma) * TISSUE["wm"]
+
+    def _world(self, voxels: np.ndarray) -> np.ndarray:
+        return voxels @ self.acquisition.affine[:3, :3].T + self.acquisition.affine[:3, 3]
+
+    def _bias(self, voxels: np.ndarray) -> np.ndarray:
+        """The bias field at voxel positions: its coarse grid, trilinear (align_corners) as in render_volume."""
+        acq = self.acquisition
+        coarse = np.asarray(acq.bias_grid.shape, dtype=np.float64)
+        return _interpolate(acq.bias_grid, voxels * (coarse - 1) / (acq.dims - 1))
+
+    def _head_on_grid(self, grid_index: np.ndarray) -> np.ndarray:
+        """The head rendered on the 130^3 grid (only the slab of grid slices ``grid_index`` falls between), trilinear
+        at grid index positions, 0 off the grid: the head volume :func:`render_volume` samples."""
+        low = int(np.clip(np.floor(grid_index[:, 2].min()), 0, GRID_SHAPE[2] - 2))
+        high = int(np.clip(np.floor(grid_index[:, 2].max()) + 1, low + 1, GRID_SHAPE[2] - 1))
+        grid = grid_affine()
+        k = np.arange(low, high + 1, dtype=np.float64)
+        y, x = np.arange(GRID_SHAPE[1], dtype=np.float64), np.arange(GRID_SHAPE[0], dtype=np.float64)
+        index = np.stack(np.meshgrid(k, y, x, indexing="ij")[::-1], -1)  # (z, y, x, [i, j, k]): x fastest
+        slab = render(self.anatomy, index @ grid[:3, :3].T + grid[:3, 3], self.atlas, self.acquisition.tissue)
+        return _interpolate(slab["intensity"], grid_index - np.array([0.0, 0.0, low]), layout="zyx")
+
+    def _head_at(self, world: np.ndarray) -> np.ndarray:
+        """The head rendered straight at world points (far ghost copies; off the 130^3 grid's box it is air)."""
+        mni = world @ np.linalg.inv(self.acquisition.pose)[:3, :3].T + np.linalg.inv(self.acquisition.pose)[:3, 3]
+        lo, hi = field_of_view()
+        inside = np.all((mni >= lo) & (mni <= hi), axis=1)
+        values = np.zeros(len(world))
+        values[inside] = render(self.anatomy, mni[inside], self.atlas, self.acquisition.tissue)["intensity"]
+        return values
+
+
+def _interpolate(volume: np.ndarray, coordinates: np.ndarray, layout: str = "xyz") -> np.ndarray:
+    """Trilinear values of a volume at voxel ``coordinates`` (N, 3) in (x, y, z) order, zero beyond its voxels:
+    ``grid_sample`` with ``align_corners=True`` and zero padding, as :func:`_sample_grid`. ``layout`` says how the
+    array is indexed: ``"xyz"`` (``[x, y, z]``) or ``"zyx"``."""
+    zyx = np.ascontiguousarray(volume if layout == "zyx" else np.transpose(volume, (2, 1, 0)), dtype=np.float32)
+    size = np.asarray(zyx.shape[::-1], dtype=np.float64)  # (x, y, z) sizes
+    normalised = 2.0 * np.asarray(coordinates, dtype=np.float64) / np.maximum(size - 1, 1) - 1.0
+    grid = torch.from_numpy(normalised.astype(np.float32)).view(1, 1, 1, -1, 3)
+    out = F.grid_sample(
+        torch.from_numpy(zyx)[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    return out.view(-1).numpy().astype(np.float64)
+
+
+def _interpolate_voxels(coordinates: np.ndarray, values_of, dims) -> np.ndarray:
+    """Trilinear interpolation at continuous voxel ``coordinates`` (N, 3) of a volume of ``dims`` whose voxel values
+    ``values_of(voxels (M, 3))`` computes only for the voxels needed; zero outside the volume (as the chain's
+    resampling, zero padding)."""
+    dims = np.asarray(dims)
+    base = np.floor(coordinates).astype(np.int64)
+    frac = coordinates - base
+    corners = np.asarray(list(np.ndindex(2, 2, 2)))
+    index = base[:, None, :] + corners[None]  # (N, 8, 3)
+    valid = np.all((index >= 0) & (index < dims), axis=2)
+    keys = np.ravel_multi_index(tuple(np.where(valid[..., None], index, 0).transpose(2, 0, 1)), tuple(dims))
+    unique, inverse = np.unique(keys[valid], return_inverse=True)
+    voxel_values = np.asarray(values_of(np.stack(np.unravel_index(unique, tuple(dims)), -1)), dtype=np.float64)
+    per_corner = np.zeros(index.shape[:2])
+    per_corner[valid] = voxel_values[inverse]
+    weights = np.prod(np.where(corners[None].astype(bool), frac[:, None, :], 1.0 - frac[:, None, :]), axis=2)
+    return (per_corner * weights).sum(axis=1)
 
 
 @dataclass
@@ -856,6 +973,14 @@ def write_volume(
     return scan
 
 
+def _one_thread() -> None:
+    """A generator worker computes on one core: torch and SimpleITK (the fast path's N4) both."""
+    import SimpleITK as sitk  # noqa: N813 (the library's own convention)
+
+    torch.set_num_threads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
 def _generate_one(args: tuple) -> dict:
     subject, out, mode, channels, slice_offset, levels, level_spacing = args
     t0 = time.perf_counter()
@@ -933,7 +1058,7 @@ def generate(
     if workers > 1:
         import multiprocessing as mp
 
-        with mp.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with mp.get_context("fork").Pool(workers, initializer=_one_thread) as pool:
             for r in pool.imap(_generate_one, jobs, chunksize=4):
                 results.append(r)
                 bar.update()
