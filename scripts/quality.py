@@ -71,6 +71,33 @@ def noise_level(image: np.ndarray | torch.Tensor) -> float:
     return float(math.sqrt(math.pi / 2) / 6 * np.abs(ndimage.convolve(image, mask))[core].mean())
 
 
+def slice_agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """How closely ``other`` reproduces ``reference``, two skull-stripped ``(H, W)`` renderings of one slice (e.g.
+    the real chain's and the phantom's fast path's), inside the brain both show.
+
+    ``pixel_r`` (Pearson r of the intensities), ``histogram_distance`` (Wasserstein-1 between the two brains'
+    intensity distributions, [0, 1] units), ``sharpness_ratio`` (mean gradient magnitude, other / reference),
+    ``noise_ratio`` (:func:`noise_level`, other / reference) and ``mask_dice`` (of the two brains).
+    """
+    from scipy import stats
+
+    reference, other = np.asarray(reference, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    first, second = reference > 0, other > 0
+    both = first & second
+    core = ndimage.binary_erosion(both, iterations=EDGE_PIXELS)
+
+    def sharpness(image: np.ndarray) -> float:
+        return float(np.hypot(ndimage.sobel(image, 0), ndimage.sobel(image, 1))[core].mean())
+
+    return {
+        "pixel_r": float(np.corrcoef(reference[both], other[both])[0, 1]),
+        "histogram_distance": float(stats.wasserstein_distance(reference[first], other[second])),
+        "sharpness_ratio": sharpness(other) / sharpness(reference),
+        "noise_ratio": noise_level(other) / noise_level(reference),
+        "mask_dice": float(2 * both.sum() / (first.sum() + second.sum())),
+    }
+
+
 class SliceQualityd(MapTransform):
     """Store :func:`slice_quality` of a loaded model-input image under ``quality_key``.
 

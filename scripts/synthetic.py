@@ -53,7 +53,7 @@ from scripts.mni import GRID_SHAPE, axial_index, field_of_view, grid_affine, lev
 from scripts.transforms import finalise_slice, n4_correct, slice_nifti
 
 logger = logging.getLogger(__name__)
-PHANTOM_VERSION = "2"  # bump when rendering changes: cached embedded datasets are regenerated
+PHANTOM_VERSION = "3"  # bump when rendering changes: cached embedded datasets are regenerated
 SPLITS = ("training", "validation", "calibration", "test")
 
 
@@ -974,11 +974,14 @@ def write_volume(
 
 
 def _one_thread() -> None:
-    """A generator worker computes on one core: torch and SimpleITK (the fast path's N4) both."""
+    """A generator worker computes on one core: torch, SimpleITK (the fast path's N4) and NumPy's BLAS (twice as many
+    subjects per second with two workers than with each worker's BLAS starting a thread per core)."""
     import SimpleITK as sitk  # noqa: N813 (the library's own convention)
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    threadpool_limits(1)
 
 
 def _generate_one(args: tuple) -> dict:

@@ -528,7 +528,7 @@ MUTANTS += [
         "the resumable last.pt is loaded as model weights (online weights with the EMA's statistics)",
         "scripts/engine.py",
         '        isinstance(state.get(key), dict) for key in ("network", "model", "optimizer")\n',
-        '        isinstance(state.get(key), dict) for key in ()\n',
+        "        isinstance(state.get(key), dict) for key in ()\n",
         (
             "tests/test_inference.py::test_checkpoint_loading_is_weights_only",
             "tests/test_analysis.py::test_cli_bad_input_is_one_line_and_exit_2",

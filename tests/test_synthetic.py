@@ -190,6 +190,35 @@ def test_raw_volumes_come_with_their_true_brain_mask(volume_dataset):
         assert data[core].mean() > 1.5 * data[shell].mean(), it["subject"]
 
 
+def test_the_fast_path_reproduces_what_the_real_chain_makes_of_the_same_scans(bundle_root, tmp_path):
+    """Raw volumes of six people (both grades) through the real chain (ANTs, N4, HD-BET 1.x, slice, scaling) and the
+    same people through the fast path agree within the fidelity targets, person by person (docs/phantom.md)."""
+    from scripts.preprocess import load_chain, preprocess_items
+    from scripts.quality import slice_agreement
+
+    spec = synthetic.CohortSpec(n=6, seed=3, n_disease=0, grade="mixed", val_fraction=0.0, test_fraction=0.0)
+    synthetic.generate(spec, tmp_path / "raw", mode="volumes", workers=2, progress=False)
+    items = [
+        {**item, "image": str(tmp_path / "raw" / item["image"])}
+        for item in json.loads((tmp_path / "raw" / "datalist.json").read_text())["training"]
+    ]
+    records = preprocess_items(items, tmp_path, load_chain(bundle_root), num_workers=2, progress=False)
+    people = {s.subject: s for s in synthetic.sample_cohort(spec)}
+    agreement: dict[str, list] = {"research": [], "clinical": []}
+    for item, record in zip(items, records):
+        assert record["status"] == "ok" and record["skull_strip"].startswith("hdbet"), record
+        chain = np.asarray(nib.load(tmp_path / record["slice"]).dataobj, dtype=np.float32)
+        person = people[item["subject"]]
+        agreement[person.grade].append(slice_agreement(chain, synthetic.render_slice(person)[0]))
+    assert min(map(len, agreement.values())) >= 2  # both grades, a few people each
+    for grade, (mean_r, min_r) in {"research": (0.97, 0.93), "clinical": (0.95, 0.90)}.items():
+        rows = agreement[grade]
+        assert np.mean([a["pixel_r"] for a in rows]) >= mean_r and min(a["pixel_r"] for a in rows) >= min_r, rows
+        for a in rows:  # in distribution too: intensities, sharpness, noise and the brain mask
+            assert a["histogram_distance"] < 0.03 and a["mask_dice"] > 0.96, a
+            assert 0.85 < a["sharpness_ratio"] < 1.15 and 0.8 < a["noise_ratio"] < 1.25, a
+
+
 def test_accuracy_floor():
     floor = synthetic.accuracy_floor(18, 90, 5)
     # Far from the range ends the optimum is sigma * sqrt(2/pi); the bounded prior helps a little.

@@ -37,13 +37,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage, stats
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from scripts import mni, synthetic  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
-from scripts.quality import noise_level, slice_quality  # noqa: E402
+from scripts.quality import slice_agreement, slice_quality  # noqa: E402
 from scripts.transforms import slice_nifti  # noqa: E402
 
 GRADES = ("research", "clinical")
@@ -81,11 +80,6 @@ def chain_slices(work: Path, grade: str, n: int, seed: int, workers: int, skull_
     return out
 
 
-def gradient_magnitude(image: np.ndarray, mask: np.ndarray) -> float:
-    gx, gy = ndimage.sobel(image, 0), ndimage.sobel(image, 1)
-    return float(np.hypot(gx, gy)[mask].mean())
-
-
 def registration_error(subject: synthetic.Subject, qc: dict) -> dict:
     """The chain's estimated MNI -> scan map against the true pose: displacement over the brain, rotation, scale."""
     if "template_to_scan" not in qc:
@@ -107,18 +101,7 @@ def registration_error(subject: synthetic.Subject, qc: dict) -> dict:
 
 
 def compare(chain: np.ndarray, fast: np.ndarray) -> dict:
-    a_mask, b_mask = chain > 0, fast > 0
-    both = a_mask & b_mask
-    core = ndimage.binary_erosion(both, iterations=2)
-    return {
-        "pixel_r": float(np.corrcoef(chain[both], fast[both])[0, 1]),
-        "histogram_distance": float(stats.wasserstein_distance(chain[a_mask], fast[b_mask])),
-        "sharpness_ratio": gradient_magnitude(fast, core) / gradient_magnitude(chain, core),
-        "noise_ratio": noise_level(fast) / noise_level(chain),
-        "mask_dice": float(2 * both.sum() / (a_mask.sum() + b_mask.sum())),
-        "quality_chain": slice_quality(chain),
-        "quality_fast": slice_quality(fast),
-    }
+    return {**slice_agreement(chain, fast), "quality_chain": slice_quality(chain), "quality_fast": slice_quality(fast)}
 
 
 def predict(datalist: Path, out: Path, ckpt: Path, image_size: int) -> dict[str, float]:
