@@ -598,11 +598,11 @@ def render_slice(
     motion ghosting, contrast) is rendered, but only at the scanner voxels the slice is interpolated from; then the
     chain's own steps follow: a registration with the chain's error (``Grade.registration_error``, measured against
     the true pose by ``tests/benchmarks/bench_fidelity.py``), trilinear resampling onto the 130^3 grid's plane, N4
-    (:func:`scripts.transforms.n4_correct`, on the plane), the subject's brain as mask (what HD-BET finds) and
+    (:func:`scripts.transforms.n4_correct`, on the plane), HD-BET's mask (:func:`_hdbet_mask`) and
     :func:`scripts.transforms.finalise_slice`. Only the expensive steps are emulated: the registration's error
-    is drawn rather than estimated, and HD-BET's mask is the true brain's. ``acquire=False`` gives the noise-free
-    ground truth of a perfect acquisition and registration. With ``levels`` > 1: ``(levels * channels, 128, 128)``,
-    the axial levels of :func:`scripts.mni.level_offsets` of one acquisition.
+    is drawn rather than estimated, and HD-BET's mask is drawn from the true brain as HD-BET draws it.
+    ``acquire=False`` gives the noise-free ground truth of a perfect acquisition and registration. With ``levels``
+    > 1: ``(levels * channels, 128, 128)``, the axial levels of :func:`scripts.mni.level_offsets` of one acquisition.
     """
     atlas = build_atlas()
     anatomy = anatomy or Anatomy.draw(subject, atlas)
@@ -630,8 +630,23 @@ def render_slice(
     image = _interpolate_voxels(coordinates.reshape(-1, 3), scanner, acquisition.dims).reshape(points.shape[:-1])
     spacing = np.diag(grid)[:2]
     image = np.stack([n4_correct(plane, spacing) for plane in image])
-    brain = _sample(atlas.maps[:, 2:3], atlas.affine, anatomy.to_atlas(points @ error[:3, :3].T + error[:3, 3]))[0]
-    return finalise_slice(np.where(brain > 0.5, image, 0.0).astype(np.float32), levels=levels)
+    maps = render(anatomy, points @ error[:3, :3].T + error[:3, 3], atlas)  # what the resampled image shows
+    mask = np.stack([_hdbet_mask(brain, csf) for brain, csf in zip(maps["brain"], maps["csf"])])
+    return finalise_slice(np.where(mask, image, 0.0).astype(np.float32), levels=levels)
+
+
+# HD-BET's brain mask, emulated from the subject's true brain: HD-BET draws the brain's edge a little inside the
+# template's (a brain fraction of 0.8, not 0.5) and trims the rim of outer CSF there (CSF fraction > 0.9 within
+# 2 mm of the edge), most in atrophied brains. Fitted to HD-BET 1.x's masks through the chain
+# (tests/benchmarks/bench_fidelity.py: Dice with them 0.988-0.991, and no age-dependent gap between the paths).
+HDBET_BRAIN_FRACTION, HDBET_RIM_MM, HDBET_RIM_CSF = 0.8, 2.0, 0.9
+
+
+def _hdbet_mask(brain: np.ndarray, csf: np.ndarray) -> np.ndarray:
+    """The mask HD-BET would draw on a plane ``(130, 130)`` of the grid: see :data:`HDBET_BRAIN_FRACTION`."""
+    mask = brain > HDBET_BRAIN_FRACTION
+    depth = ndimage.distance_transform_edt(mask, sampling=np.diag(grid_affine())[:2])
+    return mask & ~((csf > HDBET_RIM_CSF) & (depth <= HDBET_RIM_MM))
 
 
 def _registration_error(rng: np.random.Generator, grade: Grade) -> np.ndarray:

@@ -34,7 +34,11 @@ Every model is trained and evaluated through the bundle's own commands (``monai.
    centre level, which is the single-level phantom's slice. A run whose ``result.json`` exists in ``OUT`` is
    reused, not redone (delete its folder to redo it), so new models can be paired with earlier runs.
 3. Each model is evaluated on the research test set, the clinical test set and the disease cohort (brain-PAD
-   against survival, which the phantom generated with a known negative association).
+   against survival, which the phantom generated with a known negative association): the phantom's fast-path
+   slices of them and, with ``--cohort`` (``tests/benchmarks/chain_cohort.py``'s datalist), the same people's raw
+   volumes through the real chain (``chain_research``, ``chain_clinical``, ``chain_disease``). On the chain sets
+   the interval is the one calibrated on the cohort's chain-preprocessed ``calibration`` list (as a user calibrates
+   on scans of their own), written beside a copy of the checkpoint.
 4. For each pair in ``PAIRS`` present, per evaluation set: mean +/- sd of MAE over seeds, a paired t-test over
    seeds (same seed = same labelled subset and initialisation) and a Wilcoxon signed-rank test over test subjects
    of their absolute error averaged over seeds. A difference is called one only when p < 0.05.
@@ -109,6 +113,8 @@ PAIRS = [
     ("full-aug-contrast", "full"),
 ]
 EVAL_SETS = {"research": ("full", "test"), "clinical": ("clinical", "test"), "disease": ("full", "disease")}
+# with --cohort: the same people through the real chain
+CHAIN_SETS = {"chain_research": "research_test", "chain_clinical": "clinical_test", "chain_disease": "disease"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,6 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--phantom-seed", type=int, default=0, help="seed of the phantom (the people)")
     parser.add_argument("--slice-levels", type=int, default=5, help="axial levels of the multi-level models (odd)")
     parser.add_argument("--slice-level-spacing", type=int, default=4, help="130-grid slices between the levels")
+    parser.add_argument(
+        "--cohort", default=None, help="also evaluate on this chain-preprocessed cohort (chain_cohort.py's datalist)"
+    )
     args = parser.parse_args(argv)
     for name, (_, _, reused) in LEVELS.items():
         if name in args.models and reused and reused not in args.models:
@@ -254,17 +263,21 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
         "train_seconds": round(seconds, 1),
         "errors": {},
     }
-    for label, (eval_list, split) in EVAL_SETS.items():
+    sets = {label: (data[eval_list], split, checkpoint) for label, (eval_list, split) in EVAL_SETS.items()}
+    if args.cohort:
+        chain_checkpoint = calibrate_on_chain(args, overlays, checkpoint, folder, eval_levels)
+        sets.update({label: (Path(args.cohort), split, chain_checkpoint) for label, split in CHAIN_SETS.items()})
+    for label, (datalist_path, split, model) in sets.items():
         target = folder / f"eval_{label}"
         bundle(
             "evaluate",
             ["configs/train.yaml", *overlays, "configs/evaluate.yaml"],
             folder / f"eval_{label}.log",
-            datalist=data[eval_list],
+            datalist=datalist_path,
             eval_split=split,
             output_dir=target,
             slice_levels=eval_levels,
-            **common,
+            **{**common, "ckpt_path": model},
         )
         metrics = json.loads((target / "metrics.json").read_text())
         result[label] = {key: metrics[key] for key in ("n", "r", "mae", "r2", "rmse", "pad_mean", "pad_std")}
@@ -277,11 +290,39 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
             error = [abs(r["predicted_age"] - r["age"]) for r in rows]
             result[label]["level_sd_mean"] = float(np.mean(spread))
             result[label]["level_sd_error_spearman"] = float(spearmanr(spread, error).statistic)
-        if label == "disease":
+        if label.endswith("disease"):
             result[label]["survival"] = pad_outcome_association(rows, "survival_months", "brain_pad_corrected")
     print(json.dumps({k: v for k, v in result.items() if k != "errors"}), flush=True)
     write_json(folder / "result.json", result)
     return result
+
+
+def calibrate_on_chain(args, overlays: list[str], checkpoint: Path, folder: Path, levels: int) -> Path:
+    """A copy of the checkpoint whose interval is fitted on the chain cohort's calibration list (its bias correction
+    stays the one training fitted); the model the chain sets are evaluated with."""
+    import shutil
+
+    from scripts.calibration import bias_correction_path, fit_from_predictions
+
+    target = folder / "chain_calibrated" / "model.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(checkpoint, target)
+    shutil.copy(bias_correction_path(checkpoint), bias_correction_path(target))
+    bundle(
+        "evaluate",
+        ["configs/train.yaml", *overlays, "configs/evaluate.yaml"],
+        folder / "chain_calibration.log",
+        datalist=args.cohort,
+        eval_split="calibration",
+        output_dir=folder / "chain_calibration",
+        ckpt_path=target,
+        image_size=args.image_size,
+        slice_levels=levels,
+    )
+    fit_from_predictions(
+        folder / "chain_calibration" / "predictions.csv", target, correction_split=None, image_size=args.image_size
+    )
+    return target
 
 
 def compare(results: list[dict], first: str, second: str, label: str) -> dict | None:
@@ -404,8 +445,8 @@ def main(argv=None) -> int:
         c
         for first, second in PAIRS
         if first in args.models and second in args.models
-        for label in EVAL_SETS
-        if label != "disease"
+        for label in [*EVAL_SETS, *(CHAIN_SETS if args.cohort else ())]
+        if not label.endswith("disease")
         for c in [compare(results, first, second, label)]
         if c
     ]

@@ -3,6 +3,7 @@ with one clinical-grade factor at a time, predicted by trained models.
 
     .venv/bin/python tests/benchmarks/bench_clinical_factors.py --models runs/bench_levels/full/seed*/model.pt \
         --image-size 64 --json docs/benchmarks/clinical_factors.json
+    .venv/bin/python tests/benchmarks/bench_clinical_factors.py --models ... --chain runs/factors_chain --people 30
 
 The 90 test people of the accuracy benchmark's phantom (``CohortSpec(n=600, seed=0)``) are rendered with the
 research grade's acquisition stream (same noise, pose and bias-field draws) in which one property takes its
@@ -11,6 +12,11 @@ jitter) or registration error; and with all of them (the clinical grade itself).
 per seed) predicts every set through ``run inference``. Per factor: MAE (mean +/- sd over models), its excess over
 research grade, and a Wilcoxon signed-rank test over people of the model-averaged absolute error against research
 grade. The factors that cost most are the ones acquisition augmentation has to cover.
+
+By default the sets are the phantom's fast path (``render_slice``, which reproduces what the chain makes of each
+acquisition: ``tests/benchmarks/bench_fidelity.py``); with ``--chain WORK`` every set is rendered as raw volumes and
+preprocessed by the real chain (cached in ``WORK``; about 10 s per scan here, so ``--people`` limits how many of the
+test people are used).
 """
 
 from __future__ import annotations
@@ -36,21 +42,23 @@ CLINICAL = synthetic.GRADES["clinical"]
 FACTORS = {  # name: the research-grade fields that take their clinical-grade value
     "research": (),
     "noise": ("noise",),
-    "bias field": ("bias", "residual_bias"),
+    "bias field": ("bias",),
     "thick slices": ("thickness_mm", "voxel_mm"),
     "motion ghosting": ("ghosting",),
     "contrast": ("gamma", "intensity_jitter"),
     "registration error": ("registration_error",),
-    "clinical (all)": ("noise", "bias", "residual_bias", "thickness_mm", "voxel_mm", "ghosting", "gamma",
-                       "intensity_jitter", "registration_error"),
+    "clinical (all)": ("noise", "bias", "thickness_mm", "voxel_mm", "ghosting", "gamma", "intensity_jitter",
+                       "registration_error"),
 }  # fmt: skip
 
 
-def render(out: Path, n: int, seed: int) -> Path:
-    """One datalist list per factor, the test people rendered with the research grade's stream."""
+def render(out: Path, n: int, seed: int, people_limit: int | None = None, chain: bool = False) -> Path:
+    """One datalist list per factor, the test people rendered with the research grade's stream (fast-path slices,
+    or with ``chain`` raw volumes preprocessed by the real chain, cached under ``out``)."""
     research = synthetic.GRADES["research"]
     people = [s for s in synthetic.sample_cohort(synthetic.CohortSpec(n=n, seed=seed)) if s.split == "test"]
-    datalist = {}
+    people = people[:people_limit]
+    datalist, volumes = {}, []
     try:
         for factor, fields in FACTORS.items():
             # the research grade (so the research acquisition stream) with these fields made clinical
@@ -58,12 +66,25 @@ def render(out: Path, n: int, seed: int) -> Path:
             folder = factor.replace(" ", "_").replace("(", "").replace(")", "")
             datalist[folder] = []
             for person in people:
-                path = out / folder / f"{person.subject}_slice.nii.gz"
+                path = out / folder / f"{person.subject}_{'T1w' if chain else 'slice'}.nii.gz"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                synthetic.write_slice(person, path)
+                if chain:
+                    if not path.is_file():
+                        synthetic.write_volume(person, path)
+                    volumes.append({"image": str(path), "subject": f"{folder}/{person.subject}"})
+                else:
+                    synthetic.write_slice(person, path)
                 datalist[folder].append({"image": str(path), "subject": person.subject, "age": person.age})
     finally:
         synthetic.GRADES["research"] = research
+    if chain:
+        from scripts.preprocess import load_chain, preprocess_items
+
+        records = preprocess_items(volumes, out / "chain", load_chain(ROOT), num_workers=2)
+        slices = {v["image"]: str(out / "chain" / r["slice"]) for v, r in zip(volumes, records) if r["status"] == "ok"}
+        datalist = {
+            k: [{**it, "image": slices[it["image"]]} for it in v if it["image"] in slices] for k, v in datalist.items()
+        }
     path = out / "datalist.json"
     path.write_text(json.dumps(datalist))
     return path
@@ -89,13 +110,16 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=128, help="the models' image_size")
     parser.add_argument("--n", type=int, default=600, help="phantom size (its test split is predicted)")
     parser.add_argument("--phantom-seed", type=int, default=0)
+    parser.add_argument("--chain", default=None, metavar="WORK", help="raw volumes through the real chain, cached here")
+    parser.add_argument("--people", type=int, default=None, help="only the first N test people")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     from scipy.stats import wilcoxon
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        datalist = render(Path(tmp) / "data", args.n, args.phantom_seed)
+        data = Path(args.chain) if args.chain else Path(tmp) / "data"
+        datalist = render(data, args.n, args.phantom_seed, args.people, chain=bool(args.chain))
         runs = [predict(datalist, Path(tmp) / f"pred{i}", Path(m), args.image_size) for i, m in enumerate(args.models)]
     names = {factor.replace(" ", "_").replace("(", "").replace(")", ""): factor for factor in FACTORS}
     subjects = sorted(runs[0]["research"])
@@ -107,6 +131,8 @@ def main(argv=None) -> int:
         p = float(wilcoxon(mean_error[folder], mean_error["research"]).pvalue) if folder != "research" else None
         rows.append({"factor": factor, "mae": maes, "excess": excess, "wilcoxon_p_vs_research": p})
     report = {
+        "path": "raw volumes through the real chain" if args.chain else "fast path",
+        "phantom_version": synthetic.PHANTOM_VERSION,
         "models": args.models,
         "image_size": args.image_size,
         "people": len(subjects),

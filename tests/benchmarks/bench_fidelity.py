@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     start = time.perf_counter()
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     results: dict = {"phantom_version": synthetic.PHANTOM_VERSION, "grades": {}, "models": {}}
     datalist: dict[str, list] = {}
     truth: dict[str, dict[str, float]] = {}

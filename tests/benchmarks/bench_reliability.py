@@ -1,20 +1,29 @@
-"""Prediction intervals and test-retest reliability of a trained model on the phantom.
+"""Prediction intervals and test-retest reliability of trained models: coverage by grade and by age third, ICC.
 
-    python tests/benchmarks/bench_reliability.py [--ckpt models/model.pt ...] [--image-size 128] [--coverage 0.9] \
-        [--json docs/benchmarks/reliability.json]
+    python tests/benchmarks/bench_reliability.py --ckpt models/model.pt [--image-size 128] \
+        [--fresh 300] [--cohort runs/chain_cohort/datalist.json] [--json docs/benchmarks/reliability.json]
 
-The embedded phantom's people (``CohortSpec(n=600, seed=0)``) are rendered four times: research grade, a
-research-grade re-scan (``session=1``: fresh noise, pose and bias field), clinical grade and a clinical re-scan.
-Then, with ``configs/inference.yaml`` and the checkpoint's own architecture keys (the defaults):
+Test people, never used in training or calibration, in up to two forms:
 
-* the split-conformal interval is fitted on the research-grade **validation** predictions
-  (``scripts.calibration.fit_from_predictions``, into a temporary folder: the model's own files are not touched);
-* on each **test** set: MAE, the interval's empirical coverage and mean width;
-* ICC(2,1), ICC(3,1) and Bland-Altman limits of predicted age between research and its re-scan, clinical and
-  its re-scan, and research and clinical (``scripts.statistics.icc``, ``bland_altman``).
+* **fast path** (always): the embedded phantom's test split (``CohortSpec(n=600, seed=0)``) rendered four times,
+  research grade, a research re-scan (``session=1``), clinical grade and a clinical re-scan; and with ``--fresh N``
+  a fresh cohort of N new people (seed 101) at both grades, for coverage by age third;
+* **chain** (``--cohort``, ``tests/benchmarks/chain_cohort.py``): the same test people's raw volumes through the
+  real chain, research and clinical grade and their re-scans.
 
-With several checkpoints (e.g. one per seed, ``--image-size`` their network input), each is measured on the same
-renders and ``summary`` gives the mean and sd over them.
+Each model (``--ckpt``, several: e.g. one per seed) predicts every set with ``configs/inference.yaml``, and each set
+is scored with up to three intervals:
+
+* ``model``: the calibration files beside the checkpoint (what a user gets: Mondrian split-conformal over quality
+  bands, fitted on the training datalist's calibration split);
+* ``validation``: the interval of earlier versions, one band fitted on the research validation split that also chose
+  the checkpoint (``scripts.calibration.PredictionInterval.fit`` without quality), for comparison;
+* ``chain`` (with ``--cohort``): refitted on the cohort's chain-preprocessed ``calibration`` list, as a user
+  calibrates on scans of their own chain and scanner.
+
+Per set: MAE, bias, each interval's coverage and mean width, overall and in each third of the age range
+(18-42, 42-66, 66-90 years). ICC(2,1), ICC(3,1) and Bland-Altman between research and its re-scan, clinical and its
+re-scan, and research and clinical. With several models the summary gives mean and sd over them.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,106 +44,160 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from scripts import synthetic  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
-from scripts.calibration import PredictionInterval  # noqa: E402
+from scripts.calibration import PredictionInterval, fit_from_predictions, interval_path  # noqa: E402
 from scripts.statistics import bland_altman, icc, interval_metrics  # noqa: E402
 
-SETS = {
-    "research": {"grade": "research", "session": 0},
-    "research_rescan": {"grade": "research", "session": 1},
-    "clinical": {"grade": "clinical", "session": 0},
-    "clinical_rescan": {"grade": "clinical", "session": 1},
+FAST_SETS = {  # name: (grade, session)
+    "research": ("research", 0),
+    "research_rescan": ("research", 1),
+    "clinical": ("clinical", 0),
+    "clinical_rescan": ("clinical", 1),
+}
+CHAIN_SETS = {  # name: the cohort's list
+    "chain_research": "research_test",
+    "chain_research_rescan": "research_rescan",
+    "chain_clinical": "clinical_test",
+    "chain_clinical_rescan": "clinical_rescan",
 }
 PAIRS = (("research", "research_rescan"), ("clinical", "clinical_rescan"), ("research", "clinical"))
+AGE_THIRDS = ((18.0, 42.0), (42.0, 66.0), (66.0, 90.01))
 
 
-def predict(
-    datalist: Path, splits: list[str], out: Path, ckpt: Path, interval: Path | None, image_size: int = 128
-) -> list[dict]:
+def predict(datalist: Path, splits: list[str], out: Path, ckpt: Path, image_size: int) -> list[dict]:
     command = [
         sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml",
         "--input", str(datalist), "--input_splits", json.dumps(splits), "--output_dir", str(out),
         "--ckpt_path", str(ckpt), "--image_size", str(image_size),
     ]  # fmt: skip
-    if interval is not None:
-        command += ["--interval_path", str(interval)]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     with open(out / "predictions.csv", newline="") as fh:
         return list(csv.DictReader(fh))
 
 
-def measure(tmp: Path, ckpt: Path, coverage: float, image_size: int) -> dict:
-    """One model on the four renders: interval fitted on research validation, MAE/coverage/width, ICC, Bland-Altman."""
-    results: dict = {"ckpt": str(ckpt), "sets": {}, "pairs": {}}
+def render_fast(tmp: Path, fresh: int) -> dict[str, tuple[Path, str]]:
+    """{set: (datalist, list)} of the fast-path test sets (and the fresh cohort at both grades)."""
+    sets = {}
+    for name, (grade, session) in FAST_SETS.items():
+        spec = synthetic.CohortSpec(n=600, seed=0, n_calibration=120, grade=grade, session=session)
+        sets[name] = (Path(synthetic.ensure_dataset(tmp / name, spec, workers=2)), "test")
+    if fresh:
+        for grade in ("research", "clinical"):
+            spec = synthetic.CohortSpec(
+                n=fresh,
+                seed=101,
+                grade=grade,
+                n_disease=0,
+                unlabelled_fraction=0.0,
+                val_fraction=0.0,
+                test_fraction=0.0,
+            )
+            sets[f"fresh_{grade}"] = (
+                Path(synthetic.ensure_dataset(tmp / f"fresh_{grade}", spec, workers=2)),
+                "training",
+            )
+    return sets
+
+
+def score(rows: list[dict], intervals: dict[str, PredictionInterval]) -> dict:
+    """MAE, bias, and each interval's coverage and width, overall and by age third."""
+    p = np.array([float(r["predicted_age"]) for r in rows])
+    a = np.array([float(r["age"]) for r in rows])
+    q = np.array([float(r["quality"]) if r.get("quality") else np.nan for r in rows])
+    result = {"n": len(rows), "mae": float(np.abs(p - a).mean()), "bias": float((p - a).mean()), "intervals": {}}
+    for name, interval in intervals.items():
+        lower, upper = interval.bounds(p, q)
+        entry = interval_metrics(lower, upper, a)
+        for low, high in AGE_THIRDS:
+            third = (a >= low) & (a < high)
+            entry[f"coverage_{low:.0f}_{high:.0f}"] = (
+                float(np.mean((lower[third] <= a[third]) & (a[third] <= upper[third]))) if third.any() else None
+            )
+        result["intervals"][name] = entry
+    return result
+
+
+def measure(tmp: Path, ckpt: Path, sets: dict, cohort: Path | None, image_size: int, coverage: float) -> dict:
     work = tmp / ckpt.parent.name
     work.mkdir(parents=True, exist_ok=True)
-    validation = predict(tmp / "research" / "datalist.json", ["validation"], work / "val", ckpt, None, image_size)
-    pred = np.array([float(r["predicted_age"]) for r in validation])
-    age = np.array([float(r["age"]) for r in validation])
-    interval = PredictionInterval.fit(pred, age, coverage)
-    interval.save(work / "interval.json")
-    results["interval"] = {"lower": interval.lower, "upper": interval.upper, "n_validation": interval.n}
+    model = work / "model" / "model.pt"  # a copy, so refitting never touches the model's own files
+    model.parent.mkdir(parents=True)
+    for file in ckpt.parent.glob(f"{ckpt.stem}*"):
+        shutil.copy(file, model.parent / file.name.replace(ckpt.stem, "model", 1))
+    intervals = {"model": PredictionInterval.load(interval_path(model))}
+    validation = predict(sets["research"][0], ["validation"], work / "val", model, image_size)
+    pred = [float(r["predicted_age"]) for r in validation]
+    intervals["validation"] = PredictionInterval.fit(pred, [float(r["age"]) for r in validation], coverage=coverage)
+    results: dict = {"ckpt": str(ckpt), "sets": {}, "pairs": {}}
     predictions = {}
-    for name in SETS:
-        rows = predict(
-            tmp / name / "datalist.json", ["test"], work / f"out_{name}", ckpt, work / "interval.json", image_size
-        )
+    for name, (datalist, split) in sets.items():
+        rows = predict(datalist, [split], work / f"out_{name}", model, image_size)
         predictions[name] = {r["subject"]: r for r in rows}
-        p = np.array([float(r["predicted_age"]) for r in rows])
-        a = np.array([float(r["age"]) for r in rows])
-        lower = np.array([float(r["predicted_age_lower"]) for r in rows])
-        upper = np.array([float(r["predicted_age_upper"]) for r in rows])
-        results["sets"][name] = {
-            "n": len(rows),
-            "mae": float(np.abs(p - a).mean()),
-            **interval_metrics(lower, upper, a),
-        }
-    for first, second in PAIRS:
-        subjects = sorted(predictions[first])
-        pairs = np.array([[float(predictions[k][s]["predicted_age"]) for k in (first, second)] for s in subjects])
-        results["pairs"][f"{first} vs {second}"] = {**icc(pairs), **bland_altman(pairs[:, 0], pairs[:, 1])}
+        results["sets"][name] = score(rows, intervals)
+    if cohort is not None:
+        calibration = work / "chain_model" / "model.pt"
+        shutil.copytree(model.parent, calibration.parent)
+        predict(cohort, ["calibration"], work / "chain_calibration", calibration, image_size)
+        fit_from_predictions(
+            work / "chain_calibration" / "predictions.csv", calibration, coverage=coverage, correction_split=None,
+            image_size=image_size,
+        )  # fmt: skip
+        chain_intervals = {**intervals, "chain": PredictionInterval.load(interval_path(calibration))}
+        for name, split in CHAIN_SETS.items():
+            rows = predict(cohort, [split], work / f"out_{name}", calibration, image_size)
+            predictions[name] = {r["subject"]: r for r in rows}
+            results["sets"][name] = score(rows, chain_intervals)
+    for prefix in ("", "chain_") if cohort is not None else ("",):
+        for first, second in PAIRS:
+            a, b = predictions[prefix + first], predictions[prefix + second]
+            subjects = sorted(set(a) & set(b))
+            pairs = np.array([[float(a[s]["predicted_age"]), float(b[s]["predicted_age"])] for s in subjects])
+            results["pairs"][f"{prefix}{first} vs {prefix}{second}"] = {
+                **icc(pairs),
+                **bland_altman(pairs[:, 0], pairs[:, 1]),
+            }
     return results
 
 
 def summarise(models: list[dict]) -> dict:
-    """Mean and sd over models of every number in ``sets`` and ``pairs``."""
-    summary: dict = {}
-    for group in ("sets", "pairs"):
-        summary[group] = {}
-        for name, values in models[0][group].items():
-            summary[group][name] = {}
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    column = np.array([m[group][name][key] for m in models], dtype=float)
-                    sd = float(column.std(ddof=1)) if len(column) > 1 else 0.0
-                    summary[group][name][key] = {"mean": float(column.mean()), "sd": sd}
+    """Mean and sd over models of every number (nested dicts flattened into keys joined by '/')."""
+
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}/")
+            elif isinstance(value, (int, float)) and value is not None:
+                yield f"{prefix}{key}", float(value)
+
+    keys = [dict(flat({"sets": m["sets"], "pairs": m["pairs"]})) for m in models]
+    summary = {}
+    for key in keys[0]:
+        values = np.array([k[key] for k in keys if key in k])
+        summary[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
     return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--ckpt", nargs="+", default=[str(ROOT / "models" / "model.pt")], help="trained model(s), e.g. one per seed"
-    )
+    parser.add_argument("--ckpt", nargs="+", default=[str(ROOT / "models" / "model.pt")], help="trained model(s)")
     parser.add_argument("--image-size", type=int, default=128, help="the models' image_size")
     parser.add_argument("--coverage", type=float, default=0.9)
+    parser.add_argument("--fresh", type=int, default=0, help="also a fresh fast-path cohort of this many people")
+    parser.add_argument("--cohort", default=None, help="the chain-preprocessed cohort's datalist (chain_cohort.py)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     start = time.perf_counter()
     ckpts = [Path(c).resolve() for c in args.ckpt]
     if len({c.parent.name for c in ckpts}) != len(ckpts):
         parser.error("give checkpoints in differently named folders (e.g. seed0/, seed1/)")
+    cohort = Path(args.cohort).resolve() if args.cohort else None
     with tempfile.TemporaryDirectory(prefix="reliability-") as tmp:
-        tmp = Path(tmp)
-        for name, settings in SETS.items():
-            spec = synthetic.CohortSpec(n=600, seed=0, **settings)
-            synthetic.generate(spec, tmp / name, mode="slices", workers=2, progress=False)
-        models = [measure(tmp, ckpt, args.coverage, args.image_size) for ckpt in ckpts]
-    # one model: its results at the top level, as before; several: each model's and their summary
-    results = dict(models[0]) if len(models) == 1 else {"models": models, "summary": summarise(models)}
-    results["coverage_target"] = args.coverage
+        sets = render_fast(Path(tmp), args.fresh)
+        models = [measure(Path(tmp), c, sets, cohort, args.image_size, args.coverage) for c in ckpts]
+    results = {"models": models, "summary": summarise(models), "coverage_target": args.coverage}
+    results["phantom_version"] = synthetic.PHANTOM_VERSION
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["command"] = "python tests/benchmarks/bench_reliability.py " + " ".join(sys.argv[1:])
-    print(json.dumps(results.get("summary", results), indent=2))
+    print(json.dumps(results["summary"], indent=1))
     if args.json:
         write_json(args.json, results)
 

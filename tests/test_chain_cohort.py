@@ -1,0 +1,61 @@
+"""The benchmark cohort builder (tests/benchmarks/chain_cohort.py): raw phantom volumes through the real chain, once,
+resumed after a kill without redoing finished scans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+
+
+def test_the_chain_cohort_builder_resumes_after_a_kill_and_writes_every_list(bundle_root, tmp_path):
+    out = tmp_path / "cohort"
+    sizes = ["--n-test", "1", "--n-rescan", "1", "--n-calibration", "1", "--n-disease", "1"]
+    command = [sys.executable, "tests/benchmarks/chain_cohort.py", "--out", str(out), "--skull-strip", "template"]
+    command += ["--workers", "1", *sizes]
+    records = out / "chain" / "records"
+    with open(tmp_path / "first.log", "w") as log:  # killed, with its workers, once the first scan is done
+        process = subprocess.Popen(command, cwd=bundle_root, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline and len(list(records.glob("*.json"))) < 1:
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-2000:]
+    done_before = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
+    assert 1 <= len(done_before) < 6 and not (out / "datalist.json").exists()
+
+    result = subprocess.run(command, cwd=bundle_root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in records.glob("*.json") if p.name in done_before} == done_before
+    summary = json.loads((out / "cohort.json").read_text())
+    assert summary["this_run"]["scans_preprocessed"] == 6 - len(done_before)  # only what the kill left undone
+    assert summary["lists"] == {
+        "research_test": 1,
+        "clinical_test": 1,
+        "research_rescan": 1,
+        "clinical_rescan": 1,
+        "calibration": 1,
+        "disease": 1,
+    }
+    datalist = json.loads((out / "datalist.json").read_text())
+    research, clinical = datalist["research_test"][0], datalist["clinical_test"][0]
+    assert research["subject"] == clinical["subject"] and (research["grade"], clinical["grade"]) == (
+        "research",
+        "clinical",
+    )
+    assert datalist["research_rescan"][0]["session"] == 1 and "survival_months" in datalist["disease"][0]
+    for items in datalist.values():
+        for item in items:
+            assert nib.load(out / item["image"]).shape == (128, 128)
+    assert summary["chain_seconds_per_scan"]["mean"] > 0
+
+    again = subprocess.run(command, cwd=bundle_root, capture_output=True, text=True, timeout=600)
+    assert (
+        again.returncode == 0 and json.loads((out / "cohort.json").read_text())["this_run"]["scans_preprocessed"] == 0
+    )
