@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from ignite.handlers import EMAHandler
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.handlers import CheckpointSaver
@@ -516,6 +517,26 @@ class PreciseBatchNorm:
         device = next(model.parameters()).device
         with autocast(device, self.autocast_dtype):
             model.recalibrate_batchnorm(self.batches(device))
+
+
+class ForeachEMAHandler(EMAHandler):
+    """ignite's ``EMAHandler`` with the average updated in one ``torch._foreach_lerp_`` over every parameter.
+
+    The stock handler updates each of the model's ~500 parameter tensors with two ops of its own (``mul_``,
+    ``add_``): about 1,000 small kernel launches per training step. ``lerp_(ema, online, m)`` is
+    ``(1 - m) * ema + m * online``, the same average. Buffers are handled as the stock handler does.
+    """
+
+    def _update_ema_model(self, engine, name: str) -> None:
+        momentum = getattr(engine.state, name)
+        ema = [p.data for p in self.ema_model.parameters()]
+        online = [p.data for p in self.model.parameters()]
+        torch._foreach_lerp_(ema, online, momentum)
+        for ema_b, model_b in zip(self.ema_model.buffers(), self.model.buffers()):
+            if self.handle_buffers == "update" and ema_b.is_floating_point():
+                ema_b.lerp_(model_b.data, momentum)
+            elif self.handle_buffers in ("copy", "update"):
+                ema_b.data = model_b.data
 
 
 class GradientClipping:

@@ -49,6 +49,19 @@ def qc_montage(pngs: list[str | Path], out: str | Path, title: str, columns: int
     return save_figure(fig, out)
 
 
+def paired_slices(rows: list[tuple[str, np.ndarray, np.ndarray]], out: str | Path, names=("a", "b")) -> Path:
+    """Two renderings of each slice side by side with their difference: ``rows`` of ``(label, a, b)``."""
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.2, 2.5 * len(rows)), squeeze=False)
+    for (label, a, b), ax in zip(rows, axes):
+        show_slice(ax[0], a, f"{label}: {names[0]}")
+        show_slice(ax[1], b, names[1])
+        ax[2].imshow((np.asarray(b) - np.asarray(a)).T, origin="lower", cmap="coolwarm", vmin=-0.3, vmax=0.3)
+        ax[2].set_axis_off()
+        ax[2].set_title(f"{names[1]} - {names[0]} (+-0.3)", fontsize=9)
+    fig.tight_layout(pad=0.3)
+    return save_figure(fig, out)
+
+
 def prediction_scatter(predicted, age, out: str | Path, metrics: dict | None = None, title: str | None = None) -> Path:
     """Predicted against chronological age with the identity line and the accuracy in the legend."""
     predicted, age = np.asarray(predicted, dtype=float), np.asarray(age, dtype=float)

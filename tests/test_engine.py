@@ -433,6 +433,38 @@ def test_batchnorm_recalibration_stores_the_exact_statistics_training_uses():
     torch.testing.assert_close(z.std(0), (variance / (variance + latent_bn.eps)).sqrt(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("buffers", ["copy", "update"])
+def test_the_foreach_ema_averages_exactly_as_ignites_ema_handler(buffers):
+    """ForeachEMAHandler (one foreach lerp over every parameter) against ignite's EMAHandler (two ops per parameter),
+    warm-up schedule included, over steps that change every parameter and the BatchNorm statistics."""
+    from ignite.engine import Engine
+    from ignite.handlers import EMAHandler
+
+    from scripts.engine import ForeachEMAHandler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    handlers = [
+        kind(model, momentum=0.05, momentum_warmup=0.5, warmup_iters=3, handle_buffers=buffers)
+        for kind in (EMAHandler, ForeachEMAHandler)
+    ]
+
+    def step(engine, batch):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(6, 4))  # train mode: the running statistics move
+
+    engine = Engine(step)
+    for handler in handlers:
+        handler.attach(engine, name=f"momentum_{type(handler).__name__}")
+    engine.run(range(6), max_epochs=1)
+    stock, foreach = (h.ema_model.state_dict() for h in handlers)
+    for key in stock:
+        torch.testing.assert_close(foreach[key], stock[key], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(foreach["0.weight"], model.state_dict()["0.weight"])  # an average, not a copy
+
+
 def test_gradient_clipping_caps_the_norm_between_backward_and_step():
     model = tiny_model()
     data = [batch([50.0, NAN, 70.0, 64.0], seed=s) for s in range(2)]

@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--ckpt", nargs="*", default=[], help="models trained on fast-path slices")
     parser.add_argument("--image-size", type=int, default=128, help="the models' image_size")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--figure", default=None, help="draw three people of each grade, chain and fast, here (PNG)")
     args = parser.parse_args()
     start = time.perf_counter()
     work = Path(args.work).resolve()
@@ -192,6 +193,15 @@ def main() -> None:
         seconds_fast = (time.perf_counter() - t0) / max(len(rows), 1)
         results["grades"][grade] = {"people": rows, "summary": summarise(rows), "fast_seconds_per_slice": seconds_fast}
     (work / "datalist.json").write_text(json.dumps(datalist))
+    if args.figure:
+        from scripts.figures import paired_slices
+
+        shown = []
+        for grade in GRADES:
+            for item, fast in list(zip(datalist[f"{grade}_chain"], datalist[f"{grade}_fast"]))[:3]:
+                images = [np.asarray(nib.load(i["image"]).dataobj, dtype=np.float32) for i in (item, fast)]
+                shown.append((f"{grade} {item['subject']}", *images))
+        paired_slices(shown, args.figure, names=("chain", "fast path"))
     for ckpt in map(Path, args.ckpt):
         ages = predict(work / "datalist.json", work / "predictions" / ckpt.parent.name, ckpt, args.image_size)
         results["models"][str(ckpt)] = {}

@@ -1,8 +1,13 @@
-"""Time the training step and age inference of the paper-size model on this machine; prints (and writes) JSON.
+"""Time the training iteration, the bare training step and age inference of the paper-size model on this machine,
+next to its matmul peak, in one run; prints (and writes) JSON.
 
-Training step = DiffusionPrepareBatch + DiffusionAutoencoderInferer + SemiSupervisedLoss + backward + Adam step,
-i.e. what MONAI's SupervisedTrainer runs per iteration minus its handlers. Inference = encoder + age head
-(``AgePredictor``) in eval mode under ``torch.inference_mode``.
+Bare step = DiffusionPrepareBatch + DiffusionAutoencoderInferer + SemiSupervisedLoss + backward + Adam step.
+Trainer iteration (``--trainer``) = what a user waits for per iteration: MONAI's ``SupervisedTrainer`` built from
+``configs/train.yaml`` with every handler the training run attaches (EMA, gradient clipping, loss terms, NaN guard,
+TensorBoard, progress bar) on a small phantom, timed from one iteration's start to the next (the next batch's
+loading included). ``--profile N`` also profiles N steps of each with ``torch.profiler`` and lists the ops that take
+the most time, so the gap between the two is attributed. Inference = encoder + age head (``AgePredictor``) in eval
+mode under ``torch.inference_mode``.
 
     .venv/bin/python tests/benchmarks/bench_train_step.py                 # fp32 and bf16, contiguous and NHWC
     .venv/bin/python tests/benchmarks/bench_train_step.py --dtypes bf16 --layouts channels_last --steps 10
@@ -67,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul of the peak test")
+    parser.add_argument("--trainer", action="store_true", help="also time the configured trainer's iterations")
+    parser.add_argument("--trainer-iterations", type=int, default=16, help="timed trainer iterations (after 3)")
+    parser.add_argument("--profile", type=int, default=0, help="profile this many steps of the trainer and bare step")
     parser.add_argument("--out", default=None, help="also write the JSON report to this file")
     return parser.parse_args(argv)
 
@@ -153,6 +161,100 @@ def time_training(args: argparse.Namespace, dtype: str, layout: str) -> dict:
     }
 
 
+def top_ops(profiler, n: int = 15) -> list[dict]:
+    """The ops with the most self CPU time in a profile: name, total ms, calls."""
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 1), "calls": e.count} for e in events[:n]]
+
+
+def time_trainer(args: argparse.Namespace) -> dict:
+    """Iterations of the SupervisedTrainer configs/train.yaml builds, with its handlers, on a phantom of 300 people."""
+    import tempfile
+
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    from scripts import synthetic
+
+    root = Path(__file__).resolve().parents[2]
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        spec = synthetic.CohortSpec(n=300, seed=0, n_disease=0, n_calibration=0)
+        datalist = synthetic.ensure_dataset(Path(tmp) / "phantom", spec, workers=2)
+        workflow = ConfigWorkflow(
+            config_file=str(root / "configs" / "train.yaml"),
+            meta_file=str(root / "configs" / "metadata.json"),
+            logging_file=False,
+            workflow_type=None,
+            run_id="training",
+            bundle_root=str(root),
+            datalist=datalist,
+            output_dir=str(Path(tmp) / "run"),
+            ckpt_path=str(Path(tmp) / "model.pt"),
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            max_epochs=1,
+            val_interval=1000,  # no validation: iterations only
+        )
+        workflow.initialize()
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        # iterations 1-3 warm up, the next ones are timed (start to next start), then --profile ones are profiled
+        stamps: list[float] = []
+        timed_end = 3 + args.trainer_iterations + 1
+        total = timed_end + args.profile
+        trainer.add_event_handler(Events.ITERATION_STARTED, lambda engine: stamps.append(clock(args)))
+        trainer.add_event_handler(Events.ITERATION_STARTED(once=total + 1), lambda engine: engine.terminate())
+        profile = None
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            profiler = torch_profile(activities=[ProfilerActivity.CPU])
+            trainer.add_event_handler(Events.ITERATION_STARTED(once=timed_end), lambda engine: profiler.__enter__())
+            trainer.add_event_handler(
+                Events.ITERATION_STARTED(once=total), lambda engine: profiler.__exit__(None, None, None)
+            )
+        workflow.run()
+        if args.profile:
+            profile = top_ops(profiler)
+    times = [b - a for a, b in zip(stamps[3 : timed_end - 1], stamps[4:timed_end])]
+    median = statistics.median(times)
+    result = {
+        "batch_size": args.batch_size,
+        "autocast": workflow.parser.get_parsed_content("autocast"),
+        "iterations_timed": len(times),
+        "median_s_per_iteration": round(median, 4),
+        "min_s_per_iteration": round(min(times), 4),
+        "samples_per_s": round(args.batch_size / median, 2),
+    }
+    if profile is not None:
+        result["profile_top_ops"] = profile
+    return result
+
+
+def profile_bare_step(args: argparse.Namespace, dtype: str) -> list[dict]:
+    """``top_ops`` of ``args.profile`` bare training steps (contiguous layout)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    torch.manual_seed(args.seed)
+    model = DiffusionAutoencoder(image_size=args.image_size).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    prepare_batch, loss_function = DiffusionPrepareBatch(), SemiSupervisedLoss(model.age_head, lambda_age=1.0)
+    inferer = DiffusionAutoencoderInferer(DDPMScheduler(1000), autocast_dtype=AUTOCAST[dtype])
+    batch = make_batch(args, "contiguous")
+
+    def step() -> None:
+        inputs, targets, inferer_args, inferer_kwargs = prepare_batch(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss_function(inferer(inputs, model, *inferer_args, **inferer_kwargs), targets).backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(args.profile):
+            step()
+    return top_ops(profiler)
+
+
 def time_inference(args: argparse.Namespace, dtype: str, layout: str, batch_size: int) -> dict:
     torch.manual_seed(args.seed)
     model = DiffusionAutoencoder(image_size=args.image_size).eval()
@@ -210,6 +312,10 @@ def main(argv: list[str] | None = None) -> dict:
             for batch_size in args.infer_batches
         ],
     }
+    if args.trainer:
+        report["trainer_iteration"] = time_trainer(args)
+        if args.profile:
+            report["bare_step_profile_top_ops"] = profile_bare_step(args, args.dtypes[-1])
     report["matmul_peak_gflop_per_s"] = peaks = matmul_peak(args)
     for entry in report["train_step"] + report["age_inference"]:
         entry["share_of_matmul_peak"] = round(entry["achieved_gflop_per_s"] / peaks[entry["dtype"]], 3)
