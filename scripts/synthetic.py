@@ -53,7 +53,7 @@ from scripts.mni import GRID_SHAPE, axial_index, field_of_view, grid_affine, lev
 from scripts.transforms import finalise_slice, n4_correct, slice_nifti
 
 logger = logging.getLogger(__name__)
-PHANTOM_VERSION = "3"  # bump when rendering changes: cached embedded datasets are regenerated
+PHANTOM_VERSION = "4"  # bump when rendering changes: cached embedded datasets are regenerated
 SPLITS = ("training", "validation", "calibration", "test")
 
 
@@ -668,7 +668,8 @@ class _ScannerVoxels:
     copies of the image along the phase-encoding axis (the k-space phase error ``a sin(2 pi f / P + t)`` is
     ``sum_m J_m(a) e^{i m t}`` times the image shifted by ``m N / P`` voxels; ``|m| <= 2``, J_3 < 0.4 %), rendered
     straight at their (possibly far) positions at the profile's centre; then Rician noise and the contrast curve.
-    Noise comes from ``rng``, so it is the same scan's noise in distribution, not voxel for voxel.
+    Noise is keyed by the scanner voxel (:func:`_voxel_normals`, seeded from ``rng``): the same scan's noise in
+    distribution, not voxel for voxel, but one value per voxel whichever slices or levels ask for it.
     """
 
     GHOST_ORDERS = (-2, -1, 1, 2)
@@ -676,6 +677,7 @@ class _ScannerVoxels:
     def __init__(self, acquisition: Acquisition, anatomy: Anatomy, atlas: Atlas, grade: Grade, rng) -> None:
         self.acquisition, self.anatomy, self.atlas, self.grade, self.rng = acquisition, anatomy, atlas, grade, rng
         self.to_grid = np.linalg.inv(acquisition.pose @ grid_affine())  # world -> grid index
+        self.noise_seed = int(rng.integers(2**63))
 
     def __call__(self, voxels: np.ndarray) -> np.ndarray:
         acq = self.acquisition
@@ -696,7 +698,11 @@ class _ScannerVoxels:
                 copy = self._head_at(self._world(shifted)) * self._bias(shifted)
                 complex_sum += jv(m, amplitude) * np.exp(1j * m * phase) * copy
             image = np.abs(complex_sum)
-        image = _rician(self.rng, image.astype(np.float32), self.grade.noise * TISSUE["wm"])
+        index = np.ravel_multi_index(tuple(voxels.astype(np.int64).T), tuple(acq.dims)).astype(np.uint64)
+        sigma = self.grade.noise * TISSUE["wm"]
+        real = image.astype(np.float32) + sigma * _voxel_normals(self.noise_seed, 2 * index)
+        imag = sigma * _voxel_normals(self.noise_seed, 2 * index + np.uint64(1))
+        image = np.sqrt(real * real + imag * imag)
         return np.power(np.clip(image, 0, None) / TISSUE["wm"], acq.gamma) * TISSUE["wm"]
 
     def _world(self, voxels: np.ndarray) -> np.ndarray:
@@ -728,6 +734,26 @@ class _ScannerVoxels:
         values = np.zeros(len(world))
         values[inside] = render(self.anatomy, mni[inside], self.atlas, self.acquisition.tissue)["intensity"]
         return values
+
+
+def _voxel_normals(seed: int, index: np.ndarray) -> np.ndarray:
+    """Standard normals (float32), one per ``index`` (uint64) and a function of it alone: splitmix64 hashes of
+    ``(seed, index)`` as two uniforms, then Box-Muller. Cheap for the few voxels asked, and the same value whenever
+    a voxel is asked again."""
+
+    def splitmix(x: np.ndarray) -> np.ndarray:
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    with np.errstate(over="ignore"):
+        first = splitmix(np.asarray(index, dtype=np.uint64) ^ splitmix(np.full(1, seed, dtype=np.uint64)))
+        second = splitmix(first)
+    scale = 1.0 / 2.0**53
+    u1 = ((first >> np.uint64(11)).astype(np.float64) + 0.5) * scale  # (0, 1)
+    u2 = (second >> np.uint64(11)).astype(np.float64) * scale
+    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
 
 
 def _interpolate(volume: np.ndarray, coordinates: np.ndarray, layout: str = "xyz") -> np.ndarray:

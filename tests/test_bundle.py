@@ -113,8 +113,17 @@ def test_training_and_inference_configs_define_the_same_network_and_slice_loadin
     assert infer["network_def"] == {k: v for k, v in train["network_def"].items() if k != "_requires_"}
     assert infer["preprocessing"]["transforms"] == train["slice_loading"]
     assert infer["slice_levels"] == train["slice_levels"] == 1  # the paper's medial slice by default
-    # + training-only transforms: one level drawn per image, then acquisition augmentation
-    assert train["train"]["preprocessing"]["transforms"] == "$@slice_loading + @level_sampling + @augmentation"
+    # + training-only transforms: one level drawn per image, then acquisition augmentation when any of it is on
+    # (all off by default)
+    for one_on, expected in ((False, 0), (True, len(train["augmentation"]))):
+        parser = ConfigParser()
+        parser.read_config(bundle_root / "configs" / "train.yaml")
+        parser["bundle_root"] = str(bundle_root)
+        if one_on:
+            parser["aug_noise_prob"] = 0.2
+        transforms = parser.get_parsed_content("train#preprocessing#transforms", instantiate=False, lazy=True)
+        head = len(train["slice_loading"]) + len(train["level_sampling"])
+        assert len(transforms) == head + expected, one_on
 
 
 def test_no_config_refers_to_the_working_directory(bundle_root):

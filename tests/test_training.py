@@ -241,7 +241,7 @@ def test_unlabelled_scans_train_the_diffusion_arm_only(run_workflow, slice_datas
 
 def test_embedded_default_generates_the_phantom_once(run_workflow, outputs, tmp_path):
     dataset_dir = tmp_path / "phantom"
-    small = "$scripts.data.embedded_phantom(@dataset_dir, n=24)"
+    small = "$scripts.data.embedded_phantom(@dataset_dir, n=24, n_disease=4, n_calibration=4)"
     run_training(run_workflow, dataset_dir=str(dataset_dir), datalist=small, max_epochs=1, **outputs)
     datalist = json.loads((dataset_dir / "datalist.json").read_text())
     assert len(datalist["training"]) + len(datalist["validation"]) + len(datalist["test"]) == 24

@@ -205,7 +205,8 @@ def time_trainer(args: argparse.Namespace) -> dict:
         trainer.add_event_handler(Events.ITERATION_STARTED(once=total + 1), lambda engine: engine.terminate())
         profile = None
         if args.profile:
-            from torch.profiler import ProfilerActivity, profile as torch_profile
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
 
             profiler = torch_profile(activities=[ProfilerActivity.CPU])
             trainer.add_event_handler(Events.ITERATION_STARTED(once=timed_end), lambda engine: profiler.__enter__())
@@ -232,7 +233,8 @@ def time_trainer(args: argparse.Namespace) -> dict:
 
 def profile_bare_step(args: argparse.Namespace, dtype: str) -> list[dict]:
     """``top_ops`` of ``args.profile`` bare training steps (contiguous layout)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     torch.manual_seed(args.seed)
     model = DiffusionAutoencoder(image_size=args.image_size).train()
