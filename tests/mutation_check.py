@@ -575,6 +575,46 @@ MUTANTS += [
         "",
         ("tests/test_bids.py::test_the_phantom_in_bids_mode_passes_the_bids_validator",),
     ),
+    Mutant(
+        "fast-path-keeps-anatomy-affine",
+        "the fast path's registration leaves the affine part of the subject's anatomy in the slice",
+        "scripts/synthetic.py",
+        "    error = np.linalg.inv(anatomy.affine_part()) @ _registration_error(rng, grade)",
+        "    error = _registration_error(rng, grade)",
+        ("tests/test_synthetic.py::test_the_fast_path_reproduces_what_the_real_chain_makes_of_the_same_scans",),
+    ),
+    Mutant(
+        "fast-path-without-n4",
+        "the fast path skips N4, which the chain runs",
+        "scripts/synthetic.py",
+        "    image = np.stack([n4_correct(plane, spacing) for plane in image])",
+        "    image = np.asarray(image)",
+        ("tests/test_synthetic.py::test_the_fast_path_reproduces_what_the_real_chain_makes_of_the_same_scans",),
+    ),
+    Mutant(
+        "fast-path-noise-per-call",
+        "the fast path's noise is drawn per call, not per scanner voxel (levels of one scan disagree)",
+        "scripts/synthetic.py",
+        "        real = image.astype(np.float32) + sigma * _voxel_normals(self.noise_seed, 2 * index)",
+        "        real = image.astype(np.float32) + sigma * self.rng.standard_normal(len(index)).astype(np.float32)",
+        ("tests/test_multislice.py::test_phantom_levels_keep_the_single_level_image_in_the_middle",),
+    ),
+    Mutant(
+        "foreach-ema-wrong-weight",
+        "the foreach EMA weights the online model by 1 - momentum",
+        "scripts/engine.py",
+        "        torch._foreach_lerp_(ema, online, momentum)",
+        "        torch._foreach_lerp_(ema, online, 1.0 - momentum)",
+        ("tests/test_engine.py::test_the_foreach_ema_averages_exactly_as_ignites_ema_handler",),
+    ),
+    Mutant(
+        "augmentation-never-applied",
+        "the training transforms leave out the augmentation block even when an augmentation is on",
+        "configs/train.yaml",
+        "(@augmentation if max(@augmentation_probs) > 0 else [])",
+        "[]",
+        ("tests/test_bundle.py::test_training_and_inference_configs_define_the_same_network_and_slice_loading",),
+    ),
 ]
 
 

@@ -1,7 +1,8 @@
 """The quick start as a new user runs it: a fresh clone of a commit, the README's main command, timed, with the
 validation MAE against wall time.
 
-    .venv/bin/python tests/benchmarks/bench_quickstart.py [--commit HEAD] [--json OUT.json] [--figure OUT.png]
+    .venv/bin/python tests/benchmarks/bench_quickstart.py [--commit HEAD] [--json OUT.json] [--figure OUT.png] \
+        [--keep runs/quickstart_models]
     .venv/bin/python tests/benchmarks/bench_quickstart.py --commit 37174de --json runs/quickstart_old.json
 
 The commit is cloned into a temporary folder (this checkout's ``.venv`` is linked in: installing is not what is
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,7 +32,7 @@ from scripts.atomic import write_json  # noqa: E402
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Epoch\[(\d+)\] Metrics -- val_mae: ([0-9.]+)")
 
 
-def run(commit: str, extra: list[str]) -> dict:
+def run(commit: str, extra: list[str], keep: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="quickstart-") as tmp:
         clone = Path(tmp) / "bundle"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -46,6 +48,8 @@ def run(commit: str, extra: list[str]) -> dict:
         log = proc.stdout + proc.stderr
         if proc.returncode:
             raise SystemExit(f"the main job failed at {commit}:\n{log[-3000:]}")
+        if keep:  # the trained bundle's models/ (checkpoint and calibration files) for later benchmarks
+            shutil.copytree(clone / "models", keep, dirs_exist_ok=True)
     curve = []
     for line in log.splitlines():
         match = STAMP.match(line)
@@ -100,10 +104,11 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", nargs="*", default=[], help="earlier runs' JSON files to draw with it")
     parser.add_argument("--figure", default=None, help="the MAE-against-wall-time figure (PNG)")
     parser.add_argument("--no-run", action="store_true", help="draw --compare only")
+    parser.add_argument("--keep", default=None, help="copy the trained models/ folder here")
     args, extra = parser.parse_known_args(argv)
     runs = [json.loads(Path(path).read_text()) for path in args.compare]
     if not args.no_run:
-        result = {"label": args.label, **run(args.commit, extra)}
+        result = {"label": args.label, **run(args.commit, extra, args.keep)}
         print(json.dumps(result, indent=1))
         if args.json:
             write_json(args.json, result)
