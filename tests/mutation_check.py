@@ -307,15 +307,6 @@ MUTANTS = [
         "  - {_target_: CenterSpatialCropd, keys: image, roi_size: [-1, -1, 1]}",
         ("tests/test_multislice.py::test_training_samples_one_level_per_image",),
     ),
-    Mutant(
-        "phantom-levels-share-one-noise-stream",
-        "the phantom draws every level's noise from the scan's one stream, so the centre level is not the "
-        "single-level image",
-        "scripts/synthetic.py",
-        "                    rng if i == levels // 2 else np.random.default_rng(key + [1000 + i]),",
-        "                    rng,",
-        ("tests/test_multislice.py::test_phantom_levels_keep_the_single_level_image_in_the_middle",),
-    ),
 ]
 
 
