@@ -32,7 +32,8 @@ Every model is trained and evaluated through the bundle's own commands (``monai.
    Every run gets the same number of optimizer steps (``--steps``); validation MAE picks the checkpoint. With a
    multi-level model the phantom is written with ``--slice-levels`` levels; the single-level models read its
    centre level, which is the single-level phantom's slice. A run whose ``result.json`` exists in ``OUT`` is
-   reused, not redone (delete its folder to redo it), so new models can be paired with earlier runs.
+   reused, not redone (delete its folder to redo it), so new models can be paired with earlier runs; with
+   ``--cohort``, a reused run is evaluated on the chain sets it lacks.
 3. Each model is evaluated on the research test set, the clinical test set and the disease cohort (brain-PAD
    against survival, which the phantom generated with a known negative association): the phantom's fast-path
    slices of them and, with ``--cohort`` (``tests/benchmarks/chain_cohort.py``'s datalist), the same people's raw
@@ -226,9 +227,10 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
     description, training_list, overlays, batch_size, labelled_ratio = MODELS[name]
     datalist = data[training_list] if training_list in data else data[f"{training_list}_{seed}"]
     folder = out / name / f"seed{seed}"
-    if (folder / "result.json").is_file():
+    previous = json.loads((folder / "result.json").read_text()) if (folder / "result.json").is_file() else None
+    if previous and not (args.cohort and any(label not in previous for label in CHAIN_SETS)):
         print(f"[{name}, seed {seed}] reused: {folder / 'result.json'}", flush=True)
-        return json.loads((folder / "result.json").read_text())
+        return previous
     folder.mkdir(parents=True, exist_ok=True)
     per_epoch = steps_per_epoch(datalist, batch_size, labelled_ratio)
     epochs = max(1, math.ceil(args.steps / per_epoch))
@@ -236,7 +238,9 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
     checkpoint = (out / reused / f"seed{seed}" if reused else folder) / "model.pt"
     common = {"ckpt_path": checkpoint, "image_size": args.image_size, "batch_size": batch_size}
     seconds = 0.0
-    if reused:
+    if previous:  # trained and evaluated before; only the chain sets are new
+        print(f"[{name}, seed {seed}] reused, evaluated on the chain cohort too", flush=True)
+    elif reused:
         print(f"[{name}, seed {seed}] the checkpoint of {reused}, {eval_levels} level(s)", flush=True)
     else:
         print(f"[{name}, seed {seed}] {epochs} epochs x {per_epoch} steps, {train_levels} level(s)", flush=True)
@@ -254,7 +258,7 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
             **TRAINING_OVERRIDES.get(name, {}),
             **common,
         )
-    result = {
+    result = previous or {
         "model": name,
         "description": description,
         "seed": seed,
@@ -264,6 +268,8 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
         "errors": {},
     }
     sets = {label: (data[eval_list], split, checkpoint) for label, (eval_list, split) in EVAL_SETS.items()}
+    if previous:
+        sets = {}
     if args.cohort:
         chain_checkpoint = calibrate_on_chain(args, overlays, checkpoint, folder, eval_levels)
         sets.update({label: (Path(args.cohort), split, chain_checkpoint) for label, split in CHAIN_SETS.items()})
