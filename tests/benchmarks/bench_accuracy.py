@@ -118,6 +118,14 @@ EVAL_SETS = {"research": ("full", "test"), "clinical": ("clinical", "test"), "di
 CHAIN_SETS = {"chain_research": "research_test", "chain_clinical": "clinical_test", "chain_disease": "disease"}
 
 
+def chain_sets(cohort: str | None) -> dict[str, str]:
+    """The chain sets the cohort has people for (a cohort built with ``--n-disease 0`` has no disease list)."""
+    if not cohort:
+        return {}
+    lists = json.loads(Path(cohort).read_text())
+    return {label: split for label, split in CHAIN_SETS.items() if lists.get(split)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -228,7 +236,7 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
     datalist = data[training_list] if training_list in data else data[f"{training_list}_{seed}"]
     folder = out / name / f"seed{seed}"
     previous = json.loads((folder / "result.json").read_text()) if (folder / "result.json").is_file() else None
-    if previous and not (args.cohort and any(label not in previous for label in CHAIN_SETS)):
+    if previous and not any(label not in previous for label in chain_sets(args.cohort)):
         print(f"[{name}, seed {seed}] reused: {folder / 'result.json'}", flush=True)
         return previous
     folder.mkdir(parents=True, exist_ok=True)
@@ -272,7 +280,9 @@ def train_and_evaluate(args, name: str, seed: int, data: dict, out: Path) -> dic
         sets = {}
     if args.cohort:
         chain_checkpoint = calibrate_on_chain(args, overlays, checkpoint, folder, eval_levels)
-        sets.update({label: (Path(args.cohort), split, chain_checkpoint) for label, split in CHAIN_SETS.items()})
+        sets.update(
+            {label: (Path(args.cohort), split, chain_checkpoint) for label, split in chain_sets(args.cohort).items()}
+        )
     for label, (datalist_path, split, model) in sets.items():
         target = folder / f"eval_{label}"
         bundle(
@@ -451,7 +461,7 @@ def main(argv=None) -> int:
         c
         for first, second in PAIRS
         if first in args.models and second in args.models
-        for label in [*EVAL_SETS, *(CHAIN_SETS if args.cohort else ())]
+        for label in [*EVAL_SETS, *chain_sets(args.cohort)]
         if not label.endswith("disease")
         for c in [compare(results, first, second, label)]
         if c
