@@ -63,6 +63,7 @@ def run(commit: str, extra: list[str], keep: str | None = None) -> dict:
                 }
             )
     memory = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log)
+    phantom = re.findall(r"phantom slices: 100%[^\[]*\[(?:(\d+):)?(\d+):(\d+)<", log)  # tqdm's elapsed time
     return {
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", commit], cwd=ROOT, capture_output=True, text=True
@@ -70,6 +71,9 @@ def run(commit: str, extra: list[str], keep: str | None = None) -> dict:
         "command": " ".join(command + extra),
         "wall_seconds": round(seconds, 1),
         "peak_memory_gb": round(int(memory.group(1)) / 1024**2, 2) if memory else None,
+        "phantom_seconds": (
+            int(phantom[-1][0] or 0) * 3600 + int(phantom[-1][1]) * 60 + int(phantom[-1][2]) if phantom else None
+        ),
         "curve": curve,
         "best_val_mae": min(point["val_mae"] for point in curve) if curve else None,
     }
