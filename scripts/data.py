@@ -77,12 +77,12 @@ def load_datalist(
     items, so batches collate; the loss masks them). Raises :class:`DatalistError` for missing or
     malformed keys, bad ages, missing files (``check_files``), duplicated subjects within a split,
     a subject (``participant_id`` where items have one) in more than one of training/validation/test
-    (``check_leakage``), a requested split
-    that is absent or empty, and an item without an age in a ``require_age`` split.
+    (``check_leakage``), a requested split that is absent or empty, and an item without an age in a
+    ``require_age`` split. Without ``splits``, every non-empty list is read.
     """
     path = Path(path)
     raw = read_json(path)
-    wanted = list(raw) if splits is None else list(splits)
+    wanted = [split for split in raw if raw[split]] if splits is None else list(splits)  # every non-empty list
     for split in wanted:
         if not raw.get(split):
             raise DatalistError(f"{path}: no '{split}' items (found: {', '.join(raw) or 'nothing'})")

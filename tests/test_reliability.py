@@ -66,6 +66,16 @@ def test_unlabelled_validation_items_and_unreadable_json_are_refused(images):
         load_datalist(path)
 
 
+def test_without_splits_every_non_empty_list_is_read_and_an_asked_empty_one_refused(images):
+    """A phantom with no calibration people writes ``"calibration": []``: reading the whole datalist skips it, asking
+    for it by name is the one-line refusal."""
+    path = images / "datalist.json"
+    path.write_text(json.dumps({"training": [{"image": "a.nii.gz", "age": 30}], "calibration": []}))
+    assert list(load_datalist(path)) == ["training"]
+    with pytest.raises(DatalistError, match="no 'calibration' items"):
+        load_datalist(path, splits=["calibration"])
+
+
 def test_nothing_in_a_datalist_is_evaluated(images, monkeypatch):
     monkeypatch.chdir(images)
     payload = "$__import__('pathlib').Path('PWNED').touch()"
