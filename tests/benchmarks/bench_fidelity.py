@@ -10,6 +10,10 @@ path, compared slice against slice and, with trained models, age against age.
   (ANTs affine, 130^3, N4, HD-BET, slice, scaling; cached under ``--work``, so a rerun only renders the fast path);
 * through the fast path (``render_slice``), in this process.
 
+With ``--cohort runs/chain_cohort/datalist.json`` the people are instead the chain cohort's test people
+(``tests/benchmarks/chain_cohort.py``: the embedded phantom's test split, already through the chain), so nothing is
+preprocessed again; the registration error is then not reported.
+
 Per person and grade, model-free (inside the brain, the intersection of the two slices' supports):
 
 * ``pixel_r``: Pearson r of the two slices' intensities;
@@ -33,6 +37,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -78,6 +83,14 @@ def chain_slices(work: Path, grade: str, n: int, seed: int, workers: int, skull_
             "seconds": record.get("seconds_total"),
         }
     return out
+
+
+def cohort_slices(cohort: Path, grade: str) -> tuple[dict[str, dict], dict[str, synthetic.Subject]]:
+    """The chain cohort's test people at ``grade`` (``chain_cohort.py``, already through the chain) and who they are."""
+    items = json.loads(cohort.read_text())[f"{grade}_test"]
+    spec = synthetic.CohortSpec(n=600, seed=0, n_calibration=120)  # as chain_cohort.people draws them
+    people = {s.subject: replace(s, grade=grade) for s in synthetic.sample_cohort(spec)}
+    return {it["subject"]: {"slice": cohort.parent / it["image"], "registration": {}} for it in items}, people
 
 
 def registration_error(subject: synthetic.Subject, qc: dict) -> dict:
@@ -156,6 +169,9 @@ def main() -> None:
     parser.add_argument("--skull-strip", default="auto", help="the chain's skull_strip (auto: HD-BET)")
     parser.add_argument("--ckpt", nargs="*", default=[], help="models trained on fast-path slices")
     parser.add_argument("--image-size", type=int, default=128, help="the models' image_size")
+    parser.add_argument(
+        "--cohort", default=None, help="take the people and their chain slices from this chain cohort's test lists"
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--figure", default=None, help="draw three people of each grade, chain and fast, here (PNG)")
     args = parser.parse_args()
@@ -165,9 +181,14 @@ def main() -> None:
     datalist: dict[str, list] = {}
     truth: dict[str, dict[str, float]] = {}
     for grade in GRADES:
-        chained = chain_slices(work, grade, args.n, args.seed, args.workers, args.skull_strip)
-        spec = synthetic.CohortSpec(n=args.n, seed=args.seed, grade=grade, n_disease=0, val_fraction=0, test_fraction=0)
-        people = {s.subject: s for s in synthetic.sample_cohort(spec)}
+        if args.cohort:
+            chained, people = cohort_slices(Path(args.cohort).resolve(), grade)
+        else:
+            chained = chain_slices(work, grade, args.n, args.seed, args.workers, args.skull_strip)
+            spec = synthetic.CohortSpec(
+                n=args.n, seed=args.seed, grade=grade, n_disease=0, val_fraction=0, test_fraction=0
+            )
+            people = {s.subject: s for s in synthetic.sample_cohort(spec)}
         rows, t0 = [], time.perf_counter()
         for subject, chain in sorted(chained.items()):
             person = people[subject]

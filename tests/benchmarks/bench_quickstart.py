@@ -35,6 +35,7 @@ STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Epoch\[(\d+)\] Me
 def run(commit: str, extra: list[str], keep: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="quickstart-") as tmp:
         clone = Path(tmp) / "bundle"
+        sha = subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, capture_output=True, text=True)
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
         subprocess.run(["git", "-C", str(clone), "checkout", "-q", commit], check=True)
         (clone / ".venv").symlink_to(ROOT / ".venv")
@@ -65,9 +66,7 @@ def run(commit: str, extra: list[str], keep: str | None = None) -> dict:
     memory = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log)
     phantom = re.findall(r"phantom slices: 100%[^\[]*\[(?:(\d+):)?(\d+):(\d+)<", log)  # tqdm's elapsed time
     return {
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", commit], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": sha.stdout.strip(),  # resolved when cloned
         "command": " ".join(command + extra),
         "wall_seconds": round(seconds, 1),
         "peak_memory_gb": round(int(memory.group(1)) / 1024**2, 2) if memory else None,
