@@ -4,7 +4,8 @@ training for the best model and stored beside it, each recording what it was fit
 Brain-PAD (predicted age difference) = predicted age - chronological age. Regression to the mean makes raw PADs
 correlate negatively with age; the corrections here remove that dependence with a fit made on the best model's
 validation predictions (:class:`CalibrationFitter`), never on the data being analysed, as the field requires.
-The prediction interval is fitted on a calibration split of its own, per band of image quality. Accuracy is always
+The prediction interval is fitted on a calibration split of its own, separately for scans whose image quality is like
+the model's own scans' and for the others. Accuracy is always
 reported on the uncorrected predictions.
 """
 
@@ -28,6 +29,7 @@ from torch import nn
 from scripts.atomic import write_json
 from scripts.cli import BundleError
 from scripts.engine import read_model_weights
+from scripts.quality import ATYPICAL, QUALITY_METRICS, AcquisitionReference
 
 __all__ = [
     "BIAS_CORRECTION_METHODS",
@@ -113,38 +115,38 @@ class BiasCorrection:
         )
 
 
-#: Mondrian groups of the interval: at most this many bands of the quality score, each with at least
-#: ``MIN_GROUP`` calibration scans (fewer make a 90 % interval's ends noisy; below 19 it is unbounded).
-MAX_GROUPS = 3
+#: Each band of the interval needs at least this many calibration scans (fewer make a 90 % interval's ends noisy;
+#: below 19 it is unbounded); a band with fewer is merged into the other.
 MIN_GROUP = 40
+METHOD = "acquisition-mondrian-split-conformal"
 
 
 @dataclass(frozen=True)
 class PredictionInterval:
-    """Mondrian split-conformal prediction interval of brain age (Vovk et al. 2005; Lei et al. 2018), fitted on a
-    calibration split.
+    """Mondrian split-conformal prediction interval of brain age (Vovk et al. 2003, 2005; Lei et al. 2018), fitted
+    on a calibration split, separately for typical and atypical acquisitions.
 
-    The calibration scans are cut into up to :data:`MAX_GROUPS` bands of their image-quality score
-    (:mod:`scripts.quality`, quantile edges, at least :data:`MIN_GROUP` scans each). Within a band, with the signed
-    residuals ``r = predicted - age`` of its n scans, the interval of a new prediction ``p`` is
-    ``[p - upper, p - lower]`` where ``lower``/``upper`` are the ``floor((n+1) a/2)``-th and
-    ``ceil((n+1)(1 - a/2))``-th smallest residuals (``a = 1 - coverage``): for a scan exchangeable with the band's
-    calibration scans it covers the true age with probability at least ``coverage`` (and below
-    ``coverage + 2/(n+1)``). So coverage holds per band of image quality, not only on average: a noisy clinical
-    scan gets the interval of the noisy calibration scans (Mondrian conformal prediction, Vovk et al. 2003). Signed
-    residuals keep it honest where the model is biased (regression to the mean). It says nothing for scans unlike
-    every calibration scan (another scanner, contrast or population); a band with fewer than ``2/a - 1`` scans
-    is unbounded (``inf``), as the method says it must be. A scan without a quality score gets the widest band's
-    interval.
+    A scan's band is whether its image-quality metrics lie within the model's own scans' (``atypicality`` up to
+    :data:`scripts.quality.ATYPICAL` from the :class:`scripts.quality.AcquisitionReference` of the split that
+    trained and chose the model) or beyond. Within a band, with the signed residuals ``r = predicted - age`` of
+    its n calibration scans, the interval of a new prediction ``p`` is ``[p - upper, p - lower]`` where
+    ``lower``/``upper`` are the ``floor((n+1) a/2)``-th and ``ceil((n+1)(1 - a/2))``-th smallest residuals
+    (``a = 1 - coverage``): for a scan exchangeable with the band's calibration scans it covers the true age with
+    probability at least ``coverage`` (and below ``coverage + 2/(n+1)``). A clinical scan so gets the interval of
+    the clinical-like calibration scans, and a research scan keeps one as narrow as research scans alone give,
+    which bands of one quality score cannot do: no single score separates the two, so its bands mix them. Signed
+    residuals keep it honest where the model is biased (regression to the mean, or a younger reading of clinical
+    scans). It says nothing for scans unlike every calibration scan; a band with fewer than ``2/a - 1`` scans is
+    unbounded (``inf``), as the method says it must be. A scan without metrics gets the widest band's interval.
     """
 
     coverage: float
     lower: tuple[float, ...]
     upper: tuple[float, ...]
     n: tuple[int, ...]
-    quality_edges: tuple[float, ...] = ()  # inner edges between the bands, ascending (none: one band)
+    reference: AcquisitionReference | None = None  # what ``atypicality`` is measured from
     fitted_for: dict = field(default_factory=dict)
-    method: str = "mondrian-split-conformal"
+    method: str = METHOD
 
     @classmethod
     def fit(
@@ -152,47 +154,57 @@ class PredictionInterval:
         predicted_age,
         age,
         quality=None,
+        reference: AcquisitionReference | None = None,
         coverage: float = 0.9,
-        max_groups: int = MAX_GROUPS,
         min_group: int = MIN_GROUP,
         fitted_for: dict | None = None,
     ) -> "PredictionInterval":
+        """Args:
+        predicted_age, age: of the calibration scans.
+        quality: their :data:`scripts.quality.QUALITY_METRICS`, ``(N, 3)``; None: one band.
+        reference: the acquisitions the model knows; None: one band.
+        """
         if not 0 < coverage < 1:
             raise ValueError(f"interval coverage {coverage} must be between 0 and 1 (e.g. 0.9)")
         pred, age = as_array(predicted_age), as_array(age)
-        score = as_array(quality) if quality is not None else np.full(len(pred), np.nan)
         keep = np.isfinite(pred) & np.isfinite(age)
         if not keep.any():
             raise ValueError("a prediction interval needs labelled calibration predictions, got none")
-        pred, age, score = pred[keep], age[keep], score[keep]
-        scored = np.isfinite(score)
-        groups = int(np.clip(scored.sum() // max(min_group, 1), 1, max(max_groups, 1)))
-        if groups > 1 and scored.all():
-            edges = tuple(float(e) for e in np.quantile(score, np.arange(1, groups) / groups))
-        else:
-            edges = ()
-        member = np.searchsorted(np.asarray(edges), score, side="right") if edges else np.zeros(len(pred), int)
-        bands = [_split_conformal(pred[member == g] - age[member == g], coverage) for g in range(len(edges) + 1)]
+        pred, age = pred[keep], age[keep]
+        band = np.zeros(len(pred), dtype=int)
+        if reference is not None and quality is not None:  # else one band (too few of one kind: one band too)
+            distance = reference.atypicality(quality)[keep]
+            if np.isfinite(distance).all() and np.bincount(distance > ATYPICAL, minlength=2).min() >= min_group:
+                band = (distance > ATYPICAL).astype(int)
+        bands = [_split_conformal(pred[band == g] - age[band == g], coverage) for g in range(band.max() + 1)]
         return cls(
             float(coverage),
             tuple(b[0] for b in bands),
             tuple(b[1] for b in bands),
             tuple(b[2] for b in bands),
-            edges,
+            reference,
             dict(fitted_for or {}),
         )
 
+    def atypicality(self, quality=None) -> np.ndarray:
+        """How far each scan's metrics lie from the model's own scans' (NaN without metrics or a reference)."""
+        if quality is None or self.reference is None:
+            return np.full(1 if quality is None else len(np.asarray(quality).reshape(-1, 3)), np.nan)
+        return self.reference.atypicality(quality)
+
     def group(self, quality=None) -> np.ndarray:
-        """The band of each scan's quality score; the widest band where the score is missing."""
-        score = as_array(quality) if quality is not None else np.full(1, np.nan)
-        band = np.searchsorted(np.asarray(self.quality_edges), score, side="right") if self.quality_edges else 0
+        """The band of each scan (0 typical, 1 atypical); the widest band where its metrics are missing."""
+        if len(self.n) == 1:
+            return np.zeros(len(self.atypicality(quality)), dtype=int)
+        distance = self.atypicality(quality)
         widest = int(np.argmax(np.asarray(self.upper) - np.asarray(self.lower)))
-        return np.where(np.isfinite(score), band, widest).astype(int)
+        return np.where(np.isfinite(distance), distance > ATYPICAL, widest).astype(int)
 
     def bounds(self, predicted_age, quality=None) -> tuple[np.ndarray, np.ndarray]:
-        """(lower, upper) ends of the interval of each predicted age, in the band of its quality score."""
+        """(lower, upper) ends of the interval of each predicted age, in the band of its metrics."""
         pred = as_array(predicted_age)
-        band = np.broadcast_to(self.group(quality if quality is not None else np.full(len(pred), np.nan)), pred.shape)
+        band = self.group(quality) if quality is not None else np.full(len(pred), self.group(None)[0])
+        band = np.broadcast_to(band, pred.shape)
         return pred - np.asarray(self.upper)[band], pred - np.asarray(self.lower)[band]
 
     def save(self, path: str | Path) -> None:
@@ -201,17 +213,24 @@ class PredictionInterval:
     @classmethod
     def load(cls, path: str | Path) -> "PredictionInterval":
         data = json.loads(Path(path).read_text())
-        if data.get("method") != "mondrian-split-conformal":
+        if data.get("method") != METHOD:
             raise CalibrationError(
                 f"{path}: not a prediction-interval file of this bundle version (method {data.get('method')!r}); "
                 "refit it: python -m scripts.calibration CALIBRATION_PREDICTIONS.csv --ckpt_path MODEL"
             )
+        reference = data.get("reference")
         return cls(
             float(data["coverage"]),
             tuple(float(v) for v in data["lower"]),
             tuple(float(v) for v in data["upper"]),
             tuple(int(v) for v in data["n"]),
-            tuple(float(v) for v in data["quality_edges"]),
+            (
+                AcquisitionReference(
+                    tuple(reference["mean"]), tuple(map(tuple, reference["covariance"])), int(reference["n"])
+                )
+                if reference
+                else None
+            ),
             dict(data.get("fitted_for", {})),
         )
 
@@ -371,10 +390,11 @@ class CalibrationFitter:
         network = getattr(engine.network, "module", engine.network)
         record = partial(fitted_for, network.state_dict(), self.slice_levels, self.image_size)
         if self.interval_path is not None:  # the interval of the checkpoint's model
+            reference = _reference(quality.numpy())  # the validation split: scans drawn like the training ones
             if self.data_loader is not None:
                 cal_pred, cal_age, cal_quality = predict_split(engine, self.data_loader, self.quality_key)
                 interval = PredictionInterval.fit(
-                    cal_pred, cal_age, cal_quality, self.interval_coverage, fitted_for=record("calibration")
+                    cal_pred, cal_age, cal_quality, reference, self.interval_coverage, fitted_for=record("calibration")
                 )
             else:
                 logger.warning(
@@ -382,7 +402,7 @@ class CalibrationFitter:
                     "chose the checkpoint, so its coverage may fall short; add a 'calibration' list to the datalist"
                 )
                 interval = PredictionInterval.fit(
-                    pred, age, quality, self.interval_coverage, fitted_for=record("validation")
+                    pred, age, quality, reference, self.interval_coverage, fitted_for=record("validation")
                 )
             interval.save(self.interval_path)
         try:
@@ -400,17 +420,26 @@ class CalibrationFitter:
 
 
 def _quality(batch, key: str, n: int) -> torch.Tensor:
-    """The quality scores of a batch (NaN where there are none)."""
+    """The ``(n, 3)`` image-quality metrics of a batch (NaN where there are none)."""
     value = batch.get(key) if isinstance(batch, Mapping) else None
     if value is None:
-        return torch.full((n,), float("nan"))
-    return torch.as_tensor(value, dtype=torch.float32).reshape(-1).cpu()
+        return torch.full((n, len(QUALITY_METRICS)), float("nan"))
+    return torch.as_tensor(value, dtype=torch.float32).reshape(n, len(QUALITY_METRICS)).cpu()
+
+
+def _reference(quality: np.ndarray) -> AcquisitionReference | None:
+    """The acquisition reference of these scans' metrics; None (a one-band interval, logged) when too few."""
+    try:
+        return AcquisitionReference.fit(quality)
+    except ValueError as err:
+        logger.warning(f"one interval band for every scan: {err}")
+        return None
 
 
 @torch.no_grad()
 def predict_split(engine, data_loader, quality_key: str = "quality") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Predicted age, age and quality of every scan of ``data_loader`` with an evaluator's own network, batch
-    preparation and inferer (so the same levels and precision as its validation)."""
+    """Predicted age, age and quality metrics ``(N, 3)`` of every scan of ``data_loader`` with an evaluator's own
+    network, batch preparation and inferer (so the same levels and precision as its validation)."""
     preds, ages, scores = [], [], []
     for batch in data_loader:
         images, age = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)
@@ -418,9 +447,9 @@ def predict_split(engine, data_loader, quality_key: str = "quality") -> tuple[np
         pred = pred["age"] if isinstance(pred, Mapping) else pred
         preds.append(as_array(pred))
         ages.append(as_array(age))
-        scores.append(as_array(_quality(batch, quality_key, len(as_array(pred)))))
+        scores.append(_quality(batch, quality_key, len(as_array(pred))).numpy())
     if not preds:
-        return np.empty(0), np.empty(0), np.empty(0)
+        return np.empty(0), np.empty(0), np.empty((0, len(QUALITY_METRICS)))
     return np.concatenate(preds), np.concatenate(ages), np.concatenate(scores)
 
 
@@ -440,7 +469,8 @@ def fit_from_predictions(
     For a model trained before the calibration split existed, to refit at another coverage or ``slice_levels``, or
     to calibrate the interval on labelled scans of your own scanner (e.g. healthy controls): the interval then
     holds for scans like those. Never pass the data the model will be evaluated on: calibrating on it voids the
-    coverage guarantee.
+    coverage guarantee. Typical and atypical acquisitions are told apart by the model's own acquisition reference:
+    that of the interval already beside the checkpoint, else the ``validation`` rows' metrics.
     """
     import csv
 
@@ -453,6 +483,7 @@ def fit_from_predictions(
     if len(levels) > 1:
         raise CalibrationError(f"{predictions_csv}: rows predicted with different slice_levels ({sorted(levels)})")
     weights = read_model_weights(ckpt_path)
+    reference = _known_reference(ckpt_path, rows, number)
     written = []
     for kind, split in (("interval", interval_split), ("correction", correction_split)):
         if split is None:
@@ -460,14 +491,14 @@ def fit_from_predictions(
         chosen = [r for r in rows if split == "all" or r.get("split") == split]
         pred = np.array([number(r.get("predicted_age")) for r in chosen], dtype=np.float64)
         age = np.array([number(r.get("age")) for r in chosen], dtype=np.float64)
-        quality = np.array([number(r.get("quality")) for r in chosen], dtype=np.float64)
+        quality = np.array([[number(r.get(m)) for m in QUALITY_METRICS] for r in chosen], dtype=np.float64)
         if not np.isfinite(pred + age).any():  # the interval and the correction need labelled predictions
             raise CalibrationError(f"{predictions_csv}: no row of split {split!r} with both a prediction and an age")
         record = fitted_for(weights, int(levels.pop() if levels else 1), image_size, split)
         levels = {str(record["slice_levels"])}
         if kind == "interval":
             path = interval_path(ckpt_path)
-            PredictionInterval.fit(pred, age, quality, coverage, fitted_for=record).save(path)
+            PredictionInterval.fit(pred, age, quality, reference, coverage, fitted_for=record).save(path)
         else:
             path = bias_correction_path(ckpt_path)
             BiasCorrection.fit(pred, age, method, fitted_for=record).save(path)
@@ -475,12 +506,24 @@ def fit_from_predictions(
     return written
 
 
+def _known_reference(ckpt_path, rows: list[dict], number) -> AcquisitionReference | None:
+    """The acquisitions a model knows: those of the interval already beside it, else the ``validation`` rows'."""
+    try:
+        known = PredictionInterval.load(interval_path(ckpt_path)).reference
+    except (OSError, ValueError, KeyError):
+        known = None
+    if known is not None:
+        return known
+    validation = [[number(r.get(m)) for m in QUALITY_METRICS] for r in rows if r.get("split") == "validation"]
+    return _reference(np.array(validation, dtype=np.float64).reshape(-1, len(QUALITY_METRICS)))
+
+
 def main(argv: list[str] | None = None) -> int:
     from scripts import cli
 
     parser = cli.ArgumentParser(
         prog="python -m scripts.calibration",
-        description="Refit a model's prediction interval (Mondrian split-conformal, per band of image quality) and "
+        description="Refit a model's prediction interval (Mondrian split-conformal, typical and atypical acquisitions) and "
         "age-bias correction from its predictions (a predictions.csv of run inference), and store them beside the "
         "checkpoint. Training does this itself; use it to calibrate on labelled scans of your own scanner.",
     )

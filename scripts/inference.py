@@ -27,6 +27,7 @@ from scripts.calibration import BiasCorrection, PredictionInterval
 from scripts.cli import BundleError
 from scripts.engine import CheckpointError, read_model_weights
 from scripts.mni import SLICE_SIZE, slice_affine
+from scripts.quality import QUALITY_METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ PREDICTION_COLUMNS = (
     "slice_levels",
     "level_sd",
     "quality",
+    "noise_level",
+    "sharpness",
+    "atypicality",
     "interval_band",
     "split",
     "error",
@@ -288,8 +292,10 @@ class PredictionWriter:
         output = engine.state.output  # AgeInferer's dict unpacked by the evaluator (scripts.engine.unpack_age_output)
         self.ages.append(output["pred"].detach().float().cpu().numpy().reshape(-1))
         quality = engine.state.batch.get("quality") if isinstance(engine.state.batch, dict) else None
-        n = len(self.ages[-1])
-        self.qualities.append(np.full(n, np.nan) if quality is None else np.asarray(quality, np.float64).reshape(n))
+        n, width = len(self.ages[-1]), len(QUALITY_METRICS)
+        self.qualities.append(
+            np.full((n, width), np.nan) if quality is None else np.asarray(quality, np.float64).reshape(n, width)
+        )
         if output.get("z") is not None:
             self.latents.append(output["z"].detach().float().cpu().numpy())
         if output.get("age_levels") is not None:
@@ -312,10 +318,12 @@ class PredictionWriter:
         correction = self.correction() if self.ready else None
         interval = self.interval() if self.ready else None
         levels = _level_columns(self.level_ages, len(ages))
-        qualities = np.concatenate(self.qualities) if self.qualities else np.full(len(ages), np.nan)
+        qualities = (
+            np.concatenate(self.qualities) if self.qualities else np.full((len(ages), len(QUALITY_METRICS)), np.nan)
+        )
         rows = [
-            {**_row(item, float(age), correction, interval, float(quality)), **level}
-            for item, age, level, quality in zip(self.ready, ages.tolist(), levels, qualities.tolist())
+            {**_row(item, float(age), correction, interval, quality), **level}
+            for item, age, level, quality in zip(self.ready, ages.tolist(), levels, qualities)
         ]
         rows += [_row(item, math.nan, None) for item in self.failed]
         if self.save_latents and self.latents:
@@ -462,13 +470,15 @@ def _row(
     predicted: float,
     correction: BiasCorrection | None,
     interval: PredictionInterval | None = None,
-    quality: float = math.nan,
+    quality: np.ndarray | None = None,
 ) -> dict:
     age = item.get("age")
     has_age = age is not None and not (isinstance(age, float) and math.isnan(age))
     known = has_age and math.isfinite(predicted)
     bounded = interval is not None and math.isfinite(predicted)
-    lower, upper = (float(v[0]) for v in interval.bounds([predicted], [quality])) if bounded else (math.nan, math.nan)
+    quality = np.full(len(QUALITY_METRICS), np.nan) if quality is None else np.asarray(quality, np.float64)
+    lower, upper = (float(v[0]) for v in interval.bounds([predicted], quality)) if bounded else (math.nan, math.nan)
+    atypicality = float(interval.atypicality(quality)[0]) if interval is not None else math.nan
 
     def number(value: float) -> float | str:
         return round(value, 3) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
@@ -486,8 +496,11 @@ def _row(
         "brain_pad_corrected": (
             round(float(correction.corrected_pad([predicted], [age])[0]), 3) if known and correction else ""
         ),
-        "quality": round(quality, 4) if math.isfinite(quality) else "",
-        "interval_band": int(interval.group([quality])[0]) + 1 if bounded else "",
+        **{
+            name: float(f"{value:.5g}") if math.isfinite(value) else "" for name, value in zip(QUALITY_METRICS, quality)
+        },
+        "atypicality": round(atypicality, 2) if math.isfinite(atypicality) else "",
+        "interval_band": int(interval.group(quality)[0]) + 1 if bounded else "",
         "split": item.get("split", ""),
         "error": item.get("error", ""),
     }
@@ -520,6 +533,6 @@ def read_predictions(path: str | Path) -> list[dict]:
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
-        for key in ("predicted_age", "age", "brain_pad", "brain_pad_corrected", "quality"):
+        for key in ("predicted_age", "age", "brain_pad", "brain_pad_corrected", *QUALITY_METRICS, "atypicality"):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
     return rows

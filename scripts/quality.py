@@ -1,21 +1,27 @@
-"""Image quality of a model-input slice: one number per scan, written with every prediction (``quality``).
+"""Image quality of a model-input slice, written with every prediction, and how unlike the model's own scans it is.
 
-The score is the coefficient of joint variation of grey and white matter (CJV; Ganzetti et al., Front.
-Neuroinform. 2016; one of MRIQC's image-quality metrics):
+Three image-quality metrics (IQMs, as MRIQC computes them on whole volumes), over the skull-stripped brain of the
+slice away from its edge:
 
-    CJV = (sd_WM + sd_GM) / |mean_WM - mean_GM|
+* ``quality``, the coefficient of joint variation of grey and white matter (CJV; Ganzetti et al., Front.
+  Neuroinform. 2016), ``(sd_WM + sd_GM) / |mean_WM - mean_GM|``, lower is better: noise, blur and a flattened
+  contrast all raise it. Grey and white matter are the two brighter components of a three-class Gaussian mixture
+  of the brain's intensities (CSF, GM, WM), fitted by EM, so no segmentation model is needed. Grey/white contrast
+  also falls with age, so old brains score somewhat worse than young ones at the same acquisition quality;
+* ``noise_level``, Immerkaer's noise sd;
+* ``sharpness``, the mean gradient magnitude (thick slices resampled to 1 mm lower it).
 
-over the skull-stripped brain of the slice, lower is better. Noise, blur (thick slices) and a flattened contrast
-all raise it, and the brain-age error grows with all three, which is what the prediction interval needs: it is
-calibrated per band of this score (:class:`scripts.calibration.PredictionInterval`). Grey and white matter are
-the two brighter components of a three-class Gaussian mixture of the brain's intensities (CSF, GM, WM), fitted by
-EM on the brain away from its edge, so no segmentation model is needed. Grey/white contrast also falls with age,
-so old brains score somewhat worse than young ones at the same acquisition quality.
+No one of them separates a clinical acquisition from a research one (a thick-slice scan can be smoother, and so
+less noisy, than a research scan); together they do. :class:`AcquisitionReference` holds their distribution over
+the scans the model was trained and selected on, and a scan's ``atypicality`` is its Mahalanobis distance from it:
+the prediction interval is calibrated separately for typical and atypical scans
+(:class:`scripts.calibration.PredictionInterval`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,7 +58,7 @@ def slice_quality(image: np.ndarray | torch.Tensor) -> float:
     image = np.asarray(image, dtype=np.float64)
     if image.ndim != 2:
         raise ValueError(f"slice_quality takes one (H, W) slice, got shape {image.shape}")
-    core = ndimage.binary_erosion(image > BRAIN_THRESHOLD, iterations=EDGE_PIXELS)
+    core = _brain_core(image)
     if core.sum() < MIN_PIXELS:
         return math.nan
     mean, sd, _ = gaussian_mixture_1d(image[core])
@@ -60,11 +66,25 @@ def slice_quality(image: np.ndarray | torch.Tensor) -> float:
     return float((sd[1] + sd[2]) / contrast) if contrast > 1e-6 else math.inf
 
 
+def _brain_core(image: np.ndarray) -> np.ndarray:
+    """The brain of a skull-stripped slice, away from its edge."""
+    return ndimage.binary_erosion(image > BRAIN_THRESHOLD, iterations=EDGE_PIXELS)
+
+
+def sharpness(image: np.ndarray, where: np.ndarray | None = None) -> float:
+    """Mean gradient magnitude (Sobel) of a slice ``(H, W)`` over ``where`` (default: the brain away from its edge)."""
+    image = np.asarray(image, dtype=np.float64)
+    where = _brain_core(image) if where is None else where
+    if where.sum() < MIN_PIXELS:
+        return math.nan
+    return float(np.hypot(ndimage.sobel(image, 0), ndimage.sobel(image, 1))[where].mean())
+
+
 def noise_level(image: np.ndarray | torch.Tensor) -> float:
     """Noise sd of a skull-stripped slice ``(H, W)`` by Immerkaer's estimator (CVIU 1996), over the brain away from
     its edge: the mean absolute response to the Laplacian-difference mask, times sqrt(pi/2) / 6."""
     image = np.asarray(image, dtype=np.float64)
-    core = ndimage.binary_erosion(image > BRAIN_THRESHOLD, iterations=EDGE_PIXELS)
+    core = _brain_core(image)
     if core.sum() < MIN_PIXELS:
         return math.nan
     mask = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
@@ -85,21 +105,70 @@ def slice_agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float
     first, second = reference > 0, other > 0
     both = first & second
     core = ndimage.binary_erosion(both, iterations=EDGE_PIXELS)
-
-    def sharpness(image: np.ndarray) -> float:
-        return float(np.hypot(ndimage.sobel(image, 0), ndimage.sobel(image, 1))[core].mean())
-
     return {
         "pixel_r": float(np.corrcoef(reference[both], other[both])[0, 1]),
         "histogram_distance": float(stats.wasserstein_distance(reference[first], other[second])),
-        "sharpness_ratio": sharpness(other) / sharpness(reference),
+        "sharpness_ratio": sharpness(other, core) / sharpness(reference, core),
         "noise_ratio": noise_level(other) / noise_level(reference),
         "mask_dice": float(2 * both.sum() / (first.sum() + second.sum())),
     }
 
 
+#: The image-quality metrics of a slice, in the order :func:`slice_metrics` returns them (predictions.csv columns).
+QUALITY_METRICS = ("quality", "noise_level", "sharpness")
+
+
+def slice_metrics(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """:data:`QUALITY_METRICS` of a skull-stripped slice ``(H, W)`` in [0, 1] (NaN when it has too little brain)."""
+    image = np.asarray(image, dtype=np.float64)
+    return np.array([slice_quality(image), noise_level(image), sharpness(image)])
+
+
+@dataclass(frozen=True)
+class AcquisitionReference:
+    """The distribution of :data:`QUALITY_METRICS` (their logarithms: mean and covariance) over reference scans.
+
+    A scan's :meth:`atypicality` is the Mahalanobis distance of its log-metrics from the reference: about the
+    length of a 3-d standard normal vector (median 1.5; 99.9 % below :data:`ATYPICAL`) for scans drawn like the
+    reference, and larger for other acquisitions (thick slices, more noise, another contrast).
+    """
+
+    mean: tuple[float, ...]
+    covariance: tuple[tuple[float, ...], ...]
+    n: int
+
+    @classmethod
+    def fit(cls, metrics) -> "AcquisitionReference":
+        """From an ``(N, 3)`` array of metrics; rows with a missing or non-positive metric are left out."""
+        logs = _log_metrics(metrics)
+        logs = logs[np.isfinite(logs).all(axis=1)]
+        if len(logs) < MIN_REFERENCE:
+            raise ValueError(f"an acquisition reference needs >= {MIN_REFERENCE} scored scans, got {len(logs)}")
+        covariance = np.cov(logs.T) + 1e-9 * np.eye(logs.shape[1])  # never singular
+        return cls(tuple(logs.mean(axis=0).tolist()), tuple(map(tuple, covariance.tolist())), len(logs))
+
+    def atypicality(self, metrics) -> np.ndarray:
+        """Mahalanobis distance of each scan's log-metrics from the reference (NaN where a metric is missing)."""
+        offset = _log_metrics(metrics) - np.asarray(self.mean)
+        distance = np.sqrt(np.einsum("ij,jk,ik->i", offset, np.linalg.inv(np.asarray(self.covariance)), offset))
+        return np.where(np.isfinite(distance), distance, np.nan)
+
+
+#: Scans farther than this from the reference are atypical: the 99.9th percentile of the distance of a 3-d
+#: standard normal vector (chi with 3 degrees of freedom). Not the 99th: a covariance estimated from ~100
+#: validation scans makes the tail heavier, and the 99th put 2-3 % of research scans in the atypical band.
+ATYPICAL = 4.033
+MIN_REFERENCE = 6  # a 3 x 3 covariance needs more scans than metrics; below 20 or so it is noisy
+
+
+def _log_metrics(metrics) -> np.ndarray:
+    values = np.asarray(metrics, dtype=np.float64).reshape(-1, len(QUALITY_METRICS))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(values > 0, np.log(np.where(values > 0, values, 1.0)), np.nan)
+
+
 class SliceQualityd(MapTransform):
-    """Store :func:`slice_quality` of a loaded model-input image under ``quality_key``.
+    """Store :func:`slice_metrics` of a loaded model-input image under ``quality_key`` (a float32 tensor of 3).
 
     Takes the ``(channels, H, W, levels)`` layout of :class:`scripts.transforms.AsSliceLevelsd` (or ``(channels, H,
     W)``) and scores the centre channel of the centre level, the paper's medial slice. Deterministic, so a
@@ -116,5 +185,6 @@ class SliceQualityd(MapTransform):
             image = torch.as_tensor(d[key])
             if image.ndim == 4:
                 image = image[..., image.shape[-1] // 2]
-            d[self.quality_key] = slice_quality(image[image.shape[0] // 2].float().numpy())
+            metrics = slice_metrics(image[image.shape[0] // 2].float().numpy())
+            d[self.quality_key] = torch.as_tensor(metrics, dtype=torch.float32)
         return d

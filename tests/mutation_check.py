@@ -393,11 +393,25 @@ MUTANTS += [
     ),
     Mutant(
         "interval-one-band",
-        "one interval for every scan, whatever its image quality (no Mondrian bands)",
+        "one interval for every scan, whatever its acquisition (no Mondrian bands)",
         "scripts/calibration.py",
-        "        groups = int(np.clip(scored.sum() // max(min_group, 1), 1, max(max_groups, 1)))",
-        "        groups = 1",
-        ("tests/test_intervals.py::test_mondrian_bands_keep_coverage_for_noisy_scans_that_a_single_band_under_covers",),
+        "                band = (distance > ATYPICAL).astype(int)\n",
+        "                band = np.zeros(len(pred), dtype=int)\n",
+        (
+            "tests/test_intervals.py::"
+            "test_acquisition_bands_keep_coverage_for_clinical_scans_and_research_widths_that_one_band_misses",
+        ),
+    ),
+    Mutant(
+        "atypicality-cjv-only",
+        "typical and atypical acquisitions told apart by the CJV alone, which clinical and research scans share",
+        "scripts/quality.py",
+        "        offset = _log_metrics(metrics) - np.asarray(self.mean)\n",
+        "        offset = (_log_metrics(metrics) - np.asarray(self.mean)) * np.array([1.0, 0.0, 0.0])\n",
+        (
+            "tests/test_intervals.py::"
+            "test_acquisition_bands_keep_coverage_for_clinical_scans_and_research_widths_that_one_band_misses",
+        ),
     ),
     Mutant(
         "calibration-not-checked",

@@ -1,4 +1,4 @@
-"""Prediction intervals: Mondrian split-conformal per band of image quality, fitted on a calibration split that did
+"""Prediction intervals: Mondrian split-conformal for typical and atypical acquisitions, fitted on a calibration split that did
 not choose the checkpoint, recording what they were fitted for, and refused for another model or other settings."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from scripts.calibration import CalibrationError, PredictionInterval, check_fitted_for, fitted_for
+from scripts.quality import QUALITY_METRICS
 from scripts.statistics import interval_metrics
 
 
@@ -33,54 +34,95 @@ def test_coverage_on_exchangeable_data_meets_the_guarantee_on_average_not_for_ev
     assert 0.2 < np.mean(np.array(coverages) < 0.9) < 0.6
 
 
-def test_mondrian_bands_keep_coverage_for_noisy_scans_that_a_single_band_under_covers():
-    """Half the scans are noisy (residual sd 3x, a higher quality score). One band over-covers the clean ones and
-    under-covers the noisy ones; bands of the quality score cover each kind, and the clean ones' interval stays
-    as narrow as if calibrated on clean scans alone."""
+def draw_scans(rng, n, clinical_share=0.5):
+    """Residuals and quality metrics of research scans (tight metrics, residual sd 3, unbiased) and clinical ones
+    (metrics spread on both sides of the research ones, CJV overlapping theirs; residual sd 9, 10 y too young)."""
+    clinical = rng.permutation(n) < round(n * clinical_share)
+    age = rng.uniform(20, 90, n)
+    research = np.exp(np.log([0.65, 0.0057, 0.51]) + rng.normal(0, [0.05, 0.05, 0.05], (n, 3)))
+    spread = np.exp(np.log([0.85, 0.010, 0.45]) + rng.normal(0, [0.15, 0.4, 0.15], (n, 3)))
+    quality = np.where(clinical[:, None], spread, research)
+    predicted = age + np.where(clinical, rng.normal(-10, 9.0, n), rng.normal(0, 3.0, n))
+    return predicted, age, quality, clinical
+
+
+def test_acquisition_bands_keep_coverage_for_clinical_scans_and_research_widths_that_one_band_misses():
+    """Half the calibration scans are clinical: biased, three times the spread, and with a CJV that overlaps the
+    research scans'. One band under-covers clinical scans and gives research ones an interval twice too wide; the
+    atypicality against the validation scans' metrics separates them, so each kind is covered, and the
+    research interval stays as narrow as research scans alone give."""
+    from scripts.quality import ATYPICAL, AcquisitionReference
+
     rng = np.random.default_rng(1)
-
-    def draw(n):
-        noisy = rng.permutation(n) < n // 2  # exactly half
-        age = rng.uniform(20, 90, n)
-        quality = np.where(noisy, rng.uniform(0.9, 1.2, n), rng.uniform(0.6, 0.8, n))
-        return age + rng.normal(0, np.where(noisy, 9.0, 3.0)), age, quality, noisy
-
-    pred, age, quality, _ = draw(240)
-    test_pred, test_age, test_quality, test_noisy = draw(20000)
+    reference = AcquisitionReference.fit(draw_scans(rng, 90, clinical_share=0.0)[2])  # a research validation split
+    pred, age, quality, _ = draw_scans(rng, 240)
+    test_pred, test_age, test_quality, test_clinical = draw_scans(rng, 20000)
     single = PredictionInterval.fit(pred, age, coverage=0.9)
-    mondrian = PredictionInterval.fit(pred, age, quality, coverage=0.9, max_groups=2)
-    assert len(mondrian.quality_edges) == 1 and 0.8 <= mondrian.quality_edges[0] <= 0.9 and sum(mondrian.n) == 240
-    for noisy in (False, True):
-        rows = test_noisy == noisy
-        plain = coverage(single, test_pred[rows], test_age[rows])
-        banded = coverage(mondrian, test_pred[rows], test_age[rows], test_quality[rows])
-        assert (plain < 0.85) if noisy else (plain > 0.97)
-        assert 0.86 <= banded <= 0.95
-    clean_alone = PredictionInterval.fit(pred[quality < 0.85], age[quality < 0.85], coverage=0.9)
-    clean_band = mondrian.upper[0] - mondrian.lower[0]
-    assert clean_band == pytest.approx(clean_alone.upper[0] - clean_alone.lower[0])
-    # a scan without a score gets the widest band; one beyond the calibration range the nearest band
-    assert mondrian.group([np.nan, 0.1, 5.0]).tolist() == [1, 0, 1]
+    banded = PredictionInterval.fit(pred, age, quality, reference, coverage=0.9)
+    assert banded.reference == reference and len(banded.n) == 2 and sum(banded.n) == 240
+    assert np.mean(reference.atypicality(test_quality[~test_clinical]) > ATYPICAL) < 0.05  # 1 % + estimation
+    assert np.mean(reference.atypicality(test_quality[test_clinical]) > ATYPICAL) > 0.9
+    for clinical in (False, True):
+        rows = test_clinical == clinical
+        assert 0.88 <= coverage(banded, test_pred[rows], test_age[rows], test_quality[rows]) <= 0.93
+    assert coverage(single, test_pred[test_clinical], test_age[test_clinical]) < 0.87
+    assert single.upper[0] - single.lower[0] > 2 * (banded.upper[0] - banded.lower[0])  # research: 2x too wide
+    typical = reference.atypicality(quality) <= ATYPICAL
+    research_alone = PredictionInterval.fit(pred[typical], age[typical], coverage=0.9)
+    assert banded.upper[0] - banded.lower[0] == pytest.approx(research_alone.upper[0] - research_alone.lower[0])
+    # a scan without metrics gets the widest band
+    assert banded.group(np.array([[np.nan, 0.0057, 0.51], [0.65, 0.0057, 0.51], [2.0, 0.03, 0.2]])).tolist() == [
+        1,
+        0,
+        1,
+    ]
 
 
 def test_interval_ranks_by_hand_and_bands_need_enough_scans():
+    from scripts.quality import AcquisitionReference
+
     # residuals predicted - age = -4..5 (n = 10); coverage 0.8: ranks floor(11 * 0.1) = 1 and ceil(11 * 0.9) = 10
     age = np.full(10, 50.0)
     predicted = age + np.arange(-4, 6)
-    interval = PredictionInterval.fit(predicted, age, np.linspace(0, 1, 10), coverage=0.8)
-    assert (interval.lower, interval.upper, interval.n, interval.quality_edges) == ((-4.0,), (5.0,), (10,), ())
-    lower, upper = interval.bounds([70.0], [0.5])
+    interval = PredictionInterval.fit(predicted, age, coverage=0.8)
+    assert (interval.lower, interval.upper, interval.n, interval.reference) == ((-4.0,), (5.0,), (10,), None)
+    lower, upper = interval.bounds([70.0], np.array([[0.6, 0.005, 0.5]]))
     assert (lower[0], upper[0]) == (65.0, 74.0)  # [p - upper, p - lower]
     # too few calibration scans for 90 %: the interval is unbounded, as split-conformal must say
     small = PredictionInterval.fit(predicted[:5], age[:5], coverage=0.9)
     assert small.lower == (-math.inf,) and small.upper == (math.inf,)
-    # 80 scored scans and bands of at least 40: two bands, cut at the median score
-    many = PredictionInterval.fit(np.tile(predicted, 8), np.tile(age, 8), np.arange(80.0), coverage=0.8)
-    assert many.n == (40, 40) and many.quality_edges == (39.5,)
+    # bands of at least 40 scans: 40 atypical ones make a band of their own, 39 do not
+    rng = np.random.default_rng(0)
+    reference = AcquisitionReference.fit(np.exp(np.log([0.65, 0.0057, 0.51]) + rng.normal(0, 0.05, (50, 3))))
+    for atypical, bands in ((40, 2), (39, 1)):
+        quality = np.tile([0.65, 0.0057, 0.51], (80, 1))
+        quality[:atypical] = [1.2, 0.02, 0.3]
+        fitted = PredictionInterval.fit(np.tile(predicted, 8), np.tile(age, 8), quality, reference, coverage=0.8)
+        assert len(fitted.n) == bands and sum(fitted.n) == 80 and fitted.reference == reference
     with pytest.raises(ValueError, match="between 0 and 1"):
         PredictionInterval.fit(predicted, age, coverage=90)
+    with pytest.raises(ValueError, match=">= 6 scored scans"):
+        AcquisitionReference.fit(np.vstack([np.ones((5, 3)), [[np.nan, 1, 1]]]))
     metrics = interval_metrics([65, 0, np.nan], [74, 1, 3], [70, 5, 2])
     assert metrics == {"interval_coverage": 0.5, "interval_width": 5.0}
+
+
+def test_an_interval_file_keeps_its_bands_and_reference_and_an_older_one_is_refused(tmp_path):
+    rng = np.random.default_rng(2)
+    from scripts.quality import AcquisitionReference
+
+    reference = AcquisitionReference.fit(draw_scans(rng, 60, clinical_share=0.0)[2])
+    pred, age, quality, _ = draw_scans(rng, 200)
+    fitted = PredictionInterval.fit(pred, age, quality, reference, coverage=0.9)
+    fitted.save(tmp_path / "model_interval.json")
+    loaded = PredictionInterval.load(tmp_path / "model_interval.json")
+    assert loaded.n == fitted.n and loaded.lower == fitted.lower and loaded.upper == fitted.upper
+    assert np.allclose(loaded.atypicality(quality), fitted.atypicality(quality))
+    old = json.loads((tmp_path / "model_interval.json").read_text())
+    old.update(method="mondrian-split-conformal", quality_edges=[0.7])
+    (tmp_path / "old_interval.json").write_text(json.dumps(old))
+    with pytest.raises(CalibrationError, match="refit it: python -m scripts.calibration"):
+        PredictionInterval.load(tmp_path / "old_interval.json")
 
 
 def test_a_calibration_records_what_it_was_fitted_for_and_refuses_anything_else(tmp_path):
@@ -113,7 +155,8 @@ def test_training_fits_the_interval_on_the_calibration_split_and_inference_appli
     path = trained_model["ckpt_path"].with_name("model_interval.json")
     stored = json.loads(path.read_text())
     calibration = json.loads(trained_model["datalist"].read_text())["calibration"]
-    assert stored["method"] == "mondrian-split-conformal" and stored["coverage"] == 0.6
+    assert stored["method"] == "acquisition-mondrian-split-conformal" and stored["coverage"] == 0.6
+    assert stored["reference"]["n"] == len(json.loads(trained_model["datalist"].read_text())["validation"])
     assert sum(stored["n"]) == len(calibration)  # fitted on the calibration split, every scan of it
     assert stored["fitted_for"]["split"] == "calibration" and stored["fitted_for"]["slice_levels"] == 1
     assert all(math.isfinite(v) for v in stored["lower"] + stored["upper"])
@@ -131,10 +174,12 @@ def test_training_fits_the_interval_on_the_calibration_split_and_inference_appli
     with open(tmp_path / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
-        predicted, quality = float(row["predicted_age"]), float(row["quality"])
-        assert 0.3 < quality < 3
-        band = int(interval.group([quality])[0])
+        predicted = float(row["predicted_age"])
+        quality = np.array([float(row[m]) for m in QUALITY_METRICS])
+        assert 0.3 < quality[0] < 3 and 0 < quality[1] < 0.1 and 0 < quality[2] < 2
+        band = int(interval.group(quality)[0])
         assert int(row["interval_band"]) == band + 1
+        assert float(row["atypicality"]) == pytest.approx(float(interval.atypicality(quality)[0]), abs=0.02)
         assert float(row["predicted_age_lower"]) == pytest.approx(predicted - interval.upper[band], abs=2e-3)
         assert float(row["predicted_age_upper"]) == pytest.approx(predicted - interval.lower[band], abs=2e-3)
         age = float(row["age"])

@@ -7,15 +7,15 @@ Test people, never used in training or calibration, in up to two forms:
 
 * **fast path** (always): the embedded phantom's test split (``CohortSpec(n=600, seed=0)``, 90 people) rendered
   four times, research grade, a research re-scan (``session=1``), clinical grade and a clinical re-scan; and with
-  ``--fresh N`` a fresh cohort of N new people (seed 101) at both grades, for coverage by age third;
+  ``--fresh N`` a fresh cohort of N new people (``--fresh-seed``, 101) at both grades, for coverage by age third;
 * **chain** (``--cohort``, ``tests/benchmarks/chain_cohort.py``): the same test people's raw volumes through the
   real chain, research and clinical grade and their re-scans.
 
 Each model (``--ckpt``, several: e.g. one per seed) predicts every set with ``configs/inference.yaml``, and each set
 is scored with up to three intervals:
 
-* ``model``: the calibration files beside the checkpoint (what a user gets: Mondrian split-conformal over quality
-  bands, fitted on the training datalist's calibration split);
+* ``model``: the calibration files beside the checkpoint (what a user gets: Mondrian split-conformal for typical and
+  atypical acquisitions, fitted on the training datalist's calibration split);
 * ``validation``: the interval of earlier versions, one band fitted on the research validation split that also chose
   the checkpoint (``scripts.calibration.PredictionInterval.fit`` without quality), for comparison;
 * ``chain`` (with ``--cohort``): refitted on the cohort's chain-preprocessed ``calibration`` list, as a user
@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from scripts import synthetic  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 from scripts.calibration import PredictionInterval, fit_from_predictions, interval_path  # noqa: E402
+from scripts.quality import QUALITY_METRICS  # noqa: E402
 from scripts.statistics import bland_altman, icc, interval_metrics  # noqa: E402
 
 FAST_SETS = {  # name: (grade, session)
@@ -75,7 +76,7 @@ def predict(datalist: Path, splits: list[str], out: Path, ckpt: Path, image_size
         return list(csv.DictReader(fh))
 
 
-def render_fast(tmp: Path, fresh: int) -> dict[str, tuple[Path, str]]:
+def render_fast(tmp: Path, fresh: int, fresh_seed: int = 101) -> dict[str, tuple[Path, str]]:
     """{set: (datalist, list)} of the fast-path test sets (and the fresh cohort at both grades)."""
     sets = {}
     jobs = []
@@ -98,7 +99,7 @@ def render_fast(tmp: Path, fresh: int) -> dict[str, tuple[Path, str]]:
         for grade in ("research", "clinical"):
             spec = synthetic.CohortSpec(
                 n=fresh,
-                seed=101,
+                seed=fresh_seed,
                 grade=grade,
                 n_disease=0,
                 unlabelled_fraction=0.0,
@@ -116,7 +117,7 @@ def score(rows: list[dict], intervals: dict[str, PredictionInterval]) -> dict:
     """MAE, bias, and each interval's coverage and width, overall and by age third."""
     p = np.array([float(r["predicted_age"]) for r in rows])
     a = np.array([float(r["age"]) for r in rows])
-    q = np.array([float(r["quality"]) if r.get("quality") else np.nan for r in rows])
+    q = np.array([[float(r[m]) if r.get(m) else np.nan for m in QUALITY_METRICS] for r in rows]).reshape(-1, 3)
     result = {"n": len(rows), "mae": float(np.abs(p - a).mean()), "bias": float((p - a).mean()), "intervals": {}}
     for name, interval in intervals.items():
         lower, upper = interval.bounds(p, q)
@@ -196,6 +197,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128, help="the models' image_size")
     parser.add_argument("--coverage", type=float, default=0.9)
     parser.add_argument("--fresh", type=int, default=0, help="also a fresh fast-path cohort of this many people")
+    parser.add_argument("--fresh-seed", type=int, default=101, help="the fresh cohort's seed")
     parser.add_argument("--cohort", default=None, help="the chain-preprocessed cohort's datalist (chain_cohort.py)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -205,7 +207,7 @@ def main() -> None:
         parser.error("give checkpoints in differently named folders (e.g. seed0/, seed1/)")
     cohort = Path(args.cohort).resolve() if args.cohort else None
     with tempfile.TemporaryDirectory(prefix="reliability-") as tmp:
-        sets = render_fast(Path(tmp), args.fresh)
+        sets = render_fast(Path(tmp), args.fresh, args.fresh_seed)
         models = [measure(Path(tmp), c, sets, cohort, args.image_size, args.coverage) for c in ckpts]
     results = {"models": models, "summary": summarise(models), "coverage_target": args.coverage}
     results["phantom_version"] = synthetic.PHANTOM_VERSION
