@@ -1,7 +1,7 @@
 """Brain-age prediction with a semi-supervised diffusion autoencoder (Ijishakin et al.).
 
-The package the bundle's configs import: one module per concern (see ``docs/README.md``). Submodules
-load on first use, so a config needs only ``$import scripts`` to refer to ``scripts.engine.X``.
+The package the bundle's configs import: one module per concern (see ``docs/model_zoo.md``). Submodules
+load on first use, so a config needs only ``$import scripts`` to refer to ``scripts.losses.X``.
 """
 
 import importlib

@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from scripts.atomic import write_json
+from scripts.checkpoint import read_model_weights
 from scripts.cli import BundleError
-from scripts.engine import read_model_weights
 from scripts.quality import ATYPICAL, QUALITY_METRICS, AcquisitionReference
 
 __all__ = [

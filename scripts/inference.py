@@ -24,8 +24,8 @@ import torch
 from scripts import data as datalists
 from scripts.atomic import safe_name, write_atomic, write_csv
 from scripts.calibration import BiasCorrection, PredictionInterval
+from scripts.checkpoint import CheckpointError, read_model_weights
 from scripts.cli import BundleError
-from scripts.engine import CheckpointError, read_model_weights
 from scripts.mni import SLICE_SIZE, slice_affine
 from scripts.quality import QUALITY_METRICS
 
@@ -289,7 +289,7 @@ class PredictionWriter:
         self.ages, self.latents, self.level_ages, self.qualities = [], [], [], []
 
     def _collect(self, engine) -> None:
-        output = engine.state.output  # AgeInferer's dict unpacked by the evaluator (scripts.engine.unpack_age_output)
+        output = engine.state.output  # AgeInferer's dict unpacked by the evaluator (scripts.inferers.unpack_age_output)
         self.ages.append(output["pred"].detach().float().cpu().numpy().reshape(-1))
         quality = engine.state.batch.get("quality") if isinstance(engine.state.batch, dict) else None
         n, width = len(self.ages[-1]), len(QUALITY_METRICS)

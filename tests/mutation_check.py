@@ -67,7 +67,7 @@ MUTANTS = [
     Mutant(
         "checkpoint-not-atomic",
         "checkpoints are written straight to their target file",
-        "scripts/engine.py",
+        "scripts/checkpoint.py",
         "        path = write_atomic(self.dirname / (self.filename or filename), lambda tmp: torch.save(checkpoint, tmp))",
         "        path = self.dirname / (self.filename or filename)\n        torch.save(checkpoint, path)",
         ("tests/test_reliability.py::test_a_checkpoint_save_that_fails_half_way_leaves_the_previous_file_loadable",),
@@ -92,7 +92,7 @@ MUTANTS = [
         "resume-forgets-best-metric",
         "the evaluator's best score is not part of the resume state",
         "configs/train.yaml",
-        "    best_metric: $scripts.engine.BestMetricState(@validate#evaluator)\n",
+        "    best_metric: $scripts.resume.BestMetricState(@validate#evaluator)\n",
         "",
         ("tests/test_resume.py::test_a_resumed_run_keeps_the_best_model_when_it_scores_no_better",),
     ),
@@ -108,7 +108,7 @@ MUTANTS = [
         "sampler-replays-epoch-0",
         "a resumed run's sampler starts again from epoch 0's shuffles",
         "configs/train.yaml",
-        "    - _target_: scripts.engine.SamplerEpoch   # epoch e's shuffles in epoch e, resumed or not\n"
+        "    - _target_: scripts.resume.SamplerEpoch   # epoch e's shuffles in epoch e, resumed or not\n"
         "      sampler: '@train#sampler'\n",
         "",
         ("tests/test_resume.py::test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run",),
@@ -117,14 +117,14 @@ MUTANTS = [
         "rng-not-resumed",
         "the random streams (noise, timesteps, dropout) restart on resume",
         "configs/train.yaml",
-        "    random_state: $scripts.engine.RandomState()\n",
+        "    random_state: $scripts.resume.RandomState()\n",
         "",
         ("tests/test_resume.py::test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run",),
     ),
     Mutant(
         "ema-warmup-restarts",
         "the EMA momentum warm-up starts again on resume",
-        "scripts/engine.py",
+        "scripts/resume.py",
         '            scheduler.event_index = int(state["warmup_position"])',
         "            pass",
         ("tests/test_resume.py::test_a_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run",),
@@ -148,7 +148,7 @@ MUTANTS = [
     Mutant(
         "age-loss-imputes-unlabelled",
         "unlabelled images enter the age loss with the mean age as target",
-        "scripts/engine.py",
+        "scripts/losses.py",
         '        paired = ~torch.isnan(target["age"]) & ~torch.isnan(pred["age"])\n',
         '        target = {**target, "age": torch.nan_to_num(target["age"], nan=float(self.age_head.age_mean))}\n'
         '        paired = ~torch.isnan(pred["age"])\n',
@@ -186,7 +186,7 @@ MUTANTS = [
     Mutant(
         "wrong-z-probe-keeps-own-z",
         "the decoder-uses-z probe swaps nothing",
-        "scripts/engine.py",
+        "scripts/handlers.py",
         "            wrong = z.roll(1, dims=0)",
         "            wrong = z",
         (
@@ -212,7 +212,7 @@ MUTANTS = [
     Mutant(
         "nan-loss-not-guarded",
         "a NaN loss is let through to backward and the optimizer",
-        "scripts/engine.py",
+        "scripts/handlers.py",
         "        if math.isfinite(loss):\n            return\n",
         "        return\n",
         ("tests/test_reliability.py::test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoints",),
@@ -294,7 +294,7 @@ MUTANTS = [
     Mutant(
         "levels-combined-by-mean",
         "several axial levels are combined by their mean, which one bad level can move, not the median",
-        "scripts/engine.py",
+        "scripts/inferers.py",
         '    return torch.quantile(ages.float(), 0.5, dim=1, keepdim=True, interpolation="midpoint")',
         "    return ages.float().mean(dim=1, keepdim=True)",
         ("tests/test_multislice.py::test_inferer_predicts_each_level_and_takes_the_median",),
@@ -322,7 +322,7 @@ MUTANTS += [
     Mutant(
         "import-from-above",
         "the engine reaches up into the analyses (an import cycle in the making)",
-        "scripts/engine.py",
+        "scripts/checkpoint.py",
         "from scripts.atomic import write_atomic\n",
         "from scripts.atomic import write_atomic\n        from scripts.statistics import pearson_r  # noqa: F401\n",
         ("tests/test_bundle.py::test_modules_import_only_from_the_layers_below_them",),
@@ -437,7 +437,7 @@ MUTANTS += [
         "resume-with-other-settings",
         "a rerun with another max_epochs or learning rate resumes the old run",
         "configs/train.yaml",
-        "    settings: $scripts.engine.RunSettings(@resume_settings, @resume_path)\n",
+        "    settings: $scripts.resume.RunSettings(@resume_settings, @resume_path)\n",
         "",
         ("tests/test_training.py::test_resuming_with_other_settings_is_refused_in_one_line",),
     ),
@@ -531,7 +531,7 @@ MUTANTS += [
     Mutant(
         "training-state-loaded-as-a-model",
         "the resumable last.pt is loaded as model weights (online weights with the EMA's statistics)",
-        "scripts/engine.py",
+        "scripts/checkpoint.py",
         '        isinstance(state.get(key), dict) for key in ("network", "model", "optimizer")\n',
         "        isinstance(state.get(key), dict) for key in ()\n",
         (
@@ -567,7 +567,7 @@ MUTANTS += [
     Mutant(
         "age-depends-on-batch",
         "evaluation runs whatever batch shape comes, so a scan's age depends on its batch",
-        "scripts/engine.py",
+        "scripts/inferers.py",
         "        if not size or network.training or inputs.shape[0] == size:",
         "        if True:",
         ("tests/test_inference.py::test_a_scans_age_does_not_depend_on_its_batch",),
@@ -607,7 +607,7 @@ MUTANTS += [
     Mutant(
         "foreach-ema-wrong-weight",
         "the foreach EMA weights the online model by 1 - momentum",
-        "scripts/engine.py",
+        "scripts/handlers.py",
         "        torch._foreach_lerp_(ema, online, momentum)",
         "        torch._foreach_lerp_(ema, online, 1.0 - momentum)",
         ("tests/test_engine.py::test_the_foreach_ema_averages_exactly_as_ignites_ema_handler",),

@@ -153,7 +153,7 @@ def test_pad_distributions_match_scipy_and_write_the_box_plot(tmp_path):
 @pytest.fixture
 def tiny_bundle(tmp_path, bundle_root):
     """A config + checkpoint of a tiny model and three labelled model-input slices in a datalist."""
-    from scripts.engine import PreciseBatchNorm
+    from scripts.handlers import PreciseBatchNorm
 
     model = tiny_model(seed=2)  # its latent statistics from training-like images, as training leaves them
     PreciseBatchNorm(

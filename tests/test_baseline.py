@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from scripts import statistics
-from scripts.engine import LabelledAgeLoss
 from scripts.inference import PREDICTION_COLUMNS, read_predictions
+from scripts.losses import LabelledAgeLoss
 from scripts.networks import AgeRegressor
 
 

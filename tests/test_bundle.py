@@ -228,7 +228,9 @@ LAYERS = [
     {"data", "bids", "shards"},  # datalists (the embedded default generates the phantom), BIDS, shards of inputs
     {"preprocess"},  # raw scans -> slices, as a batch job
     {"networks"},
-    {"engine"},  # prepare_batch, inferers, loss, sampler, handlers, resume state
+    # what the stock MONAI engines are given: batches, inferers, losses, the sampler, the resume state, checkpoints
+    {"prepare_batch", "inferers", "losses", "samplers", "resume", "checkpoint"},
+    {"handlers"},  # ignite handlers of training and validation (they prepare batches and run inferers)
     {"calibration"},  # age-bias correction fitted at validation
     {"inference"},  # predictions.csv writer, checkpoint checks
     {"statistics"},  # accuracy, associations, KS

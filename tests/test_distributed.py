@@ -10,7 +10,7 @@ import sys
 import torch
 
 from scripts.data import is_labelled
-from scripts.engine import LabelledRatioBatchSampler
+from scripts.samplers import LabelledRatioBatchSampler
 
 
 def test_torchrun_ddp_training_on_cpu_writes_from_rank_0_only(bundle_root, slice_dataset, tiny_network, tmp_path):

@@ -15,22 +15,20 @@ from monai.handlers import MeanAbsoluteError, from_engine
 from monai.networks.schedulers import DDPMScheduler
 from torch.utils.data import DataLoader
 
-from scripts.engine import (
-    AgeInferer,
-    AgePrepareBatch,
-    DiffusionAutoencoderInferer,
-    DiffusionPrepareBatch,
+from scripts.handlers import (
     GradientClipping,
-    LabelledRatioBatchSampler,
     LossComponentsHandler,
     PreciseBatchNorm,
-    SemiSupervisedLoss,
     WrongLatentPenalty,
     loss_log_transform,
     wrong_latent_penalty,
 )
+from scripts.inferers import AgeInferer, DiffusionAutoencoderInferer
+from scripts.losses import SemiSupervisedLoss
 from scripts.networks import DiffusionAutoencoder
 from scripts.precision import default_autocast_dtype, resolve_autocast_dtype
+from scripts.prepare_batch import AgePrepareBatch, DiffusionPrepareBatch
+from scripts.samplers import LabelledRatioBatchSampler
 
 TINY = dict(
     base_channels=8,
@@ -440,7 +438,7 @@ def test_the_foreach_ema_averages_exactly_as_ignites_ema_handler(buffers):
     from ignite.engine import Engine
     from ignite.handlers import EMAHandler
 
-    from scripts.engine import ForeachEMAHandler
+    from scripts.handlers import ForeachEMAHandler
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))

@@ -13,7 +13,7 @@ from conftest import predict, read_csv
 from monai.bundle import ConfigParser
 
 from scripts import synthetic
-from scripts.engine import AgeInferer, combine_levels, unpack_age_output
+from scripts.inferers import AgeInferer, combine_levels, unpack_age_output
 from scripts.mni import level_offsets
 from scripts.transforms import AsSliceLevelsd, ExtractAxialSliced, FinaliseSliced, slice_nifti
 

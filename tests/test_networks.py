@@ -232,7 +232,7 @@ def phantom_slices(slice_dataset) -> torch.Tensor:
 
 def calibrate(model: DiffusionAutoencoder, images: torch.Tensor) -> DiffusionAutoencoder:
     """Exact BatchNorm statistics on these images, as training does before every validation."""
-    from scripts.engine import PreciseBatchNorm
+    from scripts.handlers import PreciseBatchNorm
 
     PreciseBatchNorm(model, [{"image": images, "age": torch.full((len(images),), 50.0)}])()
     return model.eval()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from scripts.data import DatalistError, load_datalist
-from scripts.engine import NonFiniteLossError
+from scripts.handlers import NonFiniteLossError
 
 
 @pytest.fixture
@@ -208,7 +208,7 @@ def test_workflows_write_only_under_their_output_folders(run_workflow, bundle_ro
 
 
 def test_checkpoint_saves_are_atomic_and_clear_temporaries_of_a_killed_save(tmp_path):
-    from scripts.engine import _AtomicFileSaver
+    from scripts.checkpoint import _AtomicFileSaver
 
     (tmp_path / "last.pt").write_bytes(b"previous complete checkpoint")
     (tmp_path / ".last.pt.tmp4242").write_bytes(b"half a checkpoint")  # the save a SIGKILL interrupted
@@ -220,7 +220,7 @@ def test_checkpoint_saves_are_atomic_and_clear_temporaries_of_a_killed_save(tmp_
 
 def test_a_checkpoint_save_that_fails_half_way_leaves_the_previous_file_loadable(tmp_path, monkeypatch):
     """The best model and last.pt go through the same saver: a save that dies mid-write must not touch them."""
-    from scripts.engine import _AtomicFileSaver
+    from scripts.checkpoint import _AtomicFileSaver
 
     saver = _AtomicFileSaver(tmp_path, "model.pt")
     saver({"weight": torch.ones(3)}, "ignored.pt")

@@ -122,7 +122,7 @@ def _validate_three_epochs(tmp_path, table, method="beheshti"):
     from monai.engines import SupervisedEvaluator
     from monai.handlers import MeanAbsoluteError, from_engine
 
-    from scripts.engine import AgePrepareBatch
+    from scripts.prepare_batch import AgePrepareBatch
 
     ages = torch.linspace(20.0, 80.0, 10)
     data = [{"image": torch.arange(10.0)[:, None, None, None], "age": ages}]

@@ -171,7 +171,7 @@ def test_resuming_with_other_settings_is_refused_in_one_line(
 ):
     """Resuming a 1-epoch run with --max_epochs 3 used to restore the old cosine schedule (lr 1e-4, 0, 1e-4, 0)."""
     from scripts.cli import root_cause
-    from scripts.engine import ResumeMismatchError
+    from scripts.resume import ResumeMismatchError
 
     datalist = str(slice_dataset / "datalist.json")
     run_training(run_workflow, datalist=datalist, max_epochs=1, **outputs)

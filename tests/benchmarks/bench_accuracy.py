@@ -68,8 +68,8 @@ sys.path.insert(0, str(ROOT))
 from scripts import synthetic  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 from scripts.data import is_labelled, load_datalist  # noqa: E402
-from scripts.engine import LabelledRatioBatchSampler  # noqa: E402
 from scripts.inference import read_predictions  # noqa: E402
+from scripts.samplers import LabelledRatioBatchSampler  # noqa: E402
 from scripts.statistics import pad_outcome_association  # noqa: E402
 
 MODELS = {  # name: (description, training datalist, config overlays, batch size, labelled ratio)

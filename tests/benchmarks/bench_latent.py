@@ -43,7 +43,7 @@ from monai.bundle import ConfigWorkflow  # noqa: E402
 
 from scripts import generative, synthetic  # noqa: E402
 from scripts.data import embedded_phantom  # noqa: E402
-from scripts.engine import BatchNormRecalibration, wrong_latent_penalty  # noqa: E402
+from scripts.handlers import PreciseBatchNorm, wrong_latent_penalty  # noqa: E402
 from scripts.inference import load_weights  # noqa: E402
 from scripts.statistics import pearson_r  # noqa: E402
 
@@ -118,10 +118,10 @@ def train(run_dir: Path, datalist: str, image_size: int, max_epochs: int, seed: 
     workflow.initialize()
     parser = workflow.parser
     network = parser.get_parsed_content("network")
-    train_loader = parser.get_parsed_content("train#calibration_loader")
+    train_loader = parser.get_parsed_content("train#batchnorm_loader")
     val_images = torch.cat([batch["image"] for batch in parser.get_parsed_content("validate#dataloader")]).as_tensor()
     init = copy.deepcopy(network)
-    BatchNormRecalibration(init, train_loader)()  # what training computes before its first validation
+    PreciseBatchNorm(init, train_loader)()  # what training computes before its first validation
     init_stats = {**generative.latent_statistics(init, val_images), **feature_statistics(init, val_images)}
     del init
 

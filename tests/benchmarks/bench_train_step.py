@@ -39,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the bundle root,
 from monai.networks.schedulers import DDPMScheduler  # noqa: E402
 
 from scripts.atomic import write_json  # noqa: E402
-from scripts.engine import DiffusionAutoencoderInferer, DiffusionPrepareBatch, SemiSupervisedLoss  # noqa: E402
+from scripts.inferers import DiffusionAutoencoderInferer  # noqa: E402
+from scripts.losses import SemiSupervisedLoss  # noqa: E402
 from scripts.networks import DiffusionAutoencoder, count_parameters  # noqa: E402
+from scripts.prepare_batch import DiffusionPrepareBatch  # noqa: E402
 
 AUTOCAST = {"fp32": None, "bf16": "bfloat16"}
 
