@@ -16,6 +16,8 @@ import torch
 from scripts import cli
 from scripts.atomic import write_json
 from scripts.generative import counterfactual_ageing, generate_from_latent, interpolate, latent_spread, reconstruct
+from scripts.precision import resolve_autocast_dtype
+from scripts.slices import centre_level, is_model_input
 from scripts.statistics import (
     _number,
     _text_table,
@@ -30,7 +32,7 @@ from scripts.statistics import (
 # Command line: python -m scripts.analysis {metrics, association, ks, reconstruct, interpolate, counterfactual}
 # ---------------------------------------------------------------------------------------------------------------
 
-AUTOCAST_CHOICES = ("none", "bfloat16", "float16")
+AUTOCAST_CHOICES = ("float32", "bfloat16", "float16", "auto")  # the configs' autocast_dtype
 
 
 def load_model(config_file: str | Path, ckpt_path: str | Path | None = None, device: str | None = None):
@@ -64,8 +66,6 @@ def config_ddim_steps(config_file: str | Path, default: int = 50) -> int:
 def _load_slices(items: list[dict], transforms) -> torch.Tensor:
     """Model-input slices as one float32 (N, C, H, W) batch, through the config's own slice transforms (the
     medial level of a multi-level file)."""
-    from scripts.inference import is_model_input
-
     images = []
     for item in items:
         path = item["image"]
@@ -77,7 +77,7 @@ def _load_slices(items: list[dict], transforms) -> torch.Tensor:
                 "(python -m monai.bundle run preprocess --config_file configs/preprocess.yaml ...)"
             )
         image = torch.as_tensor(transforms({"image": path})["image"], dtype=torch.float32)
-        images.append(image[..., image.shape[-1] // 2] if image.ndim == 4 else image)  # the medial level
+        images.append(centre_level(image[None])[0])  # the medial level
     return torch.stack(images)
 
 
@@ -106,8 +106,8 @@ def _label(info: dict) -> str:
     return info["subject"] + (f" ({', '.join(details)})" if details else "")
 
 
-def _autocast_arg(args) -> str | None:
-    return None if args.autocast_dtype == "none" else args.autocast_dtype
+def _autocast_arg(args, model: torch.nn.Module) -> str | None:
+    return resolve_autocast_dtype(args.autocast_dtype, next(model.parameters()).device)
 
 
 def _run_metrics(args) -> None:
@@ -167,7 +167,7 @@ def _run_reconstruct(args) -> None:
     model, transforms = load_model(args.config_file, args.ckpt_path, args.device)
     images = _load_slices(items, transforms)
     print(f"reconstructing {len(items)} images ({args.ddim_steps} DDIM steps each way), with the swapped-z control...")
-    result = reconstruct(model, images, args.ddim_steps, args.batch_size, _autocast_arg(args))
+    result = reconstruct(model, images, args.ddim_steps, args.batch_size, _autocast_arg(args, model))
     swapped = "swapped_mse" in result
     described = [
         {
@@ -231,7 +231,9 @@ def _run_generate(args) -> None:
     model, transforms = load_model(args.config_file, args.ckpt_path, args.device)
     images = _load_slices(items, transforms)
     print(f"decoding one shared x_end with the z of {len(items)} images ({args.ddim_steps} DDIM steps)...")
-    result = generate_from_latent(model, images, args.ddim_steps, args.batch_size, _autocast_arg(args), args.seed)
+    result = generate_from_latent(
+        model, images, args.ddim_steps, args.batch_size, _autocast_arg(args, model), args.seed
+    )
     described = [
         {
             **_describe(item),
@@ -297,7 +299,7 @@ def _run_interpolate(args) -> None:
     images = _load_slices(ends, transforms)
     print(f"interpolating {args.frames} frames ({args.ddim_steps} DDIM steps each way), with the x_end-only control...")
     result = interpolate(
-        model, images[0], images[1], args.frames, args.ddim_steps, args.batch_size, _autocast_arg(args)
+        model, images[0], images[1], args.frames, args.ddim_steps, args.batch_size, _autocast_arg(args, model)
     )
     young, old = (_describe(item) for item in ends)
     frames = [
@@ -362,7 +364,7 @@ def _run_counterfactual(args) -> None:
     scale = None
     if cohort:
         reference = [cohort[int(i)] for i in np.linspace(0, len(cohort) - 1, min(len(cohort), args.reference_size))]
-        scale = latent_spread(model, _load_slices(reference, transforms), args.batch_size, _autocast_arg(args))
+        scale = latent_spread(model, _load_slices(reference, transforms), args.batch_size, _autocast_arg(args, model))
         print(f"latent moves in units of the spread of z_sem over {len(reference)} {args.split} images")
     print(
         f"decoding {len(args.deltas)} counterfactual ages ({args.ddim_steps} DDIM steps each way), with a "
@@ -374,7 +376,7 @@ def _run_counterfactual(args) -> None:
         args.deltas,
         args.ddim_steps,
         args.batch_size,
-        _autocast_arg(args),
+        _autocast_arg(args, model),
         latent_scale=scale,
         seed=args.seed,
     )
@@ -500,8 +502,9 @@ def _model_options(parser) -> None:
     parser.add_argument(
         "--autocast-dtype",
         choices=AUTOCAST_CHOICES,
-        default="none",
-        help="autocast dtype of the network passes; none = float32, safest for DDIM inversion",
+        default="float32",
+        help="autocast dtype of the network passes, as the configs' autocast_dtype; float32 is safest for DDIM "
+        "inversion",
     )
     parser.add_argument(
         "--ddim-steps",

@@ -29,6 +29,7 @@ from torch import nn
 from scripts.atomic import write_json
 from scripts.checkpoint import read_model_weights
 from scripts.cli import BundleError
+from scripts.networks import unwrap
 from scripts.quality import ATYPICAL, QUALITY_METRICS, AcquisitionReference
 
 __all__ = [
@@ -387,7 +388,7 @@ class CalibrationFitter:
                 return
         if not len(pred):
             return
-        network = getattr(engine.network, "module", engine.network)
+        network = unwrap(engine.network)
         record = partial(fitted_for, network.state_dict(), self.slice_levels, self.image_size)
         if self.interval_path is not None:  # the interval of the checkpoint's model
             reference = _reference(quality.numpy())  # the validation split: scans drawn like the training ones

@@ -16,10 +16,11 @@ from monai.networks.schedulers import Scheduler
 from torch import nn
 
 from scripts.cli import BundleError
-from scripts.inferers import centre_level
 from scripts.losses import SemiSupervisedLoss
+from scripts.networks import unwrap
 from scripts.precision import autocast
 from scripts.prepare_batch import batch_ages, batch_images
+from scripts.slices import centre_level
 
 __all__ = [
     "ForeachEMAHandler",
@@ -147,7 +148,7 @@ class PreciseBatchNorm:
 
     @torch.no_grad()
     def __call__(self, engine=None) -> None:
-        model = getattr(self.network, "module", self.network)  # unwrap DDP
+        model = unwrap(self.network)
         device = next(model.parameters()).device
         with autocast(device, self.autocast_dtype):
             model.recalibrate_batchnorm(self.batches(device))
@@ -216,7 +217,7 @@ def wrong_latent_penalty(
     """
     if len(images) < 2:
         raise ValueError(f"swapping z needs at least 2 images, got {len(images)}")
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     x0 = images.detach().float().cpu()

@@ -17,7 +17,6 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -26,8 +25,8 @@ from scripts.atomic import safe_name, write_atomic, write_csv
 from scripts.calibration import BiasCorrection, PredictionInterval
 from scripts.checkpoint import CheckpointError, read_model_weights
 from scripts.cli import BundleError
-from scripts.mni import SLICE_SIZE, slice_affine
 from scripts.quality import QUALITY_METRICS
+from scripts.slices import check_slice, is_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -136,27 +135,8 @@ def _dicom_item(folder: Path, name: str, dicom_age: bool) -> dict:
     return item
 
 
-def is_model_input(path: str | Path) -> bool:
-    """Whether a NIfTI file already is a 128x128 MNI slice (as written by the chain or the phantom)."""
-    img = nib.load(str(path))
-    return (
-        tuple(img.shape[:2]) == SLICE_SIZE
-        and len(img.shape) in (2, 3, 4)  # (H, W), (H, W, channels), (H, W, channels, levels)
-        and np.allclose(img.affine[:3, :3], slice_affine()[:3, :3], atol=1e-3)
-    )
-
-
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())[:300] or type(err).__name__
-
-
-def _check_slice(path: str) -> None:
-    """Reject a slice file the network should not see, with the reason."""
-    data = np.asarray(nib.load(path).get_fdata(dtype=np.float32))
-    if not np.isfinite(data).all():
-        raise ValueError("the slice has NaN or infinite values")
-    if data.max() <= 0:
-        raise ValueError("the slice is empty")
 
 
 class PreparedInputs(NamedTuple):
@@ -194,7 +174,7 @@ def prepare_inputs(
             raw.append(item)
             continue
         try:
-            _check_slice(str(path))
+            check_slice(path)
             ready.append({**item, "source": item["image"]})
         except Exception as err:
             failed.append({**item, "error": f"load: {_one_line(err)}"})
@@ -296,10 +276,9 @@ class PredictionWriter:
         self.qualities.append(
             np.full((n, width), np.nan) if quality is None else np.asarray(quality, np.float64).reshape(n, width)
         )
-        if output.get("z") is not None:
+        if self.save_latents and "z" in output:
             self.latents.append(output["z"].detach().float().cpu().numpy())
-        if output.get("age_levels") is not None:
-            self.level_ages.append(output["age_levels"].detach().float().cpu().numpy())
+        self.level_ages.append(output["age_levels"].detach().float().cpu().numpy())
 
     def correction(self) -> BiasCorrection | None:
         return _load_beside_model(

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,9 +13,10 @@ from monai.inferers import Inferer
 from monai.networks.schedulers import Scheduler
 from torch import nn
 
+from scripts.networks import unwrap
 from scripts.precision import autocast
 
-__all__ = ["AgeInferer", "DiffusionAutoencoderInferer", "centre_level", "combine_levels", "unpack_age_output"]
+__all__ = ["AgeInferer", "DiffusionAutoencoderInferer", "combine_levels", "unpack_age_output"]
 
 
 class DiffusionAutoencoderInferer(Inferer):
@@ -52,58 +52,46 @@ class DiffusionAutoencoderInferer(Inferer):
 
 
 class AgeInferer(Inferer):
-    """Encoder + age head only: ``network(x0)`` -> (B, 1) years, for a ``DiffusionAutoencoder`` or ``AgePredictor``.
-
-    The (B, 1) shape is what MONAI's regression metrics need, matched by ``AgePrepareBatch``'s labels. With
-    ``return_latent`` (a ``DiffusionAutoencoder`` only) the output is ``{"age": (B, 1), "z": (B, z_dim)}`` from the
-    same single encoder pass, for inference that also stores z_sem. ``channels_last`` feeds NHWC inputs: with the
-    network converted too, bf16 age inference on CPU is ~20% faster (tests/benchmarks/bench_train_step.py).
+    """Encoder + age head only, per axial level, combined by the median: ``{"age": (B, 1), "age_levels": (B, L)}``
+    years, plus ``"z"`` (B, z_dim), the centre level's z_sem, for a model that has one (``encode`` and
+    ``age_head``: ``DiffusionAutoencoder``, ``AgePredictor``; a plain regressor such as the DenseNet121 baseline
+    has no latent). The output is always this dict; evaluators take ``pred`` from it with
+    :func:`unpack_age_output`, and the (B, 1) age is the shape MONAI's regression metrics need.
 
     Several axial levels per scan, ``(B, C, H, W, L)`` (the slice files of preprocessing ``slice_levels``), are
     predicted one level at a time (the same batch shapes, so the same kernels, as single-level inputs) and
-    combined by the median, which one bad level cannot move; z_sem is the centre (medial) level's.
-    ``return_levels`` adds the per-level ages, ``"age_levels": (B, L)``, to the dict output.
-    Evaluators unpack a dict output with :func:`unpack_age_output`.
+    combined by the median, which one bad level cannot move. A ``(B, C, H, W)`` batch is one level.
 
-    ``batch_size``: evaluation runs the network on batches of exactly this many images, the last one padded with
-    blank images, so a scan's age does not depend on which or how many scans share its batch (oneDNN picks its
-    CPU kernels by batch shape: 0.01-0.1 years apart otherwise). A network in training mode is run as it comes.
+    Args:
+        autocast_dtype: e.g. ``"bfloat16"``: the encoder's autocast (the age head always runs in float32).
+        channels_last: feed NHWC inputs; with the network converted too, bf16 age inference on CPU is ~20% faster
+            (tests/benchmarks/bench_train_step.py).
+        batch_size: in evaluation, run the network on batches of exactly this many images, the last one padded
+            with blank images, so a scan's age does not depend on which or how many scans share its batch (oneDNN
+            picks its CPU kernels by batch shape: 0.01-0.1 years apart otherwise). A network in training mode is
+            run as it comes.
     """
 
     def __init__(
         self,
         autocast_dtype: torch.dtype | str | None = None,
-        return_latent: bool = False,
         channels_last: bool = False,
-        return_levels: bool = False,
         batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.autocast_dtype = autocast_dtype
-        self.return_latent = return_latent
         self.channels_last = channels_last
-        self.return_levels = return_levels
         self.batch_size = int(batch_size) if batch_size else None
 
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any):
-        if inputs.ndim == 5:
-            per_level = [self._predict(inputs[..., i], network, *args, **kwargs) for i in range(inputs.shape[-1])]
-            ages = torch.cat([p["age"] if isinstance(p, dict) else p for p in per_level], dim=1).float()
-            out = per_level[len(per_level) // 2]
-            out = dict(out) if isinstance(out, dict) else {}
-            out.update(age=combine_levels(ages), age_levels=ages)
-        else:
-            out = self._predict(inputs, network, *args, **kwargs)
-            if not isinstance(out, dict):
-                out = {"age": out}
-            out.setdefault("age_levels", out["age"].float())
-        if not (self.return_latent or self.return_levels):
-            return out["age"]
-        if not self.return_levels:
-            out.pop("age_levels")
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        levels = [inputs[..., i] for i in range(inputs.shape[-1])] if inputs.ndim == 5 else [inputs]
+        per_level = [self._predict(level, network, *args, **kwargs) for level in levels]
+        ages = torch.cat([p["age"] for p in per_level], dim=1).float()
+        out = dict(per_level[len(per_level) // 2])
+        out.update(age=combine_levels(ages) if len(levels) > 1 else out["age"], age_levels=ages)
         return out
 
-    def _predict(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any):
+    def _predict(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         size = self.batch_size
         if not size or network.training or inputs.shape[0] == size:
             return self._forward(inputs, network, *args, **kwargs)
@@ -111,19 +99,16 @@ class AgeInferer(Inferer):
         for chunk in inputs.split(size):
             n = chunk.shape[0]
             padded = torch.cat([chunk, chunk.new_zeros((size - n, *chunk.shape[1:]))]) if n < size else chunk
-            out = self._forward(padded, network, *args, **kwargs)
-            parts.append({k: v[:n] for k, v in out.items()} if isinstance(out, dict) else out[:n])
-        if isinstance(parts[0], dict):
-            return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-        return torch.cat(parts)
+            parts.append({key: value[:n] for key, value in self._forward(padded, network, *args, **kwargs).items()})
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
-    def _forward(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any):
+    def _forward(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         inputs = inputs.contiguous(memory_format=memory_format)  # also a level cut from (B, C, H, W, L)
+        model = unwrap(network)
         with autocast(inputs.device, self.autocast_dtype):
-            if not self.return_latent:
-                return network(inputs, *args, **kwargs)
-            model = getattr(network, "module", network)
+            if not (hasattr(model, "encode") and hasattr(model, "age_head")):
+                return {"age": network(inputs, *args, **kwargs)}
             z_sem = model.encode(inputs)
             return {"age": model.age_head(z_sem)[:, None], "z": z_sem.float()}
 
@@ -134,16 +119,7 @@ def combine_levels(ages: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_age_output(data: dict) -> dict:
-    """Evaluator ``postprocessing``: a dict prediction of :class:`AgeInferer` -> ``pred`` (B, 1) years for the
-    metrics, with ``z`` and ``age_levels`` as output keys of their own for the writers."""
-    pred = data.get("pred")
-    if isinstance(pred, Mapping):
-        data = dict(data)
-        data["pred"] = pred["age"]
-        data.update({key: pred[key] for key in ("z", "age_levels") if key in pred})
-    return data
-
-
-def centre_level(images: torch.Tensor) -> torch.Tensor:
-    """The medial level of a ``(B, C, H, W, L)`` multi-level batch; a ``(B, C, H, W)`` batch as it is."""
-    return images[..., images.shape[-1] // 2] if images.ndim == 5 else images
+    """Evaluator ``postprocessing``: :class:`AgeInferer`'s prediction -> ``pred`` (B, 1) years for the metrics, with
+    ``age_levels`` and ``z`` (when the model has one) as output keys of their own for the writers."""
+    pred = data["pred"]
+    return {**data, "pred": pred["age"], **{key: pred[key] for key in ("z", "age_levels") if key in pred}}

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from scripts.networks import unwrap
+
 __all__ = ["LabelledAgeLoss", "SemiSupervisedLoss"]
 
 
@@ -43,17 +45,18 @@ class SemiSupervisedLoss:
 class LabelledAgeLoss:
     """MSE of standardised age over the labelled images of a batch, for supervised baselines (``AgeRegressor``).
 
-    ``pred`` and ``target`` are (B, 1) years as ``AgePrepareBatch`` and the regressor give them; NaN targets
-    (unlabelled) are left out, so a baseline can share the semi-supervised model's datalist and sampler.
+    ``pred`` is :class:`scripts.inferers.AgeInferer`'s output, whose ``age`` and ``target`` are (B, 1) years as the
+    regressor and ``AgePrepareBatch`` give them; NaN targets (unlabelled) are left out, so a baseline can share the
+    semi-supervised model's datalist and sampler.
     """
 
     def __init__(self, network: nn.Module) -> None:
         self.network = network
 
-    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        pred, target = pred.float().reshape(-1), target.float().reshape(-1)
+    def __call__(self, pred: Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        pred, target = pred["age"].float().reshape(-1), target.float().reshape(-1)
         labelled = ~torch.isnan(target)
         if not bool(labelled.any()):
             return pred.sum() * 0.0
-        std = getattr(self.network, "module", self.network).age_std
+        std = unwrap(self.network).age_std
         return torch.mean(((pred[labelled] - target[labelled]) / std) ** 2)

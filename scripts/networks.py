@@ -38,6 +38,7 @@ __all__ = [
     "DiffusionAutoencoder",
     "SemanticEncoder",
     "count_parameters",
+    "unwrap",
 ]
 
 LATENT_NORMS = ("batch", "layer", "none")
@@ -694,6 +695,12 @@ def _set_batchnorm_statistics(module: nn.Module, inputs: torch.Tensor) -> None:
         module.running_mean.copy_(inputs.mean(0))
         module.running_var.copy_(inputs.var(0))  # unbiased, as BatchNorm's running estimate
         module.num_batches_tracked.add_(1)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` (or ``DataParallel``) wrapper, or ``module`` itself: where
+    the model's own methods (``encode``, ``recalibrate_batchnorm``) and buffers (``age_std``) are."""
+    return getattr(module, "module", module)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -4,7 +4,7 @@
 workflow reuses :func:`preprocess_items` for raw inputs. Each scan goes through the transform chain
 (``scripts.transforms``) in a worker process and leaves, under the output folder::
 
-    slices/<name>.nii.gz    the model input (``scripts.transforms.slice_nifti``)
+    slices/<name>.nii.gz    the model input (``scripts.slices.slice_nifti``)
     qc/<name>.png           the slice with its brain-mask outline
     records/<name>.json     what happened: status, reason, seconds per stage, skull-strip method, ...
 
@@ -129,7 +129,7 @@ def preprocess_scan(
     bad scan: the record has ``status: failed`` and a one-line ``reason``.
     """
     from scripts.figures import qc_slice
-    from scripts.transforms import slice_nifti
+    from scripts.slices import centre_channels, slice_nifti
 
     out = Path(output_dir)
     source = str(item["image"])
@@ -170,9 +170,8 @@ def preprocess_scan(
         write_atomic(
             out / slice_file, lambda tmp: slice_nifti(image, data.get("slice_offset", 0), levels).to_filename(tmp)
         )
-        if levels > 1:  # the QC image shows the centre (medial) level
-            image = np.array_split(image, levels)[levels // 2]
-            mask = None if mask is None else np.array_split(mask, levels)[levels // 2]
+        image = centre_channels(image, levels)  # the QC image shows the centre (medial) level
+        mask = None if mask is None else centre_channels(mask, levels)
         title = str(record["subject"] or name)
         if "registration" in data:
             title += f"  r={data['registration']['template_correlation']:.2f}"

@@ -29,6 +29,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from scripts.slices import centre_level
+
 BRAIN_THRESHOLD = 0.02  # skull stripping leaves exact zeros; resizing blurs the edge into small values
 EDGE_PIXELS = 2  # left out next to the brain's edge, where brain and background mix
 MIN_PIXELS = 200  # fewer brain pixels than this: no score (NaN)
@@ -170,7 +172,7 @@ def _log_metrics(metrics) -> np.ndarray:
 class SliceQualityd(MapTransform):
     """Store :func:`slice_metrics` of a loaded model-input image under ``quality_key`` (a float32 tensor of 3).
 
-    Takes the ``(channels, H, W, levels)`` layout of :class:`scripts.transforms.AsSliceLevelsd` (or ``(channels, H,
+    Takes the ``(channels, H, W, levels)`` layout of :class:`scripts.slices.AsSliceLevelsd` (or ``(channels, H,
     W)``) and scores the centre channel of the centre level, the paper's medial slice. Deterministic, so a
     ``CacheDataset`` computes it once.
     """
@@ -182,9 +184,7 @@ class SliceQualityd(MapTransform):
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            image = torch.as_tensor(d[key])
-            if image.ndim == 4:
-                image = image[..., image.shape[-1] // 2]
+            image = centre_level(torch.as_tensor(d[key])[None])[0]
             metrics = slice_metrics(image[image.shape[0] // 2].float().numpy())
             d[self.quality_key] = torch.as_tensor(metrics, dtype=torch.float32)
         return d

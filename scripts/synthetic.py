@@ -50,10 +50,11 @@ from scipy import ndimage, stats
 from scripts import cli
 from scripts.atomic import write_atomic, write_csv, write_json
 from scripts.mni import GRID_SHAPE, axial_index, field_of_view, grid_affine, level_offsets, load_template, slice_points
-from scripts.transforms import finalise_slice, n4_correct, slice_nifti
+from scripts.slices import finalise_slice, slice_nifti
+from scripts.transforms import n4_correct
 
 logger = logging.getLogger(__name__)
-PHANTOM_VERSION = "4"  # bump when rendering changes: cached embedded datasets are regenerated
+PHANTOM_VERSION = "5"  # bump when rendering changes: cached embedded datasets are regenerated
 SPLITS = ("training", "validation", "calibration", "test")
 
 
@@ -537,9 +538,12 @@ def _smooth_field(rng: np.random.Generator, points: np.ndarray, amplitude: float
     return np.exp(field @ weights.astype(np.float32))
 
 
-def _rician(rng: np.random.Generator, image: np.ndarray, sigma: float) -> np.ndarray:
-    real = image + rng.normal(0.0, sigma, image.shape).astype(np.float32)
-    imag = rng.normal(0.0, sigma, image.shape).astype(np.float32)
+def _rician(image: np.ndarray, sigma: float, noise_seed: int, index: np.ndarray) -> np.ndarray:
+    """The magnitude of ``image`` plus complex Gaussian noise of ``sigma``, the noise a function of the scanner voxel
+    ``index`` (uint64, C order over the acquisition's ``dims``; :func:`_voxel_normals`): the raw volume and the fast
+    path read the same noise at the same voxel, so the two renderings of a scan are one acquisition."""
+    real = image.astype(np.float32) + sigma * _voxel_normals(noise_seed, 2 * index)
+    imag = sigma * _voxel_normals(noise_seed, 2 * index + np.uint64(1))
     return np.sqrt(real * real + imag * imag)
 
 
@@ -599,7 +603,7 @@ def render_slice(
     chain's own steps follow: a registration with the chain's error (``Grade.registration_error``, measured against
     the true pose by ``tests/benchmarks/bench_fidelity.py``), trilinear resampling onto the 130^3 grid's plane, N4
     (:func:`scripts.transforms.n4_correct`, on the plane), HD-BET's mask (:func:`_hdbet_mask`) and
-    :func:`scripts.transforms.finalise_slice`. Only the expensive steps are emulated: the registration's error
+    :func:`scripts.slices.finalise_slice`. Only the expensive steps are emulated: the registration's error
     is drawn rather than estimated, and HD-BET's mask is drawn from the true brain as HD-BET draws it.
     ``acquire=False`` gives the noise-free ground truth of a perfect acquisition and registration. With ``levels``
     > 1: ``(levels * channels, 128, 128)``, the axial levels of :func:`scripts.mni.level_offsets` of one acquisition.
@@ -620,13 +624,13 @@ def render_slice(
         return finalise_slice(np.where(maps["brain"] > 0.5, maps["intensity"], 0.0).astype(np.float32), levels=levels)
     grade = GRADES[subject.grade]
     acquisition = draw_acquisition(subject)
-    rng = np.random.default_rng(_acquisition_key(subject, 2))  # the fast path's own: registration error, noise
+    rng = np.random.default_rng(_acquisition_key(subject, 2))  # the fast path's own: the registration error
     # MNI -> MNI, the chain's estimated map against the true pose: an affine registration to the template removes
     # the affine part of the subject's anatomy (its deformation), and leaves a small error of its own
     error = np.linalg.inv(anatomy.affine_part()) @ _registration_error(rng, grade)
     to_voxels = np.linalg.inv(acquisition.affine) @ acquisition.pose @ error
     coordinates = points @ to_voxels[:3, :3].T + to_voxels[:3, 3]
-    scanner = _ScannerVoxels(acquisition, anatomy, atlas, grade, rng)
+    scanner = _ScannerVoxels(acquisition, anatomy, atlas, grade)
     image = _interpolate_voxels(coordinates.reshape(-1, 3), scanner, acquisition.dims).reshape(points.shape[:-1])
     spacing = np.diag(grid)[:2]
     image = np.stack([n4_correct(plane, spacing) for plane in image])
@@ -668,16 +672,15 @@ class _ScannerVoxels:
     copies of the image along the phase-encoding axis (the k-space phase error ``a sin(2 pi f / P + t)`` is
     ``sum_m J_m(a) e^{i m t}`` times the image shifted by ``m N / P`` voxels; ``|m| <= 2``, J_3 < 0.4 %), rendered
     straight at their (possibly far) positions at the profile's centre; then Rician noise and the contrast curve.
-    Noise is keyed by the scanner voxel (:func:`_voxel_normals`, seeded from ``rng``): the same scan's noise in
-    distribution, not voxel for voxel, but one value per voxel whichever slices or levels ask for it.
+    Noise is keyed by the scanner voxel (:func:`_rician`, the acquisition's ``noise_seed``): the raw volume's own
+    noise, voxel for voxel, whichever slices or levels ask for it.
     """
 
     GHOST_ORDERS = (-2, -1, 1, 2)
 
-    def __init__(self, acquisition: Acquisition, anatomy: Anatomy, atlas: Atlas, grade: Grade, rng) -> None:
-        self.acquisition, self.anatomy, self.atlas, self.grade, self.rng = acquisition, anatomy, atlas, grade, rng
+    def __init__(self, acquisition: Acquisition, anatomy: Anatomy, atlas: Atlas, grade: Grade) -> None:
+        self.acquisition, self.anatomy, self.atlas, self.grade = acquisition, anatomy, atlas, grade
         self.to_grid = np.linalg.inv(acquisition.pose @ grid_affine())  # world -> grid index
-        self.noise_seed = int(rng.integers(2**63))
 
     def __call__(self, voxels: np.ndarray) -> np.ndarray:
         acq = self.acquisition
@@ -699,10 +702,7 @@ class _ScannerVoxels:
                 complex_sum += jv(m, amplitude) * np.exp(1j * m * phase) * copy
             image = np.abs(complex_sum)
         index = np.ravel_multi_index(tuple(voxels.astype(np.int64).T), tuple(acq.dims)).astype(np.uint64)
-        sigma = self.grade.noise * TISSUE["wm"]
-        real = image.astype(np.float32) + sigma * _voxel_normals(self.noise_seed, 2 * index)
-        imag = sigma * _voxel_normals(self.noise_seed, 2 * index + np.uint64(1))
-        image = np.sqrt(real * real + imag * imag)
+        image = _rician(image, self.grade.noise * TISSUE["wm"], acq.noise_seed, index)
         return np.power(np.clip(image, 0, None) / TISSUE["wm"], acq.gamma) * TISSUE["wm"]
 
     def _world(self, voxels: np.ndarray) -> np.ndarray:
@@ -836,7 +836,8 @@ class Acquisition:
     bias_grid: np.ndarray  # the coarse multiplicative bias field (coarse grid over the volume)
     ghost_axis: int | None
     ghost: tuple[float, float, float] | None  # period, amplitude, phase of the k-space phase error
-    rng: np.random.Generator  # the stream, positioned at the noise
+    noise_seed: int  # the scan's noise, one value per scanner voxel (_rician)
+    rng: np.random.Generator  # the stream, positioned after the acquisition (scanner units, orientation)
 
 
 def draw_acquisition(subject: Subject) -> Acquisition:
@@ -872,9 +873,11 @@ def draw_acquisition(subject: Subject) -> Acquisition:
     if rng.random() < grade.ghosting:
         ghost_axis = [a for a in range(3) if a != slice_axis][int(rng.integers(2))]
         ghost = _ghost_draw(rng)
+    noise_seed = int(rng.integers(2**63))
     return Acquisition(
-        tissue, gamma, pose, size, affine, dims, slice_axis, thickness, profile, bias_grid, ghost_axis, ghost, rng
-    )
+        tissue, gamma, pose, size, affine, dims, slice_axis, thickness, profile, bias_grid, ghost_axis, ghost,
+        noise_seed, rng,
+    )  # fmt: skip
 
 
 def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
@@ -910,7 +913,8 @@ def render_volume(subject: Subject, anatomy: Anatomy | None = None) -> RawScan:
     image *= bias
     if acq.ghost is not None:
         image = _ghosting(image, acq.ghost_axis, *acq.ghost)
-    image = _rician(rng, image, grade.noise * TISSUE["wm"])
+    voxel_index = np.arange(image.size, dtype=np.uint64).reshape(tuple(dims))  # C order, as the fast path's
+    image = _rician(image, grade.noise * TISSUE["wm"], acq.noise_seed, voxel_index)
     image = np.power(np.clip(image, 0, None) / TISSUE["wm"], acq.gamma) * TISSUE["wm"]
     image *= rng.uniform(600.0, 1500.0)  # arbitrary scanner units
 

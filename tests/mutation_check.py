@@ -70,7 +70,9 @@ MUTANTS = [
         "scripts/checkpoint.py",
         "        path = write_atomic(self.dirname / (self.filename or filename), lambda tmp: torch.save(checkpoint, tmp))",
         "        path = self.dirname / (self.filename or filename)\n        torch.save(checkpoint, path)",
-        ("tests/test_reliability.py::test_a_checkpoint_save_that_fails_half_way_leaves_the_previous_file_loadable",),
+        (
+            "tests/test_fault_tolerance.py::test_a_checkpoint_save_that_fails_half_way_leaves_the_previous_file_loadable",
+        ),
     ),
     Mutant(
         "write-not-atomic",
@@ -78,7 +80,9 @@ MUTANTS = [
         "scripts/atomic.py",
         "        write(tmp)\n",
         "        write(path)\n        return path\n",
-        ("tests/test_reliability.py::test_atomic_writes_keep_the_old_file_when_writing_fails_and_keep_the_extension",),
+        (
+            "tests/test_fault_tolerance.py::test_atomic_writes_keep_the_old_file_when_writing_fails_and_keep_the_extension",
+        ),
     ),
     Mutant(
         "resume-disabled",
@@ -215,7 +219,7 @@ MUTANTS = [
         "scripts/handlers.py",
         "        if math.isfinite(loss):\n            return\n",
         "        return\n",
-        ("tests/test_reliability.py::test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoints",),
+        ("tests/test_fault_tolerance.py::test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoints",),
     ),
     Mutant(
         "leakage-unchecked",
@@ -223,12 +227,12 @@ MUTANTS = [
         "scripts/data.py",
         "    check_leakage: bool = True,",
         "    check_leakage: bool = False,",
-        ("tests/test_reliability.py::test_bad_datalists_fail_with_one_line_naming_file_and_reason",),
+        ("tests/test_fault_tolerance.py::test_bad_datalists_fail_with_one_line_naming_file_and_reason",),
     ),
     Mutant(
         "empty-slice-predicted",
         "an all-zero slice is predicted instead of reported",
-        "scripts/inference.py",
+        "scripts/slices.py",
         '    if data.max() <= 0:\n        raise ValueError("the slice is empty")\n',
         "",
         ("tests/test_inference.py::test_single_file_input_and_unusable_inputs",),
@@ -598,11 +602,19 @@ MUTANTS += [
     ),
     Mutant(
         "fast-path-noise-per-call",
-        "the fast path's noise is drawn per call, not per scanner voxel (levels of one scan disagree)",
+        "the noise is drawn per call, not per scanner voxel (levels of one scan disagree)",
         "scripts/synthetic.py",
-        "        real = image.astype(np.float32) + sigma * _voxel_normals(self.noise_seed, 2 * index)",
-        "        real = image.astype(np.float32) + sigma * self.rng.standard_normal(len(index)).astype(np.float32)",
+        "    real = image.astype(np.float32) + sigma * _voxel_normals(noise_seed, 2 * index)",
+        "    real = image.astype(np.float32) + sigma * np.random.default_rng().standard_normal(index.shape)",
         ("tests/test_multislice.py::test_phantom_levels_keep_the_single_level_image_in_the_middle",),
+    ),
+    Mutant(
+        "fast-path-own-noise",
+        "the fast path draws a noise of its own, not the raw volume's (the same scan, two noise realisations)",
+        "scripts/synthetic.py",
+        'image = _rician(image, self.grade.noise * TISSUE["wm"], acq.noise_seed, index)',
+        'image = _rician(image, self.grade.noise * TISSUE["wm"], acq.noise_seed + 1, index)',
+        ("tests/test_synthetic.py::test_the_fast_path_reads_the_raw_volumes_own_voxels",),
     ),
     Mutant(
         "foreach-ema-wrong-weight",

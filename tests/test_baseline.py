@@ -18,11 +18,11 @@ def test_labelled_age_loss_is_the_standardised_mse_over_labelled_images_only():
     model = AgeRegressor(torch.nn.Linear(2, 1), age_mean=50.0, age_std=10.0)
     pred = torch.tensor([[60.0], [40.0], [70.0]], requires_grad=True)
     target = torch.tensor([[50.0], [float("nan")], [50.0]])
-    loss = LabelledAgeLoss(model)(pred, target)
+    loss = LabelledAgeLoss(model)({"age": pred}, target)  # AgeInferer's output
     assert float(loss) == ((1.0**2) + (2.0**2)) / 2  # (10/10)^2 and (20/10)^2; the NaN target is left out
     loss.backward()
     assert pred.grad[1] == 0 and pred.grad[0] != 0
-    unlabelled = LabelledAgeLoss(model)(pred, torch.full((3, 1), float("nan")))
+    unlabelled = LabelledAgeLoss(model)({"age": pred}, torch.full((3, 1), float("nan")))
     assert float(unlabelled) == 0.0
 
 

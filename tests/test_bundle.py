@@ -222,6 +222,7 @@ def test_metadata_follows_the_model_zoo(bundle_root):
 LAYERS = [
     {"atomic", "cli", "mni", "precision"},  # utilities: atomic writes, command lines, MNI geometry, native bf16
     {"figures"},  # drawing only
+    {"slices"},  # the model-input slice: made, written, recognised, loaded, its medial level
     {"hdbet", "dicom"},  # readers of external formats: HD-BET networks, DICOM series
     {"transforms", "quality"},  # the preprocessing chain as MONAI transforms; the image quality of a slice
     {"synthetic"},  # the phantom (rendered through the chain's last step)

@@ -23,7 +23,7 @@ from scripts.handlers import (
     loss_log_transform,
     wrong_latent_penalty,
 )
-from scripts.inferers import AgeInferer, DiffusionAutoencoderInferer
+from scripts.inferers import AgeInferer, DiffusionAutoencoderInferer, unpack_age_output
 from scripts.losses import SemiSupervisedLoss
 from scripts.networks import DiffusionAutoencoder
 from scripts.precision import default_autocast_dtype, resolve_autocast_dtype
@@ -324,6 +324,7 @@ def test_supervised_evaluator_gives_ages_in_years_for_mae():
         prepare_batch=AgePrepareBatch(),
         inferer=AgeInferer(),
         key_val_metric={"val_mae": MeanAbsoluteError(output_transform=from_engine(["pred", "label"]))},
+        postprocessing=unpack_age_output,
         decollate=False,
     )
     evaluator.run()
@@ -549,6 +550,7 @@ def test_wrong_latent_penalty_handler_logs_a_validation_metric():
         prepare_batch=AgePrepareBatch(),
         key_val_metric={"val_mae": MeanAbsoluteError(output_transform=from_engine(["pred", "label"]))},
         val_handlers=[probe],
+        postprocessing=unpack_age_output,
         decollate=False,
     )
     evaluator.run()

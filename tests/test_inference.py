@@ -114,13 +114,19 @@ def test_a_scans_age_does_not_depend_on_its_batch(trained_model, tiny_network, a
     network = network.eval().to(memory_format=torch.channels_last)
     images = torch.rand(9, 1, 32, 32, generator=torch.Generator().manual_seed(3))
     inferer = AgeInferer(autocast_dtype, channels_last=True, batch_size=8)
+
+    def age(batch):
+        return inferer(batch, network)["age"]
+
     with torch.no_grad():
-        alone = inferer(images[:1], network)
-        pair = inferer(images[[0, 5]], network)
-        full = inferer(images[:8], network)
-        spill = inferer(images, network)  # 8 + a padded batch of 1
-        reversed_order = inferer(images.flip(0), network).flip(0)
-        every_size = [inferer(images[:n], network)[0] for n in range(1, 10)]  # oneDNN picks kernels per shape
+        alone = age(images[:1])
+        pair = age(images[[0, 5]])
+        full = age(images[:8])
+        spill = age(images)  # 8 + a padded batch of 1
+        reversed_order = age(images.flip(0)).flip(0)
+        every_size = [age(images[:n])[0] for n in range(1, 10)]  # oneDNN picks kernels per shape
+        latents = inferer(images, network)["z"]
+    assert latents.shape == (9, network.encoder.out.out_features)  # the centre level's z_sem, always returned
     assert all(torch.equal(alone[0], age) for age in every_size)
     assert alone.shape == (1, 1) and full.shape == (8, 1) and spill.shape == (9, 1)
     assert torch.equal(alone[0], pair[0]) and torch.equal(alone[0], full[0]) and torch.equal(full, spill[:8])

@@ -15,7 +15,8 @@ from monai.bundle import ConfigParser
 from scripts import synthetic
 from scripts.inferers import AgeInferer, combine_levels, unpack_age_output
 from scripts.mni import level_offsets
-from scripts.transforms import AsSliceLevelsd, ExtractAxialSliced, FinaliseSliced, slice_nifti
+from scripts.slices import AsSliceLevelsd, slice_nifti
+from scripts.transforms import ExtractAxialSliced, FinaliseSliced
 
 LEVELS = 3
 
@@ -102,13 +103,14 @@ def test_inferer_predicts_each_level_and_takes_the_median():
     images = torch.zeros(2, 1, 8, 8, 3)
     images[0, ..., 0], images[0, ..., 1], images[0, ..., 2] = 0.5, 0.1, 0.95  # one outlying level
     images[1, ..., 0], images[1, ..., 1], images[1, ..., 2] = 0.3, 0.4, 0.32
-    ages = AgeInferer()(images, _MeanAge())
-    np.testing.assert_allclose(ages.numpy(), [[50.0], [32.0]], atol=1e-4)  # the means would be 51.7 and 34
-    detailed = AgeInferer(return_levels=True)(images, _MeanAge())
+    detailed = AgeInferer()(images, _MeanAge())
+    assert set(detailed) == {"age", "age_levels"}  # a model without a latent gives no z
+    np.testing.assert_allclose(detailed["age"].numpy(), [[50.0], [32.0]], atol=1e-4)  # the means: 51.7 and 34
     np.testing.assert_allclose(detailed["age_levels"].numpy(), [[50, 10, 95], [30, 40, 32]], atol=1e-4)
-    np.testing.assert_allclose(detailed["age"].numpy(), ages.numpy())
-    # a single-level 5D batch is the 4D prediction
-    np.testing.assert_allclose(AgeInferer()(images[..., :1], _MeanAge()), AgeInferer()(images[..., 0], _MeanAge()))
+    # a single-level 5D batch is the 4D prediction, and has one level
+    one_level, plain = AgeInferer()(images[..., :1], _MeanAge()), AgeInferer()(images[..., 0], _MeanAge())
+    np.testing.assert_allclose(one_level["age"], plain["age"])
+    np.testing.assert_allclose(plain["age_levels"], plain["age"])
     assert combine_levels(torch.tensor([[1.0, 5.0, 2.0, 3.0]])).item() == pytest.approx(2.5)
     unpacked = unpack_age_output({"pred": detailed, "label": torch.zeros(2, 1)})
     assert unpacked["pred"] is detailed["age"] and unpacked["age_levels"] is detailed["age_levels"]

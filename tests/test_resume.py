@@ -1,5 +1,5 @@
 """Resume is the same run: a killed and resumed training ends where the uninterrupted one does, and a resumed run
-never replaces the best model with a worse or equal one. (The SIGKILL test is in test_reliability.py.)"""
+never replaces the best model with a worse or equal one. (The SIGKILL test is in test_fault_tolerance.py.)"""
 
 from __future__ import annotations
 

@@ -190,6 +190,26 @@ def test_raw_volumes_come_with_their_true_brain_mask(volume_dataset):
         assert data[core].mean() > 1.5 * data[shell].mean(), it["subject"]
 
 
+def test_the_fast_path_reads_the_raw_volumes_own_voxels():
+    """The scanner voxels the fast path computes are the raw volume's, noise included (one acquisition, two
+    renderings): a ghost-free clinical scan (thick slices, strong noise) agrees voxel for voxel, up to the volume's
+    arbitrary scanner units."""
+    people = synthetic.sample_cohort(synthetic.CohortSpec(n=8, seed=5, n_disease=0, grade="clinical"))
+    clinical = next(s for s in people if synthetic.draw_acquisition(s).ghost is None)
+    atlas = synthetic.build_atlas()
+    acquisition, anatomy = synthetic.draw_acquisition(clinical), synthetic.Anatomy.draw(clinical, atlas)
+    assert acquisition.thickness > 2.0
+    raw = synthetic.render_volume(clinical, anatomy)
+    ras = nib.orientations.apply_orientation(raw.data, nib.orientations.io_orientation(raw.affine))
+    assert ras.shape == tuple(acquisition.dims)
+    rng = np.random.default_rng(0)
+    centre = acquisition.dims // 2
+    voxels = np.concatenate([rng.integers(centre - 25, centre + 25, (400, 3)), rng.integers(0, 20, (100, 3))])
+    scanner = synthetic._ScannerVoxels(acquisition, anatomy, atlas, synthetic.GRADES["clinical"])(voxels)
+    ratio = ras[tuple(voxels.T)] / scanner
+    assert scanner.min() > 0 and np.ptp(ratio) < 1e-4 * ratio.mean(), np.ptp(ratio) / ratio.mean()
+
+
 def test_the_fast_path_reproduces_what_the_real_chain_makes_of_the_same_scans(bundle_root, tmp_path):
     """Raw volumes of six people (both grades) through the real chain (ANTs, N4, HD-BET 1.x, slice, scaling) and the
     same people through the fast path agree within the fidelity targets, person by person (docs/phantom.md)."""

@@ -18,6 +18,7 @@ from monai.transforms import Compose, LoadImaged, Resized
 from scipy import ndimage
 
 from scripts import hdbet, mni
+from scripts.slices import finalise_slice, slice_nifti
 from scripts.transforms import (
     EnsureSingleVolumed,
     EstimateMNIAffined,
@@ -27,8 +28,6 @@ from scripts.transforms import (
     PreprocessingError,
     ResampleToMNIGridd,
     SkullStripd,
-    finalise_slice,
-    slice_nifti,
 )
 
 LOAD = LoadImaged("image", reader="NibabelReader", image_only=True, ensure_channel_first=True)

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from scripts import mni, synthetic  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 from scripts.quality import slice_agreement, slice_quality  # noqa: E402
-from scripts.transforms import slice_nifti  # noqa: E402
+from scripts.slices import slice_nifti  # noqa: E402
 
 GRADES = ("research", "clinical")
 TARGETS = {  # the fidelity issue's targets per grade
