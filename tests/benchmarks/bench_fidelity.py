@@ -25,8 +25,9 @@ Per person and grade, model-free (inside the brain, the intersection of the two 
   estimated MNI->scan map against the true pose, and its rotation (degrees) and scale.
 
 With ``--ckpt`` (models trained on fast-path slices), each model predicts both renders (``run inference``): per
-grade the mean absolute age difference chain - fast, its mean (bias), their Pearson r, and each path's MAE. The
-summary gives mean and min (or max) per grade, and the targets of the fidelity issue.
+grade the mean absolute age difference chain - fast, its mean (bias), their Pearson r, each path's MAE and bias and,
+where the model has its interval file beside it, each path's interval coverage and mean width. The summary gives mean and
+min (or max) per grade, and the targets of the fidelity issue.
 """
 
 from __future__ import annotations
@@ -117,17 +118,35 @@ def compare(chain: np.ndarray, fast: np.ndarray) -> dict:
     return {**slice_agreement(chain, fast), "quality_chain": slice_quality(chain), "quality_fast": slice_quality(fast)}
 
 
-def predict(datalist: Path, out: Path, ckpt: Path, image_size: int) -> dict[str, float]:
+def predict(datalist: Path, out: Path, ckpt: Path, image_size: int) -> dict[str, tuple[float, float, float]]:
+    """``run inference`` of one model: {"<list>/<subject>": (predicted age, interval lower, upper)}; the interval is
+    NaN without an interval file beside the checkpoint."""
     command = [
         sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml",
         "--input", str(datalist), "--output_dir", str(out), "--ckpt_path", str(ckpt), "--image_size", str(image_size),
     ]  # fmt: skip
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     with open(out / "predictions.csv", newline="") as fh:
-        return {f"{r['split']}/{r['subject']}": float(r["predicted_age"]) for r in csv.DictReader(fh)}
+        return {
+            f"{r['split']}/{r['subject']}": tuple(
+                float(r[key] or "nan") for key in ("predicted_age", "predicted_age_lower", "predicted_age_upper")
+            )
+            for r in csv.DictReader(fh)
+        }
 
 
 def age_agreement(chain: np.ndarray, fast: np.ndarray, age: np.ndarray) -> dict:
+    """Columns of ``chain`` and ``fast``: predicted age, interval lower, interval upper (one row per person)."""
+    coverage = {
+        f"{key}_{path}": value
+        for path, rows in (("chain", chain), ("fast", fast))
+        for key, value in (
+            ("coverage", float(np.mean((rows[:, 1] <= age) & (age <= rows[:, 2])))),
+            ("interval_width", float(np.mean(rows[:, 2] - rows[:, 1]))),
+        )
+        if np.isfinite(rows[:, 1:]).all()
+    }
+    chain, fast = chain[:, 0], fast[:, 0]
     difference = chain - fast
     return {
         "mean_abs_difference": float(np.abs(difference).mean()),
@@ -138,6 +157,7 @@ def age_agreement(chain: np.ndarray, fast: np.ndarray, age: np.ndarray) -> dict:
         "mae_fast": float(np.abs(fast - age).mean()),
         "bias_chain": float((chain - age).mean()),
         "bias_fast": float((fast - age).mean()),
+        **coverage,
     }
 
 
