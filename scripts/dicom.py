@@ -239,7 +239,7 @@ def write_series(
     import numpy as np
     import SimpleITK as sitk  # noqa: N813 (the library's own convention)
 
-    image = sitk.ReadImage(str(volume_path), sitk.sitkFloat32)
+    image = _right_handed(sitk.ReadImage(str(volume_path), sitk.sitkFloat32))
     array = sitk.GetArrayFromImage(image)
     scale = 4000.0 / max(float(np.percentile(array, 99.9)), 1e-6)
     image16 = sitk.Cast(sitk.Clamp(image * scale, sitk.sitkFloat32, 0, 32767), sitk.sitkInt16)
@@ -250,6 +250,23 @@ def write_series(
     with _locale_kept():  # GDCM's writer sets the process's LC_CTYPE to "C" (Python then decodes text as ASCII)
         _write_planes(image, image16, out, description, acquisition_type, uid, patient, multiframe)
     return out
+
+
+def _right_handed(image):
+    """The same scan with its third axis reversed where its voxel axes are left-handed (NIfTI allows it; DICOM's
+    slice axis is the cross product of row and column, so an enhanced file of a left-handed volume would put every
+    frame on the wrong side of the first: a whole extent away)."""
+    import numpy as np
+    import SimpleITK as sitk  # noqa: N813 (the library's own convention)
+
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    if np.linalg.det(direction) > 0:
+        return image
+    flipped = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[::-1].copy())
+    flipped.SetSpacing(image.GetSpacing())
+    flipped.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, image.GetDepth() - 1)))
+    flipped.SetDirection(tuple((direction * np.array([1.0, 1.0, -1.0])).ravel()))
+    return flipped
 
 
 @contextlib.contextmanager

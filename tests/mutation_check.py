@@ -617,6 +617,22 @@ MUTANTS += [
         ("tests/test_synthetic.py::test_the_fast_path_reads_the_raw_volumes_own_voxels",),
     ),
     Mutant(
+        "dicom-left-handed-written-as-is",
+        "write_series writes a left-handed volume's frames as they are (an enhanced file then puts them a whole extent away)",
+        "scripts/dicom.py",
+        "    if np.linalg.det(direction) > 0:\n        return image",
+        "    if True:\n        return image",
+        ("tests/test_dicom.py::test_an_enhanced_multiframe_series_counts_its_frames_and_is_read",),
+    ),
+    Mutant(
+        "hdbet-mask-unclosed",
+        "the fast path's HD-BET mask keeps the notches its CSF-rim trimming cuts (no closing)",
+        "scripts/synthetic.py",
+        "    return _closing(trimmed, HDBET_CLOSING_MM, spacing) & (brain > 0.5)",
+        "    return trimmed",
+        ("tests/test_synthetic.py::test_the_emulated_hdbet_mask_bridges_narrow_notches_as_hdbet_does",),
+    ),
+    Mutant(
         "foreach-ema-wrong-weight",
         "the foreach EMA weights the online model by 1 - momentum",
         "scripts/handlers.py",

@@ -161,9 +161,8 @@ def test_a_lone_t1w_series_is_taken_and_a_post_contrast_t1_is_not_chosen(small, 
 def test_an_enhanced_multiframe_series_counts_its_frames_and_is_read(volumes, small, tmp_path, capsys):
     import SimpleITK as sitk  # noqa: N813 (the library's own convention)
 
-    # a right-handed volume, as scanners write: the enhanced file of a left-handed one is read back a whole third
-    # axis away (198 mm; write_series or the reader, not yet known)
-    volume = next(v for v in volumes if np.linalg.det(nib.load(v).affine[:3, :3]) > 0)
+    # a left-handed volume (NIfTI allows it, DICOM does not): write_series makes it right-handed first
+    volume = next(v for v in volumes if np.linalg.det(nib.load(v).affine[:3, :3]) < 0)
     enhanced = dicom.write_series(volume, tmp_path / "enhanced", "T1 MPRAGE SAG", multiframe=True)
     (only,) = dicom.list_series(enhanced)
     n = depth(volume)

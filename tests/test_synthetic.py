@@ -190,6 +190,27 @@ def test_raw_volumes_come_with_their_true_brain_mask(volume_dataset):
         assert data[core].mean() > 1.5 * data[shell].mean(), it["subject"]
 
 
+def test_the_emulated_hdbet_mask_bridges_narrow_notches_as_hdbet_does(monkeypatch):
+    """The CSF-rim trimming cuts a notch where CSF reaches the surface (a fissure, an open sulcus); HD-BET's mask
+    bridges it, a concavity wider than the closing disc stays, and nothing outside the template's brain is added."""
+    x, y = np.meshgrid(*(np.arange(130) * s for s in np.diag(mni.grid_affine())[:2]), indexing="ij")
+    centre = np.array([x.mean(), y.mean()])
+    radius = np.hypot(x - centre[0], y - centre[1])
+    brain = (radius < 80.0).astype(np.float64)
+    csf = np.zeros_like(brain)
+    fissure = (np.abs(y - centre[1]) < 2.0) & (x < centre[0])  # 4 mm wide, from the left edge to the centre
+    csf[fissure] = 1.0
+    bay = (radius > 55.0) & (np.abs(y - centre[1] - 60.0) < 10.0) & (x > centre[0])  # 20 mm wide, not brain
+    brain[bay] = 0.0
+    mask = synthetic._hdbet_mask(brain, csf)
+    monkeypatch.setattr(synthetic, "HDBET_CLOSING_MM", 0.0)
+    trimmed = synthetic._hdbet_mask(brain, csf)
+    mouth = fissure & (brain > 0.5) & ~trimmed  # what the trimming cut: the fissure's outer 2 mm
+    assert mouth.sum() >= 2 and (radius[mouth] > 77.0).all()
+    assert mask[mouth].all() and (mask >= trimmed).all()
+    assert not mask[bay].any() and not mask[radius > 80.0].any()  # never beyond the template's brain
+
+
 def test_the_fast_path_reads_the_raw_volumes_own_voxels():
     """The scanner voxels the fast path computes are the raw volume's, noise included (one acquisition, two
     renderings): a ghost-free clinical scan (thick slices, strong noise) agrees voxel for voxel, up to the volume's
