@@ -192,7 +192,8 @@ def test_raw_volumes_come_with_their_true_brain_mask(volume_dataset):
 
 def test_the_emulated_hdbet_mask_bridges_narrow_notches_as_hdbet_does(monkeypatch):
     """The CSF-rim trimming cuts a notch where CSF reaches the surface (a fissure, an open sulcus); HD-BET's mask
-    bridges it, a concavity wider than the closing disc stays, and nothing outside the template's brain is added."""
+    bridges it, keeps all the trimmed mask holds, and adds nothing outside the template's brain (not even in a bay
+    the closing would fill)."""
     x, y = np.meshgrid(*(np.arange(130) * s for s in np.diag(mni.grid_affine())[:2]), indexing="ij")
     centre = np.array([x.mean(), y.mean()])
     radius = np.hypot(x - centre[0], y - centre[1])

@@ -167,21 +167,18 @@ def age_agreement(chain: np.ndarray, fast: np.ndarray, age: np.ndarray) -> dict:
 RIM_PIXELS = 3  # the brain's rim, in pixels from either slice's mask edge, for gap_by_region
 
 
-def gap_by_region(ckpt: Path, chain: np.ndarray, fast: np.ndarray, steps: int = 16) -> dict:
+def gap_by_region(network, chain: np.ndarray, fast: np.ndarray, steps: int = 16) -> dict:
     """Where the age gap chain - fast sits in the slice: integrated gradients (Sundararajan et al. 2017) of the
     model's age along ``fast + t (chain - fast)``, summed per person over the rim and the interior (mean years).
 
-    ``chain``/``fast``: (N, H, W) model-input slices of the same people. The two parts add up to the gap the model
+    ``network``: a model of :func:`scripts.analysis.load_model` (fp32, eval); ``chain``/``fast``: (N, H, W)
+    model-input slices of the same people. The two parts add up to the gap the model
     gives (up to the midpoint rule's error over ``steps``), so a gap of bias can be traced to the mask's edge or to the
     tissue it holds.
     """
     import torch
     from scipy import ndimage
 
-    from scripts.analysis import load_model
-
-    network, _ = load_model(ROOT / "configs" / "inference.yaml", ckpt, device="cpu")  # the config's image_size
-    network.float().eval()
     start, delta = torch.from_numpy(fast[:, None]), torch.from_numpy((chain - fast)[:, None])
     gradient = torch.zeros_like(start)
     for t in (np.arange(steps) + 0.5) / steps:
@@ -284,6 +281,10 @@ def main() -> None:
                 shown.append((f"{grade} {item['subject']}", *images))
         paired_slices(shown, args.figure, names=("chain", "fast path"))
     for ckpt in map(Path, args.ckpt):
+        from scripts.analysis import load_model
+
+        network, _ = load_model(ROOT / "configs" / "inference.yaml", ckpt, device="cpu")  # the config's image_size
+        network.float().eval()
         ages = predict(work / "datalist.json", work / "predictions" / ckpt.parent.name, ckpt, args.image_size)
         results["models"][str(ckpt)] = {}
         for grade in GRADES:
@@ -298,7 +299,9 @@ def main() -> None:
                 )
                 for path in ("chain", "fast")
             }
-            results["models"][str(ckpt)][grade]["gap_by_region"] = gap_by_region(ckpt, images["chain"], images["fast"])
+            results["models"][str(ckpt)][grade]["gap_by_region"] = gap_by_region(
+                network, images["chain"], images["fast"]
+            )
     results["targets"] = TARGETS
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["command"] = "python tests/benchmarks/bench_fidelity.py " + " ".join(sys.argv[1:])
