@@ -8,14 +8,25 @@ The statistics live in :mod:`scripts.statistics`, the generative analyses (with 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 
 from scripts import cli
 from scripts.atomic import write_json
+from scripts.data import is_labelled, subject_from_path
+from scripts.figures import (
+    bland_altman_plot,
+    counterfactual_grid,
+    generation_grid,
+    interpolation_grid,
+    reconstruction_grid,
+)
 from scripts.generative import counterfactual_ageing, generate_from_latent, interpolate, latent_spread, reconstruct
+from scripts.inference import load_weights, read_predictions, resolve_inputs
 from scripts.precision import resolve_autocast_dtype
 from scripts.slices import centre_level, is_model_input
 from scripts.statistics import (
@@ -26,6 +37,7 @@ from scripts.statistics import (
     format_association,
     format_pad_table,
     pad_outcome_association,
+    reliability,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -40,9 +52,6 @@ def load_model(config_file: str | Path, ckpt_path: str | Path | None = None, dev
 
     Defaults (checkpoint, device) are the config's, so the analyses see the model exactly as inference does.
     """
-    from monai.bundle import ConfigParser
-
-    from scripts.inference import load_weights
 
     parser = ConfigParser()
     parser.read_config(str(config_file))
@@ -56,7 +65,6 @@ def load_model(config_file: str | Path, ckpt_path: str | Path | None = None, dev
 
 def config_ddim_steps(config_file: str | Path, default: int = 50) -> int:
     """The ``ddim_steps`` key of a bundle config (``configs/inference.yaml``: 50), or ``default``."""
-    from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(config_file))
@@ -84,7 +92,6 @@ def _load_slices(items: list[dict], transforms) -> torch.Tensor:
 def _spread_by_age(items: list[dict], n: int) -> list[dict]:
     """``n`` items evenly spread from the youngest to the oldest labelled one (n = 1: the median age); the first
     ``n`` when fewer are labelled."""
-    from scripts.data import is_labelled
 
     labelled = sorted((item for item in items if is_labelled(item)), key=lambda item: float(item["age"]))
     pool = labelled if len(labelled) >= n else items
@@ -110,6 +117,20 @@ def _autocast_arg(args, model: torch.nn.Module) -> str | None:
     return resolve_autocast_dtype(args.autocast_dtype, next(model.parameters()).device)
 
 
+def _prepare(args, items: list[dict]) -> tuple[torch.nn.Module, torch.Tensor, str | None]:
+    """The first step of every generative command: the model, the items' medial slices, the autocast dtype."""
+    model, transforms = load_model(args.config_file, args.ckpt_path, args.device)
+    return model, _load_slices(items, transforms), _autocast_arg(args, model)
+
+
+def _report(out: Path, name: str, summary: dict, table: str, figure: Callable[[Path], Path]) -> None:
+    """The last step of every generative command: its table on stdout, ``OUT/<name>.png`` drawn by ``figure``
+    and ``OUT/<name>.json``."""
+    print(table)
+    png = figure(out / f"{name}.png")
+    print(f"wrote {png} and {write_json(out / f'{name}.json', summary)}")
+
+
 def _run_metrics(args) -> None:
     if args.bias_correction and not Path(args.bias_correction).is_file():
         raise FileNotFoundError(f"{args.bias_correction}: no such bias-correction file")
@@ -118,7 +139,6 @@ def _run_metrics(args) -> None:
 
 
 def _run_association(args) -> None:
-    from scripts.inference import read_predictions
 
     result = pad_outcome_association(read_predictions(args.predictions), args.outcome, args.pad, args.split)
     print(format_association(result))
@@ -126,7 +146,6 @@ def _run_association(args) -> None:
 
 
 def _run_ks(args) -> None:
-    from scripts.inference import read_predictions
 
     names = args.names or [Path(path).parent.name or Path(path).stem for path in args.predictions]
     if len(names) != len(args.predictions):
@@ -148,7 +167,6 @@ def _run_ks(args) -> None:
 
 
 def _cohort(args, default_n: int | None = None) -> list[dict]:
-    from scripts.inference import resolve_inputs
 
     if len(args.n) not in (1, len(args.input)):
         raise ValueError(f"--n gives {len(args.n)} counts for {len(args.input)} inputs; give one or one per input")
@@ -161,13 +179,11 @@ def _cohort(args, default_n: int | None = None) -> list[dict]:
 
 
 def _run_reconstruct(args) -> None:
-    from scripts.figures import reconstruction_grid
 
     items = _cohort(args)
-    model, transforms = load_model(args.config_file, args.ckpt_path, args.device)
-    images = _load_slices(items, transforms)
+    model, images, autocast = _prepare(args, items)
     print(f"reconstructing {len(items)} images ({args.ddim_steps} DDIM steps each way), with the swapped-z control...")
-    result = reconstruct(model, images, args.ddim_steps, args.batch_size, _autocast_arg(args, model))
+    result = reconstruct(model, images, args.ddim_steps, args.batch_size, autocast)
     swapped = "swapped_mse" in result
     described = [
         {
@@ -186,15 +202,13 @@ def _run_reconstruct(args) -> None:
         for i, item in enumerate(items)
     ]
     header = ["subject", "age", "grade", "MSE own z", "MAE own z"] + (["MSE next z"] if swapped else [])
-    print(
-        _text_table(
-            header,
-            [
-                [d["subject"], _number(d["age"], ".1f"), d["grade"] or "-", f"{d['mse']:.2e}", f"{d['mae']:.4f}"]
-                + ([f"{d['swapped_mse']:.2e}"] if swapped else [])
-                for d in described
-            ],
-        )
+    table = _text_table(
+        header,
+        [
+            [d["subject"], _number(d["age"], ".1f"), d["grade"] or "-", f"{d['mse']:.2e}", f"{d['mae']:.4f}"]
+            + ([f"{d['swapped_mse']:.2e}"] if swapped else [])
+            for d in described
+        ],
     )
     summary = {
         "ddim_steps": args.ddim_steps,
@@ -205,35 +219,35 @@ def _run_reconstruct(args) -> None:
     }
     if swapped:
         summary.update(mean_swapped_mse=float(result["swapped_mse"].mean()), swap_penalty=float(result["swap_penalty"]))
-        print(
-            f"swapped-z control: MSE {summary['mean_swapped_mse']:.2e} against {summary['mean_mse']:.2e} with the "
+        table += (
+            f"\nswapped-z control: MSE {summary['mean_swapped_mse']:.2e} against {summary['mean_mse']:.2e} with the "
             f"own z ({100 * summary['swap_penalty']:+.0f} %; about 0 when the decoder ignores z)"
         )
-    out = Path(args.out)
-    png = reconstruction_grid(
-        images.numpy(),
-        result["reconstructions"].numpy(),
-        out / "reconstructions.png",
-        labels=[_label(d) for d in described],
-        swapped=result["swapped_reconstructions"].numpy() if swapped else None,
-        title=f"DDIM reconstructions ({args.ddim_steps} steps, deterministic encoding of x_end), "
-        "with each image's x_end decoded with the next image's z as control",
+    _report(
+        Path(args.out),
+        "reconstructions",
+        summary,
+        table,
+        lambda png: reconstruction_grid(
+            images.numpy(),
+            result["reconstructions"].numpy(),
+            png,
+            labels=[_label(d) for d in described],
+            swapped=result["swapped_reconstructions"].numpy() if swapped else None,
+            title=f"DDIM reconstructions ({args.ddim_steps} steps, deterministic encoding of x_end), "
+            "with each image's x_end decoded with the next image's z as control",
+        ),
     )
-    print(f"wrote {png} and {write_json(out / 'reconstructions.json', summary)}")
 
 
 def _run_generate(args) -> None:
-    from scripts.figures import generation_grid
 
     items = _cohort(args)
     if len(items) < 2:
         raise ValueError("generation from z needs at least 2 images; raise --n")
-    model, transforms = load_model(args.config_file, args.ckpt_path, args.device)
-    images = _load_slices(items, transforms)
+    model, images, autocast = _prepare(args, items)
     print(f"decoding one shared x_end with the z of {len(items)} images ({args.ddim_steps} DDIM steps)...")
-    result = generate_from_latent(
-        model, images, args.ddim_steps, args.batch_size, _autocast_arg(args, model), args.seed
-    )
+    result = generate_from_latent(model, images, args.ddim_steps, args.batch_size, autocast, args.seed)
     described = [
         {
             **_describe(item),
@@ -244,20 +258,18 @@ def _run_generate(args) -> None:
         }
         for i, item in enumerate(items)
     ]
-    print(
-        _text_table(
-            ["subject", "nearest original", "RMS to own", "age (original)", "age (decode)"],
+    table = _text_table(
+        ["subject", "nearest original", "RMS to own", "age (original)", "age (decode)"],
+        [
             [
-                [
-                    d["subject"],
-                    d["nearest"],
-                    f"{d['distance_own']:.4f}",
-                    f"{d['predicted_age']:.1f}",
-                    f"{d['decoded_age']:.1f}",
-                ]
-                for d in described
-            ],
-        )
+                d["subject"],
+                d["nearest"],
+                f"{d['distance_own']:.4f}",
+                f"{d['predicted_age']:.1f}",
+                f"{d['decoded_age']:.1f}",
+            ]
+            for d in described
+        ],
     )
     summary = {
         "ddim_steps": args.ddim_steps,
@@ -267,27 +279,28 @@ def _run_generate(args) -> None:
         "age_r": result["age_r"],
         "images": described,
     }
-    print(
-        f"decodes nearest their own subject: {100 * result['nearest_own_share']:.0f} % (chance "
+    table += (
+        f"\ndecodes nearest their own subject: {100 * result['nearest_own_share']:.0f} % (chance "
         f"{100 * result['chance_share']:.0f} %); r(decoded age, original's predicted age) = {_number(result['age_r'], '.2f')}"
     )
-    out = Path(args.out)
-    png = generation_grid(
-        images.numpy(),
-        result["decodes"].numpy(),
-        result["nearest"].numpy(),
-        out / "generation.png",
-        labels=[_label(d) for d in described],
-        title=f"One shared x_end decoded with each subject's z_sem: {100 * result['nearest_own_share']:.0f} % "
-        f"nearest their own subject (chance {100 * result['chance_share']:.0f} %)",
+    _report(
+        Path(args.out),
+        "generation",
+        summary,
+        table,
+        lambda png: generation_grid(
+            images.numpy(),
+            result["decodes"].numpy(),
+            result["nearest"].numpy(),
+            png,
+            labels=[_label(d) for d in described],
+            title=f"One shared x_end decoded with each subject's z_sem: {100 * result['nearest_own_share']:.0f} % "
+            f"nearest their own subject (chance {100 * result['chance_share']:.0f} %)",
+        ),
     )
-    print(f"wrote {png} and {write_json(out / 'generation.json', summary)}")
 
 
 def _run_interpolate(args) -> None:
-    from scripts.data import subject_from_path
-    from scripts.figures import interpolation_grid
-    from scripts.inference import resolve_inputs
 
     if args.datalist:
         ends = _spread_by_age(resolve_inputs(args.datalist, [args.split]), 2)
@@ -295,12 +308,9 @@ def _run_interpolate(args) -> None:
             raise ValueError(f"{args.datalist}: split {args.split!r} needs at least two labelled items")
     else:
         ends = [{"image": path, "subject": subject_from_path(path)} for path in (args.young, args.old)]
-    model, transforms = load_model(args.config_file, args.ckpt_path, args.device)
-    images = _load_slices(ends, transforms)
+    model, images, autocast = _prepare(args, ends)
     print(f"interpolating {args.frames} frames ({args.ddim_steps} DDIM steps each way), with the x_end-only control...")
-    result = interpolate(
-        model, images[0], images[1], args.frames, args.ddim_steps, args.batch_size, _autocast_arg(args, model)
-    )
+    result = interpolate(model, images[0], images[1], args.frames, args.ddim_steps, args.batch_size, autocast)
     young, old = (_describe(item) for item in ends)
     frames = [
         {"weight": float(w), "predicted_age": float(a), "reencoded_age": float(r), "control_reencoded_age": float(c)}
@@ -308,33 +318,21 @@ def _run_interpolate(args) -> None:
             result["weights"], result["predicted_age"], result["reencoded_age"], result["control_reencoded_age"]
         )
     ]
-    print(
-        _text_table(
-            ["weight", "age from z (y)", "age re-encoded (y)", "control: x_end only (y)"],
+    table = _text_table(
+        ["weight", "age from z (y)", "age re-encoded (y)", "control: x_end only (y)"],
+        [
             [
-                [
-                    f"{f['weight']:.2f}",
-                    f"{f['predicted_age']:.1f}",
-                    f"{f['reencoded_age']:.1f}",
-                    f"{f['control_reencoded_age']:.1f}",
-                ]
-                for f in frames
-            ],
-        )
+                f"{f['weight']:.2f}",
+                f"{f['predicted_age']:.1f}",
+                f"{f['reencoded_age']:.1f}",
+                f"{f['control_reencoded_age']:.1f}",
+            ]
+            for f in frames
+        ],
     )
-    print(
-        f"re-encoded ages {'rise monotonically' if result['monotonic'] else 'do not rise monotonically'} "
+    table += (
+        f"\nre-encoded ages {'rise monotonically' if result['monotonic'] else 'do not rise monotonically'} "
         f"(Spearman {_number(result['spearman'], '.2f')})"
-    )
-    out = Path(args.out)
-    png = interpolation_grid(
-        result["frames"].numpy(),
-        result["predicted_age"].numpy(),
-        out / "interpolation.png",
-        reencoded_ages=result["reencoded_age"].numpy(),
-        control_frames=result["control_frames"].numpy(),
-        control_ages=result["control_reencoded_age"].numpy(),
-        title=f"{_label(young)} -> {_label(old)}: z_sem linear, x_end spherical interpolation",
     )
     summary = {
         "ddim_steps": args.ddim_steps,
@@ -344,13 +342,24 @@ def _run_interpolate(args) -> None:
         "spearman": result["spearman"],
         "frames": frames,
     }
-    print(f"wrote {png} and {write_json(out / 'interpolation.json', summary)}")
+    _report(
+        Path(args.out),
+        "interpolation",
+        summary,
+        table,
+        lambda png: interpolation_grid(
+            result["frames"].numpy(),
+            result["predicted_age"].numpy(),
+            png,
+            reencoded_ages=result["reencoded_age"].numpy(),
+            control_frames=result["control_frames"].numpy(),
+            control_ages=result["control_reencoded_age"].numpy(),
+            title=f"{_label(young)} -> {_label(old)}: z_sem linear, x_end spherical interpolation",
+        ),
+    )
 
 
 def _run_counterfactual(args) -> None:
-    from scripts.data import subject_from_path
-    from scripts.figures import counterfactual_grid
-    from scripts.inference import resolve_inputs
 
     cohort = resolve_inputs(args.datalist or args.reference, [args.split]) if (args.datalist or args.reference) else []
     if args.datalist:
@@ -359,26 +368,19 @@ def _run_counterfactual(args) -> None:
             raise ValueError(f"{args.datalist}: no items in split {args.split!r}")
     else:
         items = [{"image": args.image, "subject": subject_from_path(args.image)}]
-    model, transforms = load_model(args.config_file, args.ckpt_path, args.device)
-    image = _load_slices(items, transforms)[0]
+    reference = [cohort[int(i)] for i in np.linspace(0, len(cohort) - 1, min(len(cohort), args.reference_size))]
+    model, images, autocast = _prepare(args, items + reference)  # the image first, then its reference cohort
+    image = images[0]
     scale = None
-    if cohort:
-        reference = [cohort[int(i)] for i in np.linspace(0, len(cohort) - 1, min(len(cohort), args.reference_size))]
-        scale = latent_spread(model, _load_slices(reference, transforms), args.batch_size, _autocast_arg(args, model))
+    if reference:
+        scale = latent_spread(model, images[1:], args.batch_size, autocast)
         print(f"latent moves in units of the spread of z_sem over {len(reference)} {args.split} images")
     print(
         f"decoding {len(args.deltas)} counterfactual ages ({args.ddim_steps} DDIM steps each way), with a "
         "random-direction control..."
     )
     result = counterfactual_ageing(
-        model,
-        image,
-        args.deltas,
-        args.ddim_steps,
-        args.batch_size,
-        _autocast_arg(args, model),
-        latent_scale=scale,
-        seed=args.seed,
+        model, image, args.deltas, args.ddim_steps, args.batch_size, autocast, latent_scale=scale, seed=args.seed
     )
     subject = _describe(items[0])
     zero = float(result["reencoded_age"][result["deltas"].abs().argmin()])
@@ -407,42 +409,28 @@ def _run_counterfactual(args) -> None:
             result["control_differences"],
         )
     ]
-    print(
-        _text_table(
+    table = _text_table(
+        [
+            "delta (y)",
+            "target (y)",
+            "age from z (y)",
+            "re-read shift (y)",
+            "|dz| (spread units)" if scale is not None else "|dz|",
+            "mean |diff|",
+            "control shift (y)",
+        ],
+        [
             [
-                "delta (y)",
-                "target (y)",
-                "age from z (y)",
-                "re-read shift (y)",
-                "|dz| (spread units)" if scale is not None else "|dz|",
-                "mean |diff|",
-                "control shift (y)",
-            ],
-            [
-                [
-                    f"{f['delta']:+.0f}",
-                    f"{f['target_age']:.1f}",
-                    f"{f['latent_age']:.1f}",
-                    f"{f['reread_shift']:+.1f}",
-                    f"{f['latent_shift']:.2f}",
-                    f"{f['mean_abs_difference']:.4f}",
-                    f"{f['control_reread_shift']:+.1f}",
-                ]
-                for f in frames
-            ],
-        )
-    )
-    out = Path(args.out)
-    png = counterfactual_grid(
-        result["frames"].numpy(),
-        result["differences"].numpy(),
-        out / "counterfactual.png",
-        labels=[f"{f['delta']:+.0f} y -> {f['target_age']:.0f} y\nre-read {f['reread_shift']:+.1f} y" for f in frames],
-        control_frames=result["control_frames"].numpy(),
-        control_differences=result["control_differences"].numpy(),
-        control_labels=[f"re-read {f['control_reread_shift']:+.1f} y" for f in frames],
-        title=f"{_label(subject)}: z_sem moved along the age head's direction "
-        f"(model says {float(result['predicted_age']):.1f} y); control: a random direction of the same length",
+                f"{f['delta']:+.0f}",
+                f"{f['target_age']:.1f}",
+                f"{f['latent_age']:.1f}",
+                f"{f['reread_shift']:+.1f}",
+                f"{f['latent_shift']:.2f}",
+                f"{f['mean_abs_difference']:.4f}",
+                f"{f['control_reread_shift']:+.1f}",
+            ]
+            for f in frames
+        ],
     )
     summary = {
         "ddim_steps": args.ddim_steps,
@@ -451,12 +439,28 @@ def _run_counterfactual(args) -> None:
         "predicted_age": float(result["predicted_age"]),
         "frames": frames,
     }
-    print(f"wrote {png} and {write_json(out / 'counterfactual.json', summary)}")
+    _report(
+        Path(args.out),
+        "counterfactual",
+        summary,
+        table,
+        lambda png: counterfactual_grid(
+            result["frames"].numpy(),
+            result["differences"].numpy(),
+            png,
+            labels=[
+                f"{f['delta']:+.0f} y -> {f['target_age']:.0f} y\nre-read {f['reread_shift']:+.1f} y" for f in frames
+            ],
+            control_frames=result["control_frames"].numpy(),
+            control_differences=result["control_differences"].numpy(),
+            control_labels=[f"re-read {f['control_reread_shift']:+.1f} y" for f in frames],
+            title=f"{_label(subject)}: z_sem moved along the age head's direction "
+            f"(model says {float(result['predicted_age']):.1f} y); control: a random direction of the same length",
+        ),
+    )
 
 
 def _run_reliability(args) -> None:
-    from scripts.figures import bland_altman_plot
-    from scripts.statistics import reliability
 
     result = reliability(args.first, args.second, args.column)
     out = Path(args.out)
@@ -487,32 +491,28 @@ def _input_option(p) -> None:
 def _model_options(parser) -> None:
     parser.add_argument(
         "--config_file",
-        "--config-file",
         type=cli.existing_file,
         default="configs/inference.yaml",
         help="bundle config defining network_def, ckpt_path, device and preprocessing (configs/inference.yaml)",
     )
     parser.add_argument(
-        "--ckpt_path",
-        "--ckpt-path",
-        default=None,
-        help="trained weights; None: the config's ckpt_path (models/model.pt)",
+        "--ckpt_path", default=None, help="trained weights; None: the config's ckpt_path (models/model.pt)"
     )
     parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0; None: the config's device")
     parser.add_argument(
-        "--autocast-dtype",
+        "--autocast_dtype",
         choices=AUTOCAST_CHOICES,
         default="float32",
         help="autocast dtype of the network passes, as the configs' autocast_dtype; float32 is safest for DDIM "
         "inversion",
     )
     parser.add_argument(
-        "--ddim-steps",
+        "--ddim_steps",
         type=cli.positive_int,
         default=None,
         help="DDIM steps each way, dividing 1000; None: the config's ddim_steps (50 if it has none)",
     )
-    parser.add_argument("--batch-size", type=cli.positive_int, default=8, help="images per network pass")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="images per network pass")
 
 
 def build_parser():
@@ -528,7 +528,7 @@ def build_parser():
     p = sub.add_parser("metrics", help="accuracy (r, MAE, RMSE, R2) and PAD-age bias: metrics.json + scatter.png")
     p.add_argument("predictions", type=cli.existing_file, metavar="PRED.csv", help="predictions.csv from inference")
     p.add_argument(
-        "--bias-correction",
+        "--bias_correction",
         default=None,
         metavar="JSON",
         help="age-bias correction fitted on validation data, to report corrected-PAD statistics",
@@ -643,7 +643,7 @@ def build_parser():
         "are measured in (--datalist serves itself); None: raw latent units",
     )
     p.add_argument(
-        "--reference-size", type=cli.positive_int, default=64, help="images of the reference split used for the spread"
+        "--reference_size", type=cli.positive_int, default=64, help="images of the reference split used for the spread"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the control's random latent direction")
     _model_options(p)

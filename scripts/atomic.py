@@ -8,6 +8,7 @@ never leaves a half-written file under the final name. Batch jobs remove tempora
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -59,7 +60,6 @@ def write_json(path: str | os.PathLike, obj, **kwargs) -> Path:
 
 def write_csv(path: str | os.PathLike, rows, fieldnames, **writer_kwargs) -> Path:
     """Rows (dicts) under a header of ``fieldnames``; ``writer_kwargs`` go to ``csv.DictWriter`` (e.g. a delimiter)."""
-    import csv
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as fh:

@@ -11,11 +11,13 @@ reported on the uncorrected predictions.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -24,8 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from ignite.engine import Events
+from monai.utils import evenly_divisible_all_gather
 from torch import nn
 
+from scripts import cli
 from scripts.atomic import write_json
 from scripts.checkpoint import read_model_weights
 from scripts.cli import BundleError
@@ -358,7 +363,6 @@ class CalibrationFitter:
         self._quality: list[torch.Tensor] = []
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
 
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
@@ -378,7 +382,6 @@ class CalibrationFitter:
             return
         pred, age, quality = (torch.cat(x) if x else torch.empty(0) for x in (self._pred, self._age, self._quality))
         if dist.is_available() and dist.is_initialized():  # every rank validated a shard: fit on all of them
-            from monai.utils import evenly_divisible_all_gather
 
             device = getattr(engine.state, "device", None) or torch.device("cpu")  # NCCL gathers CUDA tensors
             pred, age, quality = (
@@ -473,7 +476,6 @@ def fit_from_predictions(
     coverage guarantee. Typical and atypical acquisitions are told apart by the model's own acquisition reference:
     that of the interval already beside the checkpoint, else the ``validation`` rows' metrics.
     """
-    import csv
 
     def number(text) -> float:
         return float(text) if text not in (None, "") else math.nan
@@ -520,7 +522,6 @@ def _known_reference(ckpt_path, rows: list[dict], number) -> AcquisitionReferenc
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scripts import cli
 
     parser = cli.ArgumentParser(
         prog="python -m scripts.calibration",
@@ -529,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint. Training does this itself; use it to calibrate on labelled scans of your own scanner.",
     )
     parser.add_argument("predictions", type=cli.existing_file, help="predictions.csv of the calibration scans")
-    parser.add_argument("--ckpt_path", "--ckpt-path", default="models/model.pt", help="the model they belong to")
+    parser.add_argument("--ckpt_path", default="models/model.pt", help="the model they belong to")
     parser.add_argument("--method", choices=BIAS_CORRECTION_METHODS, default="beheshti", help="bias correction")
     parser.add_argument("--coverage", type=float, default=0.9, help="interval coverage")
     parser.add_argument(
@@ -559,6 +560,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
 
     sys.exit(main())

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
+from scripts.atomic import write_atomic
 from scripts.cli import BundleError
 
 __all__ = ["AtomicCheckpointSaver", "CheckpointError", "CheckpointNotFoundError", "read_model_weights"]
@@ -66,7 +67,6 @@ class _AtomicFileSaver(BaseSaveHandler):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
-        from scripts.atomic import write_atomic
 
         path = write_atomic(self.dirname / (self.filename or filename), lambda tmp: torch.save(checkpoint, tmp))
         # a run killed while saving leaves its temporary file (never read: its name is not the checkpoint's)

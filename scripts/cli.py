@@ -51,16 +51,30 @@ def report_errors_in_one_line() -> None:
     sys.excepthook = hook
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """``argparse`` with a one-line error (``prog: error: reason``) and exit code 2.
+def snake_case_flag(token: str) -> str:
+    """``--n-disease`` -> ``--n_disease`` (``--name=value`` too); any other token unchanged."""
+    if not token.startswith("--") or token == "--":
+        return token
+    name, equals, value = token.partition("=")
+    return "--" + name[2:].replace("-", "_") + equals + value
 
-    The stock parser prints the whole usage block before the error, which buries the reason in
-    batch logs; ``--help`` still shows the full usage.
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` with the bundle's flag spelling and a one-line error (``prog: error: reason``), exit code 2.
+
+    Flags are spelt as the settings they set, in snake case, as the configs and ``python -m monai.bundle``'s own
+    flags are (``--config_file``, ``--image_size``); a hyphenated spelling (``--image-size``) is read as the same
+    flag. The stock parser prints the whole usage block before an error, which buries the reason in batch logs;
+    ``--help`` still shows the full usage.
     """
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 - argparse hook
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([snake_case_flag(token) for token in args], namespace)
 
     def error(self, message: str):  # noqa: D102 - argparse hook
         sys.stderr.write(f"{self.prog}: error: {message}\n")

@@ -7,6 +7,7 @@ Relative image paths resolve against the datalist's folder. Nothing in a datalis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from scripts import phantom
 from scripts.cli import BundleError
 
 SPLITS = ("training", "validation", "calibration", "test")
@@ -172,7 +174,6 @@ def items_digest(items: Iterable[dict]) -> str:
 
     File names rather than paths, so a dataset moved to another folder is still the same dataset.
     """
-    import hashlib
 
     rows = [[str(it.get("subject", "")), Path(str(it["image"])).name, _age_text(it.get("age"))] for it in items]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
@@ -211,11 +212,10 @@ def embedded_phantom(
     cohorts; ``channels``, ``levels`` and ``level_spacing`` as
     preprocessing's ``slice_*`` keys (other values regenerate it).
     """
-    from scripts import synthetic
 
-    return synthetic.ensure_dataset(
+    return phantom.ensure_dataset(
         dataset_dir,
-        synthetic.CohortSpec(n=n, seed=seed, n_disease=n_disease, n_calibration=n_calibration),
+        phantom.CohortSpec(n=n, seed=seed, n_disease=n_disease, n_calibration=n_calibration),
         channels=int(channels),
         levels=int(levels),
         level_spacing=int(level_spacing),

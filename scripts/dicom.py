@@ -27,6 +27,10 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+import numpy as np
+
+from scripts import cli
+
 # Series descriptions (or sequence names) of T1-weighted 3D acquisitions, and of what is not one.
 T1_PATTERN = re.compile(r"t1|mprage|mp-rage|mp2rage|spgr|bravo|tfe|tfl|fspgr|ir-?fspgr", re.IGNORECASE)
 NOT_T1_PATTERN = re.compile(r"t2|flair|dwi|dti|diff|swi|pd|bold|fmri|perf|asl|localizer|scout|survey", re.IGNORECASE)
@@ -236,7 +240,6 @@ def write_series(
     other, e.g. ``{"0018|0010": "Gadovist"}``). With ``multiframe``, the volume is one enhanced MR file (GDCM writes
     Enhanced MR Image Storage with NumberOfFrames and per-frame positions) instead of one file per slice.
     """
-    import numpy as np
     import SimpleITK as sitk  # noqa: N813 (the library's own convention)
 
     image = _right_handed(sitk.ReadImage(str(volume_path), sitk.sitkFloat32))
@@ -256,7 +259,6 @@ def _right_handed(image):
     """The same scan with its third axis reversed where its voxel axes are left-handed (NIfTI allows it; DICOM's
     slice axis is the cross product of row and column, so an enhanced file of a left-handed volume would put every
     frame on the wrong side of the first: a whole extent away)."""
-    import numpy as np
     import SimpleITK as sitk  # noqa: N813 (the library's own convention)
 
     direction = np.array(image.GetDirection()).reshape(3, 3)
@@ -321,7 +323,6 @@ def _write_planes(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scripts import cli
 
     parser = cli.ArgumentParser(prog="python -m scripts.dicom", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

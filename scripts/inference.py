@@ -10,6 +10,7 @@ others go on; the run fails only when nothing could be predicted (:func:`finish`
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -19,12 +20,18 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from ignite.engine import Events
 
+from scripts import bids
 from scripts import data as datalists
+from scripts import dicom, shards
 from scripts.atomic import safe_name, write_atomic, write_csv
-from scripts.calibration import BiasCorrection, PredictionInterval
+from scripts.bids import is_bids_root
+from scripts.calibration import BiasCorrection, PredictionInterval, check_fitted_for, fitted_for
 from scripts.checkpoint import CheckpointError, read_model_weights
 from scripts.cli import BundleError
+from scripts.networks import ArchitectureMismatchError
+from scripts.preprocess import preprocess_items
 from scripts.quality import QUALITY_METRICS
 from scripts.slices import check_slice, is_model_input
 
@@ -81,7 +88,6 @@ def resolve_inputs(
     that does not exist gives no items (a workflow being built for a property check); :func:`require_inputs`
     then reports it when the workflow runs.
     """
-    from scripts import bids, dicom, shards
 
     part = shards.parse_shard(shard)
     path = Path(source).expanduser()
@@ -122,7 +128,6 @@ def resolve_inputs(
 
 def _dicom_item(folder: Path, name: str, dicom_age: bool) -> dict:
     """A DICOM folder as an input item; with ``dicom_age`` the header's age (an unreadable one is a failure row)."""
-    from scripts import dicom
 
     item = {"image": str(folder), "subject": name}
     if dicom_age:
@@ -182,7 +187,6 @@ def prepare_inputs(
         if raw_preprocessing is None:
             failed += [{**it, "error": "raw scan given but no preprocessing chain configured"} for it in raw]
         else:
-            from scripts.preprocess import preprocess_items
 
             out = Path(output_dir) / "preprocessed"
             records = preprocess_items(raw, out, raw_preprocessing, num_workers=num_workers, progress=progress)
@@ -202,9 +206,12 @@ def prepare_inputs(
 
 
 def load_weights(network: torch.nn.Module, ckpt_path: str | Path) -> torch.nn.Module:
-    """Load a best-model file (:func:`read_model_weights`) into ``network``, strictly."""
+    """Load a best-model file (:func:`read_model_weights`) into ``network``, strictly, its architecture record
+    included (:class:`scripts.networks.RecordsArchitecture`)."""
     try:
         network.load_state_dict(read_model_weights(ckpt_path))
+    except ArchitectureMismatchError as err:
+        raise CheckpointError(f"{ckpt_path}: {err}") from None
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise CheckpointError(
@@ -241,7 +248,6 @@ class PredictionWriter:
         derivatives_dir: str | Path | None = None,
         generator: dict | None = None,
     ) -> None:
-        from scripts import shards
 
         self.output_dir = Path(output_dir)
         self.ready = list(ready)
@@ -259,7 +265,6 @@ class PredictionWriter:
         self.qualities: list[np.ndarray] = []
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
 
         engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
@@ -308,7 +313,6 @@ class PredictionWriter:
         if self.save_latents and self.latents:
             _save_latents(self.output_dir / "latents", self.ready, np.concatenate(self.latents))
         if self.shard is not None:
-            from scripts import shards
 
             path = shards.table_path(self.output_dir, self.shard, "predictions.csv")
             _write_csv(path, rows)
@@ -331,7 +335,6 @@ class PredictionWriter:
 
 def bids_root_of(source: str | Path) -> str | None:
     """``source`` when it is a BIDS dataset root (inference then writes BIDS derivatives), else None."""
-    from scripts.bids import is_bids_root
 
     path = Path(source).expanduser()
     return str(path.resolve()) if path.is_dir() and is_bids_root(path) else None
@@ -341,7 +344,6 @@ def write_bids_derivatives(
     rows: list[dict], bids_root: str | Path, derivatives_dir: str | Path, generator: dict | None = None
 ) -> Path:
     """The BIDS-derivatives dataset of a BIDS input's predictions (``scripts.bids.write_derivatives``)."""
-    from scripts import bids
 
     generator = generator or bids.generated_by(Path(__file__).resolve().parents[1])
     out = bids.write_derivatives(rows, bids_root, derivatives_dir, generator)
@@ -351,7 +353,6 @@ def write_bids_derivatives(
 
 def merge_shards(output_dir: str | Path, records: list[dict]) -> Path:
     """Join finished inference shards (``scripts.shards``) into ``predictions.csv`` (and the BIDS derivatives)."""
-    from scripts import shards
 
     out = Path(output_dir)
     rows = shards.read_tables(out, records, "predictions.csv", key="image")
@@ -368,7 +369,6 @@ def check_checkpoint(network: torch.nn.Module, ckpt_path: str | Path) -> None:
 
     The weights are loaded into a copy, so the workflow's own ``CheckpointLoader`` still does the loading.
     """
-    import copy
 
     load_weights(copy.deepcopy(network).cpu(), ckpt_path)
 
@@ -379,7 +379,6 @@ def check_calibration(
     """Fail before any work, in one line, when a calibration file beside the model (bias correction, interval) was
     fitted for another model, another ``slice_levels`` or ``image_size`` (:func:`scripts.calibration.
     check_fitted_for`); a missing file is only a warning, later, that its columns stay empty."""
-    from scripts.calibration import check_fitted_for, fitted_for
 
     existing = [Path(p) for p in paths if p and Path(p).is_file()]
     if not existing:
@@ -393,7 +392,6 @@ def require_inputs(source: str | Path, items: list[dict], shard: str | None = No
     """One-line error when the input does not exist or holds no scan (checked when a workflow runs, not when it
     is merely built, so the bundle's property checks work without data). A shard may be empty (more shards
     than scans): it then writes an empty table and its record."""
-    from scripts import shards
 
     part = shards.parse_shard(shard)
     path = Path(source).expanduser()

@@ -1,6 +1,6 @@
 """The MNI152 space every model input lives in.
 
-One place defines the geometry that the phantom (``scripts.synthetic``) and the preprocessing chain
+One place defines the geometry that the phantom (``scripts.phantom``) and the preprocessing chain
 (``scripts.transforms``) must agree on: nilearn's offline copy of the ICBM 2009 symmetric template,
 the paper's 130x130x130 grid spanning the template's field of view, and the medial axial slice that
 becomes the 128x128 network input (Ijishakin et al., Appendix B).

@@ -22,8 +22,9 @@ The encoder + age-head path is TorchScript-scriptable (``AgePredictor``) for exp
 
 from __future__ import annotations
 
+import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,12 @@ __all__ = [
     "AgeHead",
     "AgePredictor",
     "AgeRegressor",
+    "ArchitectureMismatchError",
     "ConditionalUNet",
     "DiffusionAutoencoder",
+    "RecordsArchitecture",
     "SemanticEncoder",
+    "check_architecture",
     "count_parameters",
     "unwrap",
 ]
@@ -457,7 +461,38 @@ class AgeHead(nn.Module):
             return self.years(z_sem.to(torch.promote_types(z_sem.dtype, torch.float32)))
 
 
-class DiffusionAutoencoder(nn.Module):
+class RecordsArchitecture(nn.Module):
+    """A module whose state dict carries its architecture settings (``self.architecture``), checked on loading.
+
+    Shapes alone let weights load into another architecture when every shape fits (``num_heads`` splits the same
+    attention weights differently), and MONAI's ``copy_model_state`` (``ckpt_export``) copies only the entries
+    whose shapes match, leaving the others at their random initialisation. The record is the state dict's
+    ``_extra_state`` entry; a state dict without one (saved before the record existed) loads with a warning, as
+    BatchNorm loads one without ``num_batches_tracked``.
+    """
+
+    __jit_ignored_attributes__ = ["architecture"]
+    architecture: dict | None = None
+
+    @torch.jit.unused
+    def get_extra_state(self) -> torch.Tensor:
+        return _architecture_record(self.architecture)
+
+    @torch.jit.unused
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        check_architecture(_read_architecture_record(state), self.architecture)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "_extra_state" not in state_dict:
+            warnings.warn(
+                "weights without an architecture record: check that the configured architecture settings are "
+                "those they were trained with (settings such as num_heads change no weight's shape)"
+            )
+            state_dict[prefix + "_extra_state"] = self.get_extra_state()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class DiffusionAutoencoder(RecordsArchitecture):
     """The full model: semantic encoder, conditional U-Net and age head sharing one z_sem.
 
     ``forward(x0)`` is plain age prediction in years, (B, 1) (what bundle verification, inference and export call);
@@ -492,14 +527,18 @@ class DiffusionAutoencoder(nn.Module):
         encoder_fp32: bool = True,
     ) -> None:
         super().__init__()
+        encoder_channel_mult = encoder_channel_mult or channel_mult
+        if encoder_attention_resolutions is None:
+            encoder_attention_resolutions = attention_resolutions
+        # every constructor argument but the age statistics (buffers, saved with the weights anyway)
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__", "age_mean", "age_std")}
+        self.architecture = _architecture(**arguments)
         self.encoder = SemanticEncoder(
             in_channels=in_channels,
             base_channels=base_channels,
-            channel_mult=encoder_channel_mult or channel_mult,
+            channel_mult=encoder_channel_mult,
             num_res_blocks=encoder_num_res_blocks,
-            attention_resolutions=(
-                attention_resolutions if encoder_attention_resolutions is None else encoder_attention_resolutions
-            ),
+            attention_resolutions=encoder_attention_resolutions,
             image_size=image_size,
             num_heads=num_heads,
             z_dim=z_dim,
@@ -586,7 +625,7 @@ class DiffusionAutoencoder(nn.Module):
 
     def age_predictor(self) -> AgePredictor:
         """The encoder + head sub-network (shares parameters) for export and fast inference."""
-        return AgePredictor(self.encoder, self.age_head)
+        return AgePredictor(self.encoder, self.age_head, self.architecture)
 
     @torch.no_grad()
     def recalibrate_batchnorm(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -617,16 +656,18 @@ class DiffusionAutoencoder(nn.Module):
             self.train(was_training)
 
 
-class AgePredictor(nn.Module):
+class AgePredictor(RecordsArchitecture):
     """Encoder + age head only: x0 (B, C, H, W) -> age in years (B, 1), as ``DiffusionAutoencoder.forward``.
 
-    Scriptable and traceable; what export and inference run (the U-Net is not needed to predict an age).
+    Scriptable and traceable; what export and inference run (the U-Net is not needed to predict an age). Made by
+    ``DiffusionAutoencoder.age_predictor()``, it checks a checkpoint's architecture as the full model does.
     """
 
-    def __init__(self, encoder: SemanticEncoder, age_head: AgeHead) -> None:
+    def __init__(self, encoder: SemanticEncoder, age_head: AgeHead, architecture: Mapping | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.age_head = age_head
+        self.architecture = dict(architecture) if architecture is not None else None
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         return self.age_head(self.encoder(x0))[:, None]
@@ -695,6 +736,58 @@ def _set_batchnorm_statistics(module: nn.Module, inputs: torch.Tensor) -> None:
         module.running_mean.copy_(inputs.mean(0))
         module.running_var.copy_(inputs.var(0))  # unbiased, as BatchNorm's running estimate
         module.num_batches_tracked.add_(1)
+
+
+#: Bytes of the architecture record in a state dict: a fixed length, so MONAI's ``copy_model_state`` (used by
+#: ``ckpt_export``), which copies only entries of equal shape, always copies it and the check always runs.
+ARCHITECTURE_RECORD_BYTES = 1024
+
+
+class ArchitectureMismatchError(ValueError):
+    """Weights trained with other architecture settings than the network configured to load them."""
+
+
+def _architecture(**arguments) -> dict:
+    """Constructor arguments as plain JSON values (sequences as lists), comparable after a round trip."""
+    return {
+        key: list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+        for key, value in arguments.items()
+    }
+
+
+def _architecture_record(architecture: Mapping | None) -> torch.Tensor:
+    """``architecture`` as JSON in a fixed-length uint8 tensor (space-padded): a tensor is what
+    ``torch.load(weights_only=True)`` and ``copy_model_state`` handle; an empty record means "unknown"."""
+    text = json.dumps(architecture, sort_keys=True).encode() if architecture is not None else b""
+    if len(text) > ARCHITECTURE_RECORD_BYTES:
+        raise ValueError(f"architecture record of {len(text)} bytes exceeds {ARCHITECTURE_RECORD_BYTES}")
+    return torch.tensor(list(text.ljust(ARCHITECTURE_RECORD_BYTES)), dtype=torch.uint8)
+
+
+def _read_architecture_record(record: torch.Tensor) -> dict | None:
+    text = bytes(record.to(torch.uint8).tolist()).strip()
+    return json.loads(text) if text else None
+
+
+#: Settings a trained model's ages do not depend on: regularisation and initialisation used only in training,
+#: and the encoder's precision (fp32 and bf16 ages agree, docs/benchmarks.md); they may differ when loading.
+UNCHECKED_SETTINGS = ("dropout", "head_dropout", "latent_gain", "encoder_fp32")
+
+
+def check_architecture(recorded: Mapping | None, configured: Mapping | None) -> None:
+    """:class:`ArchitectureMismatchError` naming every setting (but :data:`UNCHECKED_SETTINGS`) where
+    ``recorded`` (the checkpoint's) and ``configured`` differ; nothing when either is unknown."""
+    if recorded is None or configured is None:
+        return
+    differences = [
+        f"{key} {recorded.get(key)!r} (configured {configured.get(key)!r})"
+        for key in sorted(set(recorded) | set(configured))
+        if key not in UNCHECKED_SETTINGS and recorded.get(key) != configured.get(key)
+    ]
+    if differences:
+        raise ArchitectureMismatchError(
+            "trained with " + ", ".join(differences) + "; pass the architecture settings it was trained with"
+        )
 
 
 def unwrap(module: nn.Module) -> nn.Module:

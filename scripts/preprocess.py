@@ -31,8 +31,15 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from tqdm import tqdm
 
+from scripts import bids, shards
 from scripts.atomic import safe_name, write_atomic, write_csv, write_json
+from scripts.data import read_json
+from scripts.figures import qc_montage, qc_slice
+from scripts.slices import centre_channels, slice_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +135,6 @@ def preprocess_scan(
     Returns the scan's record; ``cached`` tells whether this call did the work. Never raises for a
     bad scan: the record has ``status: failed`` and a one-line ``reason``.
     """
-    from scripts.figures import qc_slice
-    from scripts.slices import centre_channels, slice_nifti
 
     out = Path(output_dir)
     source = str(item["image"])
@@ -200,7 +205,6 @@ def _init_worker(transform_bytes: bytes, threads: int) -> None:
     for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS"):
         os.environ[var] = str(threads)
     import SimpleITK as sitk  # noqa: N813 (the library's own convention)
-    import torch
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     torch.set_num_threads(threads)
@@ -235,7 +239,6 @@ def preprocess_items(
     workers are spawned (fresh interpreters, safe with the thread pools of torch and ITK), so a
     script calling this must do so under ``if __name__ == "__main__":``.
     """
-    from tqdm import tqdm
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +273,6 @@ def preprocess_items(
 # -- datalists ---------------------------------------------------------------------------------
 def read_datalist(path: str | Path) -> dict:
     """A datalist whose item ``image`` paths are made absolute (relative ones resolve against its folder)."""
-    from scripts.data import read_json
 
     path = Path(path)
     datalist = read_json(path)  # DatalistError (a ValueError) when missing, not JSON or not an object
@@ -316,7 +318,6 @@ def load_chain(bundle_root: str | Path, config_file: str = "configs/preprocess.y
     Read relative to ``bundle_root``, so inference and evaluation use the one definition of the chain and the
     bundle runs from any working directory (a ``%configs/...`` macro would be relative to the current one).
     """
-    from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(Path(bundle_root) / config_file))
@@ -333,7 +334,6 @@ def resolve_datalist(
 ) -> Path:
     """A datalist JSON path for ``datalist``: the file itself, or for a BIDS root its scans split by subject
     (``scripts.bids.split_items``) into ``output_dir/bids_datalist.json``."""
-    from scripts import bids
 
     path = Path(datalist).expanduser()
     if path.is_dir():
@@ -365,7 +365,6 @@ def preprocess_datalist(
     done and the tables go to ``OUT/shards/`` for ``python -m scripts.merge OUT``.
     Logs the failures at the end and exits with status 1 only when no scan succeeded.
     """
-    from scripts import shards
 
     part = shards.parse_shard(shard)  # a bad spec stops here, before any work
     out = Path(output_dir)
@@ -408,7 +407,6 @@ def preprocess_datalist(
 
 def _montage(out: Path, ok: list[dict], n_failed: int, montage_max: int) -> None:
     """QC montage of the successful scans, worst registrations first: where a reviewer starts."""
-    from scripts.figures import qc_montage
 
     if not ok:
         return
@@ -426,8 +424,6 @@ def _montage(out: Path, ok: list[dict], n_failed: int, montage_max: int) -> None
 
 def merge_shards(output_dir: str | Path, records: list[dict]) -> Path:
     """Join finished preprocess shards (``scripts.shards``) into ``manifest.csv``, ``datalist.json`` and the montage."""
-    from scripts import shards
-    from scripts.data import read_json
 
     out = Path(output_dir)
     rows = shards.read_tables(out, records, "manifest.csv", key="source")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ignite.engine import Events
 
 from scripts.cli import BundleError
 
@@ -179,7 +180,6 @@ class SamplerEpoch:
         self.sampler = sampler
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
 
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+from scripts.atomic import write_json
 from scripts.cli import BundleError
 
 SHARD_DIR = "shards"
@@ -73,7 +74,6 @@ def table_path(output_dir: str | Path, shard: Shard, name: str) -> Path:
 
 def write_record(output_dir: str | Path, shard: Shard, kind: str, n_inputs: int, **extra) -> Path:
     """The shard's completion record, written last (atomically): ``kind`` is ``preprocess`` or ``inference``."""
-    from scripts.atomic import write_json
 
     record = {"kind": kind, "shard": shard.index, "count": shard.count, "inputs": n_inputs, **extra}
     return write_json(record_path(output_dir, shard), record)

@@ -15,6 +15,8 @@ from scipy import stats
 
 from scripts.atomic import write_json
 from scripts.calibration import BiasCorrection, as_array
+from scripts.figures import pad_boxplot, prediction_scatter
+from scripts.inference import read_predictions
 
 
 def pearson_r(prediction, target) -> float:
@@ -132,8 +134,6 @@ def evaluate_predictions(
     predictions_csv: str | Path, output_dir: str | Path, correction_path: str | Path | None = None
 ) -> dict:
     """Metrics of a predictions.csv: ``OUT/metrics.json``, ``OUT/scatter.png`` and a printed table."""
-    from scripts.figures import prediction_scatter
-    from scripts.inference import read_predictions
 
     rows = [r for r in read_predictions(predictions_csv) if np.isfinite(r["age"]) and np.isfinite(r["predicted_age"])]
     if not rows:
@@ -246,7 +246,6 @@ def compare_pad_distributions(
             models[name].update(ks_statistic=float(ks.statistic), ks_p=float(ks.pvalue))
     result = {"reference": reference, "pad": pad, "split": split, "models": models}
     if boxplot is not None:
-        from scripts.figures import pad_boxplot
 
         pad_boxplot(pads, boxplot, models, title=f"{pad} by model{_where(split).replace(' (', chr(10) + '(', 1)}")
     return result
@@ -334,7 +333,6 @@ def bland_altman(first, second) -> dict[str, float]:
 def reliability(first_csv: str | Path, second_csv: str | Path, column: str = "predicted_age") -> dict:
     """ICC and Bland-Altman of ``column`` between two predictions.csv of the same people, joined on ``subject``
     (or ``participant_id``); rows without a value on either side are left out."""
-    from scripts.inference import read_predictions
 
     def by_person(path) -> dict[str, float]:
         rows = read_predictions(path)

@@ -36,10 +36,10 @@ from importlib.metadata import version
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import MapTransform, SpatialResample
+from monai.data import ITKReader, MetaTensor
+from monai.transforms import LoadImage, MapTransform, SpatialResample
 
-from scripts import hdbet
+from scripts import dicom, hdbet
 from scripts.cli import BundleError
 from scripts.mni import (
     GRID_SHAPE,
@@ -84,10 +84,6 @@ class LoadScand(MapTransform):
         super().__init__(keys, allow_missing_keys)
 
     def __call__(self, data):
-        from monai.data import ITKReader
-        from monai.transforms import LoadImage
-
-        from scripts import dicom
 
         d = dict(data)
         for key in self.key_iterator(d):

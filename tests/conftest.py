@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the bundle root holds the `scripts` package, as for monai.bundle
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from scripts import synthetic  # noqa: E402
+from scripts import phantom  # noqa: E402
 
 # A network small enough to train a few steps in seconds; every size is a top-level config key.
 TINY_NETWORK = {
@@ -123,8 +123,8 @@ def slice_dataset(tmp_path_factory) -> Path:
     """40 healthy + 8 disease research-grade subjects and a calibration split of 12 (mixed grades) as preprocessed
     slices (fast path)."""
     out = tmp_path_factory.mktemp("phantom_slices")
-    spec = synthetic.CohortSpec(n=40, seed=7, n_disease=8, n_calibration=12)
-    synthetic.generate(spec, out, mode="slices", progress=False)
+    spec = phantom.CohortSpec(n=40, seed=7, n_disease=8, n_calibration=12)
+    phantom.generate(spec, out, mode="slices", progress=False)
     return out
 
 
@@ -132,9 +132,7 @@ def slice_dataset(tmp_path_factory) -> Path:
 def volume_dataset(tmp_path_factory) -> Path:
     """Raw scanner-space volumes of 5 subjects (mixed grades) with their MNI ground-truth slices."""
     out = tmp_path_factory.mktemp("phantom_volumes")
-    synthetic.generate(
-        synthetic.CohortSpec(n=4, seed=3, n_disease=1, grade="mixed"), out, mode="volumes", progress=False
-    )
+    phantom.generate(phantom.CohortSpec(n=4, seed=3, n_disease=1, grade="mixed"), out, mode="volumes", progress=False)
     return out
 
 

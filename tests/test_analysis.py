@@ -190,7 +190,7 @@ def tiny_bundle(tmp_path, bundle_root):
 
 
 def test_cli_reconstruct_and_interpolate_write_figures_and_json(tiny_bundle, capsys):
-    common = ["--config_file", str(tiny_bundle / "config.json"), "--ddim-steps", "2", "--out", str(tiny_bundle / "out")]
+    common = ["--config_file", str(tiny_bundle / "config.json"), "--ddim_steps", "2", "--out", str(tiny_bundle / "out")]
     datalist = str(tiny_bundle / "datalist.json")
     assert (
         analysis.main(["reconstruct", "--input", datalist, str(tiny_bundle / "sub-a.nii.gz"), "--n", "2", *common]) == 0
@@ -240,7 +240,7 @@ def test_cli_reconstruct_and_interpolate_write_figures_and_json(tiny_bundle, cap
     assert summary["frames"][0]["control_mean_abs_difference"] > 0
     assert (tiny_bundle / "out" / "counterfactual.png").is_file()
 
-    # without --ddim-steps: the config's ddim_steps key
+    # without --ddim_steps: the config's ddim_steps key
     config = json.loads((tiny_bundle / "config.json").read_text())
     (tiny_bundle / "config.json").write_text(json.dumps({**config, "ddim_steps": 4}))
     assert (
@@ -296,7 +296,7 @@ def test_cli_metrics_association_and_ks(predictions_csv, tmp_path, capsys):
             "none.pt: no checkpoint",
         ),
         (
-            ["reconstruct", "--input", "{datalist}", "--config_file", "{config}", "--ddim-steps", "7"],
+            ["reconstruct", "--input", "{datalist}", "--config_file", "{config}", "--ddim_steps", "7"],
             "num_steps must divide",
         ),
         (
@@ -326,7 +326,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, reason, predictions_csv, tin
 @pytest.mark.parametrize(
     "command, options",
     [
-        ("metrics", ["PRED.csv", "--bias-correction", "--out"]),
+        ("metrics", ["PRED.csv", "--bias_correction", "--out"]),
         ("association", ["PRED.csv", "--outcome", "--pad", "--split", "--out"]),
         ("ks", ["PRED.csv", "--names", "--reference", "--pad", "--split", "--out"]),
         (
@@ -338,9 +338,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, reason, predictions_csv, tin
                 "--config_file",
                 "--ckpt_path",
                 "--device",
-                "--autocast-dtype",
-                "--ddim-steps",
-                "--batch-size",
+                "--autocast_dtype",
+                "--ddim_steps",
+                "--batch_size",
                 "--out",
             ],
         ),
@@ -355,9 +355,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, reason, predictions_csv, tin
                 "--config_file",
                 "--ckpt_path",
                 "--device",
-                "--autocast-dtype",
-                "--ddim-steps",
-                "--batch-size",
+                "--autocast_dtype",
+                "--ddim_steps",
+                "--batch_size",
                 "--out",
             ],
         ),
@@ -367,16 +367,16 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, reason, predictions_csv, tin
                 "--image",
                 "--datalist",
                 "--reference",
-                "--reference-size",
+                "--reference_size",
                 "--split",
                 "--deltas",
                 "--seed",
                 "--config_file",
                 "--ckpt_path",
                 "--device",
-                "--autocast-dtype",
-                "--ddim-steps",
-                "--batch-size",
+                "--autocast_dtype",
+                "--ddim_steps",
+                "--batch_size",
                 "--out",
             ],
         ),
@@ -390,9 +390,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, reason, predictions_csv, tin
                 "--config_file",
                 "--ckpt_path",
                 "--device",
-                "--autocast-dtype",
-                "--ddim-steps",
-                "--batch-size",
+                "--autocast_dtype",
+                "--ddim_steps",
+                "--batch_size",
                 "--out",
             ],
         ),

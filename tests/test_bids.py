@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import predict
 
-from scripts import bids, data, synthetic
+from scripts import bids, data, phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Where install.sh puts the BIDS validator (npm bids-validator 1.15.0); BIDS_VALIDATOR overrides it.
@@ -270,8 +270,8 @@ def _issues(report: dict) -> str:
 
 def test_the_phantom_in_bids_mode_passes_the_bids_validator(bids_validator, tmp_path, caplog):
     out = tmp_path / "phantom"
-    args = ["--out", str(out), "--n", "6", "--n-disease", "0", "--mode", "bids", "--grade", "mixed", "--seed", "5"]
-    assert synthetic.main([*args, "--quiet"]) == 0
+    args = ["--out", str(out), "--n", "6", "--n_disease", "0", "--mode", "bids", "--grade", "mixed", "--seed", "5"]
+    assert phantom.main([*args, "--quiet"]) == 0
     participants = read_tsv(out / "participants.tsv")
     assert {r["grade"] for r in participants} == {"research", "clinical"}
     assert "89+" in {r["age"] for r in participants}  # seed 5 has an 89.9-year-old: written censored

@@ -225,7 +225,7 @@ LAYERS = [
     {"slices"},  # the model-input slice: made, written, recognised, loaded, its medial level
     {"hdbet", "dicom"},  # readers of external formats: HD-BET networks, DICOM series
     {"transforms", "quality"},  # the preprocessing chain as MONAI transforms; the image quality of a slice
-    {"synthetic"},  # the phantom (rendered through the chain's last step)
+    {"phantom"},  # the phantom (rendered through the chain's last step)
     {"data", "bids", "shards"},  # datalists (the embedded default generates the phantom), BIDS, shards of inputs
     {"preprocess"},  # raw scans -> slices, as a batch job
     {"networks"},

@@ -17,8 +17,8 @@ import nibabel as nib
 
 def test_the_chain_cohort_builder_resumes_after_a_kill_and_writes_every_list(bundle_root, tmp_path):
     out = tmp_path / "cohort"
-    sizes = ["--n-test", "1", "--n-rescan", "0", "--n-calibration", "0", "--n-disease", "1"]  # three scans
-    command = [sys.executable, "tests/benchmarks/chain_cohort.py", "--out", str(out), "--skull-strip", "template"]
+    sizes = ["--n_test", "1", "--n_rescan", "0", "--n_calibration", "0", "--n_disease", "1"]  # three scans
+    command = [sys.executable, "tests/benchmarks/chain_cohort.py", "--out", str(out), "--skull_strip", "template"]
     command += ["--workers", "1", *sizes]
     records = out / "chain" / "records"
     with open(tmp_path / "first.log", "w") as log:  # killed, with its workers, once the first scan is done

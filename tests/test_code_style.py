@@ -92,3 +92,26 @@ def test_pre_commit_hook(hook, args, kinds, tmp_path):
     else:
         result = run(str(BIN / hook), *args, *files)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+def test_every_flag_is_spelt_as_the_setting_it_sets_and_a_hyphenated_spelling_still_parses(python_files):
+    """One spelling: the configs' and ``monai.bundle``'s snake case (``--config_file``, ``--image_size``)."""
+    import re
+
+    from scripts import cli
+
+    declared = re.compile(r"add_argument\(\s*((?:\"-[^\"]*\",\s*)+)")
+    hyphenated = [
+        f"{name}: {flag}"
+        for name in python_files
+        for options in declared.findall((ROOT / name).read_text())
+        for flag in re.findall(r"\"(--[^\"]+)\"", options)
+        if "-" in flag[2:]
+    ]
+    assert hyphenated == []
+    parser = cli.ArgumentParser(prog="tool")
+    parser.add_argument("--n_disease", type=int, default=0)
+    parser.add_argument("--image_size", type=int)
+    assert vars(parser.parse_args(["--n-disease", "3", "--image-size=64"])) == {"n_disease": 3, "image_size": 64}
+    assert vars(parser.parse_args(["--n_disease", "3"])) == {"n_disease": 3, "image_size": None}
+    assert cli.snake_case_flag("-n-1") == "-n-1" and cli.snake_case_flag("a-b") == "a-b"

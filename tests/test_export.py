@@ -8,7 +8,9 @@ import pytest
 import torch
 from monai.bundle import ckpt_export, verify_net_in_out
 
-from scripts.networks import AgePredictor, DiffusionAutoencoder
+from scripts import inference
+from scripts.checkpoint import CheckpointError
+from scripts.networks import AgePredictor, ArchitectureMismatchError, DiffusionAutoencoder
 
 
 def tiny_model(sizes: dict) -> DiffusionAutoencoder:
@@ -51,6 +53,38 @@ def test_ckpt_export_writes_a_torchscript_age_predictor_giving_the_eager_ages(
     assert got.shape == (5, 1)
     torch.testing.assert_close(got, expected)
     assert float(expected.std()) > 0  # a trained model, not a constant
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_checkpoint_refuses_other_architecture_settings_naming_them(
+    bundle_root, trained_model, tiny_network, tmp_path, monkeypatch
+):
+    """The architecture record saved with the weights catches what shapes cannot: num_heads splits the same
+    attention weights differently, and MONAI's ``copy_model_state`` (ckpt_export) copies only the entries whose
+    shapes match, leaving the others at their random initialisation."""
+    ckpt = trained_model["ckpt_path"]
+    state = torch.load(ckpt, weights_only=True)
+    unrecorded = {key: value for key, value in state.items() if key != "_extra_state"}
+    with pytest.warns(UserWarning, match="weights without an architecture record"):  # loads, strictly
+        tiny_model({**tiny_network, "num_heads": 2}).load_state_dict(unrecorded)  # every weight's shape fits
+    with pytest.raises(CheckpointError, match=r"model.pt: trained with num_heads 1 \(configured 2\); pass the"):
+        inference.load_weights(tiny_model({**tiny_network, "num_heads": 2}), ckpt)
+    assert inference.load_weights(tiny_model(tiny_network), ckpt).architecture["num_heads"] == 1
+    # training-only settings (dropout, the encoder's initial gain) and its precision may differ
+    inference.load_weights(
+        tiny_model({**tiny_network, "dropout": 0.3, "latent_gain": 0.5, "encoder_fp32": False}), ckpt
+    )
+    monkeypatch.chdir(bundle_root)
+    with pytest.raises(ArchitectureMismatchError, match=r"z_dim 16 \(configured 8\)"):
+        ckpt_export(
+            net_id="age_predictor_def",
+            filepath=str(tmp_path / "model.ts"),
+            ckpt_file=str(ckpt),
+            meta_file="configs/metadata.json",
+            config_file="configs/inference.yaml",
+            **{**tiny_network, "z_dim": 8},
+        )
+    assert not (tmp_path / "model.ts").exists()
 
 
 def test_age_predictor_loads_a_full_model_checkpoint_strictly_but_not_a_foreign_one(trained_model, tiny_network):

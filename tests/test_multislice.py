@@ -12,7 +12,7 @@ import torch
 from conftest import predict, read_csv
 from monai.bundle import ConfigParser
 
-from scripts import synthetic
+from scripts import phantom
 from scripts.inferers import AgeInferer, combine_levels, unpack_age_output
 from scripts.mni import level_offsets
 from scripts.slices import AsSliceLevelsd, slice_nifti
@@ -25,9 +25,7 @@ LEVELS = 3
 def level_dataset(tmp_path_factory):
     """The conftest cohort (40 + 8 subjects, seed 7) as 3-level slices, 4 grid slices apart."""
     out = tmp_path_factory.mktemp("phantom_levels")
-    synthetic.generate(
-        synthetic.CohortSpec(n=40, seed=7, n_disease=8), out, mode="slices", progress=False, levels=LEVELS
-    )
+    phantom.generate(phantom.CohortSpec(n=40, seed=7, n_disease=8), out, mode="slices", progress=False, levels=LEVELS)
     return out
 
 

@@ -453,7 +453,7 @@ def test_hdbet_weights_of_a_trainer_variant_load_without_optional_packages(tmp_p
     volume[30:100, 30:100, 30:100] = 1.0
     assert hdbet.predict_brain_mask(volume, mni.grid_affine(), weights).shape == mni.GRID_SHAPE
     assert hdbet.load_predictor(str(weights), "cpu", False).trainer_name == "nnUNetTrainerDA5"
-    assert hdbet.main(["--weights-dir", str(weights)]) == 0
+    assert hdbet.main(["--weights_dir", str(weights)]) == 0
     assert (
         "trainer nnUNetTrainerDA5 (nnunetv2.training.nnUNetTrainer.variants.data_augmentation"
         in capsys.readouterr().out
@@ -504,7 +504,7 @@ def test_hdbet2_checkpoint_holding_a_pickled_object_is_refused_and_never_run(tin
         assert message.startswith(f"{weights / hdbet.CHECKPOINT}: not a plain weights file") and "\n" not in message
         assert "_record_unpickling" in message  # what it refused
     with pytest.raises(SystemExit):
-        hdbet.main(["--weights-dir", str(weights)])
+        hdbet.main(["--weights_dir", str(weights)])
     assert "not a plain weights file" in capsys.readouterr().err
     assert UNPICKLED == []
     torch.load(weights / hdbet.CHECKPOINT, weights_only=False)  # the payload is live: unpickling runs it
@@ -571,7 +571,7 @@ def test_hdbet2_wrong_pinned_digest_is_refused_before_loading(tiny_hdbet_weights
         assert message.startswith(f"{tiny_hdbet_weights / hdbet.CHECKPOINT}: SHA-256 {digest} is not the pinned")
         assert "hdbet_weights_sha256" in message and wrong in message and "\n" not in message
     with pytest.raises(SystemExit):
-        hdbet.main(["--weights-dir", str(tiny_hdbet_weights), "--sha256", wrong])
+        hdbet.main(["--weights_dir", str(tiny_hdbet_weights), "--sha256", wrong])
     assert loads == []  # refused before the checkpoint was read
     pinned = hdbet.load_predictor.__wrapped__(str(tiny_hdbet_weights), "cpu", False, f" {digest.upper()} ")
     assert loads == [True] and pinned.trainer_name == "nnUNetTrainer"

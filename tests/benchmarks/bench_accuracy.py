@@ -6,7 +6,7 @@
     .venv/bin/python tests/benchmarks/bench_accuracy.py --models full-levels full full-median full-levels-medial \
         --seeds 0 1 2 --steps 200 --out runs/bench_levels
     .venv/bin/python tests/benchmarks/bench_accuracy.py --models full-levels full --seeds 0 1 2 --steps 200 \
-        --slice-levels 3 --slice-level-spacing 2 --out runs/bench_levels3
+        --slice_levels 3 --slice_level_spacing 2 --out runs/bench_levels3
     .venv/bin/python tests/benchmarks/bench_accuracy.py --full ...     # paper sizes (128x128, 6000 steps), for a GPU
 
 Every model is trained and evaluated through the bundle's own commands (``monai.bundle run training`` /
@@ -23,14 +23,14 @@ Every model is trained and evaluated through the bundle's own commands (``monai.
    * ``full``: ours with every training label (research grade), batch 8;
    * ``densenet``: the DenseNet121 baseline (``configs/baseline_densenet.yaml``) with every label;
    * ``full-aug``: ``full`` with acquisition augmentation (``configs/augment_clinical.yaml``);
-   * ``full-levels``: ``full`` trained on ``--slice-levels`` axial levels (one drawn per image per step) and
+   * ``full-levels``: ``full`` trained on ``--slice_levels`` axial levels (one drawn per image per step) and
      evaluated on the median of their predictions (``slice_levels``);
    * ``full-median``: the ``full`` checkpoint evaluated on the median of the levels (inference-only combination);
    * ``full-levels-medial``: the ``full-levels`` checkpoint evaluated on the medial slice alone;
    * ``full-aug-contrast``: ``full`` with gamma and histogram-shift augmentation at 0.5 each (contrast is the
      clinical-grade factor that costs most, ``bench_clinical_factors.py``).
    Every run gets the same number of optimizer steps (``--steps``); validation MAE picks the checkpoint. With a
-   multi-level model the phantom is written with ``--slice-levels`` levels; the single-level models read its
+   multi-level model the phantom is written with ``--slice_levels`` levels; the single-level models read its
    centre level, which is the single-level phantom's slice. A run whose ``result.json`` exists in ``OUT`` is
    reused, not redone (delete its folder to redo it), so new models can be paired with earlier runs; with
    ``--cohort``, a reused run is evaluated on the chain sets it lacks.
@@ -65,7 +65,8 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from scripts import synthetic  # noqa: E402
+from scripts import cli  # noqa: E402
+from scripts import phantom  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 from scripts.data import is_labelled, load_datalist  # noqa: E402
 from scripts.inference import read_predictions  # noqa: E402
@@ -98,7 +99,7 @@ MODELS = {  # name: (description, training datalist, config overlays, batch size
 # Config overrides of a model's training run (contrast: the acquisition factor that costs most, docs/accuracy.md).
 TRAINING_OVERRIDES = {"full-aug-contrast": {"aug_contrast_prob": 0.5, "aug_histogram_shift_prob": 0.5}}
 # Multi-level models: (slice_levels in training, slice_levels in evaluation, model whose checkpoint is reused)
-# with L = --slice-levels; the others train and evaluate on the medial slice.
+# with L = --slice_levels; the others train and evaluate on the medial slice.
 LEVELS = {
     "full-levels": ("L", "L", None),
     "full-median": (1, "L", "full"),
@@ -119,7 +120,7 @@ CHAIN_SETS = {"chain_research": "research_test", "chain_clinical": "clinical_tes
 
 
 def chain_sets(cohort: str | None) -> dict[str, str]:
-    """The chain sets the cohort has people for (a cohort built with ``--n-disease 0`` has no disease list)."""
+    """The chain sets the cohort has people for (a cohort built with ``--n_disease 0`` has no disease list)."""
     if not cohort:
         return {}
     lists = json.loads(Path(cohort).read_text())
@@ -127,7 +128,7 @@ def chain_sets(cohort: str | None) -> dict[str, str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--out", default="runs/bench_accuracy", help="output folder (data, runs, table)")
@@ -135,14 +136,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one training run per seed and model")
     parser.add_argument("--full", action="store_true", help="the paper's sizes: 128x128, more steps (for a GPU)")
     parser.add_argument("--n", type=int, default=600, help="healthy subjects (+ n/5 disease)")
-    parser.add_argument("--image-size", type=int, default=None, help="network input side (default 64; 128 with --full)")
+    parser.add_argument("--image_size", type=int, default=None, help="network input side (default 64; 128 with --full)")
     parser.add_argument(
         "--steps", type=int, default=None, help="optimizer steps per run (default 800; 6000 with --full)"
     )
-    parser.add_argument("--labelled-share", type=float, default=0.25, help="labels kept in the 25 % runs")
-    parser.add_argument("--phantom-seed", type=int, default=0, help="seed of the phantom (the people)")
-    parser.add_argument("--slice-levels", type=int, default=5, help="axial levels of the multi-level models (odd)")
-    parser.add_argument("--slice-level-spacing", type=int, default=4, help="130-grid slices between the levels")
+    parser.add_argument("--labelled_share", type=float, default=0.25, help="labels kept in the 25 % runs")
+    parser.add_argument("--phantom_seed", type=int, default=0, help="seed of the phantom (the people)")
+    parser.add_argument("--slice_levels", type=int, default=5, help="axial levels of the multi-level models (odd)")
+    parser.add_argument("--slice_level_spacing", type=int, default=4, help="130-grid slices between the levels")
     parser.add_argument(
         "--cohort", default=None, help="also evaluate on this chain-preprocessed cohort (chain_cohort.py's datalist)"
     )
@@ -171,17 +172,14 @@ def make_data(args, out: Path) -> dict:
     spec = dict(n=args.n, seed=args.phantom_seed, unlabelled_fraction=0.0)
     levels = args.slice_levels if any(name in LEVELS for name in args.models) else 1
     research = Path(
-        synthetic.ensure_dataset(
-            out / "phantom_research",
-            synthetic.CohortSpec(**spec),
-            levels=levels,
-            level_spacing=args.slice_level_spacing,
+        phantom.ensure_dataset(
+            out / "phantom_research", phantom.CohortSpec(**spec), levels=levels, level_spacing=args.slice_level_spacing
         )
     ).parent
     clinical = Path(
-        synthetic.ensure_dataset(
+        phantom.ensure_dataset(
             out / "phantom_clinical",
-            synthetic.CohortSpec(**spec, grade="clinical"),
+            phantom.CohortSpec(**spec, grade="clinical"),
             levels=levels,
             level_spacing=args.slice_level_spacing,
         )
@@ -453,9 +451,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = make_data(args, out)
-    phantom = json.loads((out / "phantom_research" / "phantom.json").read_text())
-    floor = phantom["accuracy_floor"]
-    truth = {"r": phantom["disease_true_pad_survival_r"], "sample_r": phantom["disease_sample_pad_survival_r"]}
+    record = json.loads((out / "phantom_research" / "phantom.json").read_text())
+    floor = record["accuracy_floor"]
+    truth = {"r": record["disease_true_pad_survival_r"], "sample_r": record["disease_sample_pad_survival_r"]}
     results = [train_and_evaluate(args, name, seed, data, out) for seed in args.seeds for name in args.models]
     comparisons = [
         c

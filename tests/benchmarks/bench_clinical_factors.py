@@ -2,7 +2,7 @@
 with one clinical-grade factor at a time, predicted by trained models.
 
     .venv/bin/python tests/benchmarks/bench_clinical_factors.py --models runs/bench_levels/full/seed*/model.pt \
-        --image-size 64 --json docs/benchmarks/clinical_factors.json
+        --image_size 64 --json docs/benchmarks/clinical_factors.json
     .venv/bin/python tests/benchmarks/bench_clinical_factors.py --models ... --chain runs/factors_chain --people 30
 
 The 90 test people of the accuracy benchmark's phantom (``CohortSpec(n=600, seed=0)``) are rendered with the
@@ -21,7 +21,6 @@ test people are used).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import subprocess
@@ -35,10 +34,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from scripts import synthetic  # noqa: E402
+from scripts import cli  # noqa: E402
+from scripts import phantom  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 
-CLINICAL = synthetic.GRADES["clinical"]
+CLINICAL = phantom.GRADES["clinical"]
 FACTORS = {  # name: the research-grade fields that take their clinical-grade value
     "research": (),
     "noise": ("noise",),
@@ -55,14 +55,14 @@ FACTORS = {  # name: the research-grade fields that take their clinical-grade va
 def render(out: Path, n: int, seed: int, people_limit: int | None = None, chain: bool = False) -> Path:
     """One datalist list per factor, the test people rendered with the research grade's stream (fast-path slices,
     or with ``chain`` raw volumes preprocessed by the real chain, cached under ``out``)."""
-    research = synthetic.GRADES["research"]
-    people = [s for s in synthetic.sample_cohort(synthetic.CohortSpec(n=n, seed=seed)) if s.split == "test"]
+    research = phantom.GRADES["research"]
+    people = [s for s in phantom.sample_cohort(phantom.CohortSpec(n=n, seed=seed)) if s.split == "test"]
     people = people[:people_limit]
     datalist, volumes = {}, []
     try:
         for factor, fields in FACTORS.items():
             # the research grade (so the research acquisition stream) with these fields made clinical
-            synthetic.GRADES["research"] = replace(research, **{f: getattr(CLINICAL, f) for f in fields})
+            phantom.GRADES["research"] = replace(research, **{f: getattr(CLINICAL, f) for f in fields})
             folder = factor.replace(" ", "_").replace("(", "").replace(")", "")
             datalist[folder] = []
             for person in people:
@@ -70,13 +70,13 @@ def render(out: Path, n: int, seed: int, people_limit: int | None = None, chain:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if chain:
                     if not path.is_file():
-                        synthetic.write_volume(person, path)
+                        phantom.write_volume(person, path)
                     volumes.append({"image": str(path), "subject": f"{folder}/{person.subject}"})
                 else:
-                    synthetic.write_slice(person, path)
+                    phantom.write_slice(person, path)
                 datalist[folder].append({"image": str(path), "subject": person.subject, "age": person.age})
     finally:
-        synthetic.GRADES["research"] = research
+        phantom.GRADES["research"] = research
     if chain:
         from scripts.preprocess import load_chain, preprocess_items
 
@@ -105,11 +105,11 @@ def predict(datalist: Path, out: Path, ckpt: Path, image_size: int) -> dict[str,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True, help="checkpoints (e.g. one per seed)")
-    parser.add_argument("--image-size", type=int, default=128, help="the models' image_size")
+    parser.add_argument("--image_size", type=int, default=128, help="the models' image_size")
     parser.add_argument("--n", type=int, default=600, help="phantom size (its test split is predicted)")
-    parser.add_argument("--phantom-seed", type=int, default=0)
+    parser.add_argument("--phantom_seed", type=int, default=0)
     parser.add_argument("--chain", default=None, metavar="WORK", help="raw volumes through the real chain, cached here")
     parser.add_argument("--people", type=int, default=None, help="only the first N test people")
     parser.add_argument("--json", help="also write the results here")
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         rows.append({"factor": factor, "mae": maes, "excess": excess, "wilcoxon_p_vs_research": p})
     report = {
         "path": "raw volumes through the real chain" if args.chain else "fast path",
-        "phantom_version": synthetic.PHANTOM_VERSION,
+        "phantom_version": phantom.PHANTOM_VERSION,
         "models": args.models,
         "image_size": args.image_size,
         "people": len(subjects),

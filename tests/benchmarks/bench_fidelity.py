@@ -2,7 +2,7 @@
 path, compared slice against slice and, with trained models, age against age.
 
     .venv/bin/python tests/benchmarks/bench_fidelity.py --n 24 --work runs/fidelity \
-        [--ckpt models/model.pt ...] [--image-size 128] [--json docs/benchmarks/fidelity.json]
+        [--ckpt models/model.pt ...] [--image_size 128] [--json docs/benchmarks/fidelity.json]
 
 ``--n`` people of ``CohortSpec(seed=--seed)`` are rendered at research grade and at clinical grade, twice each:
 
@@ -35,7 +35,6 @@ grade, and the targets of the fidelity issue.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import subprocess
@@ -49,7 +48,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from scripts import mni, synthetic  # noqa: E402
+from scripts import cli  # noqa: E402
+from scripts import mni, phantom  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 from scripts.quality import slice_agreement, slice_quality  # noqa: E402
 from scripts.slices import slice_nifti  # noqa: E402
@@ -68,8 +68,8 @@ def chain_slices(work: Path, grade: str, n: int, seed: int, workers: int, skull_
     from scripts.preprocess import load_chain, preprocess_items
 
     volumes = work / grade / "volumes"
-    spec = synthetic.CohortSpec(n=n, seed=seed, grade=grade, n_disease=0, val_fraction=0.0, test_fraction=0.0)
-    datalist = synthetic.ensure_dataset(volumes, spec, mode="volumes", workers=workers)
+    spec = phantom.CohortSpec(n=n, seed=seed, grade=grade, n_disease=0, val_fraction=0.0, test_fraction=0.0)
+    datalist = phantom.ensure_dataset(volumes, spec, mode="volumes", workers=workers)
     items = [
         {"image": str(volumes / it["image"]), "subject": it["subject"]}
         for it in json.loads(Path(datalist).read_text())["training"]
@@ -89,19 +89,19 @@ def chain_slices(work: Path, grade: str, n: int, seed: int, workers: int, skull_
     return out
 
 
-def cohort_slices(cohort: Path, grade: str) -> tuple[dict[str, dict], dict[str, synthetic.Subject]]:
+def cohort_slices(cohort: Path, grade: str) -> tuple[dict[str, dict], dict[str, phantom.Subject]]:
     """The chain cohort's test people at ``grade`` (``chain_cohort.py``, already through the chain) and who they are."""
     items = json.loads(cohort.read_text())[f"{grade}_test"]
-    spec = synthetic.CohortSpec(n=600, seed=0, n_calibration=120)  # as chain_cohort.people draws them
-    people = {s.subject: replace(s, grade=grade) for s in synthetic.sample_cohort(spec)}
+    spec = phantom.CohortSpec(n=600, seed=0, n_calibration=120)  # as chain_cohort.people draws them
+    people = {s.subject: replace(s, grade=grade) for s in phantom.sample_cohort(spec)}
     return {it["subject"]: {"slice": cohort.parent / it["image"], "registration": {}} for it in items}, people
 
 
-def registration_error(subject: synthetic.Subject, qc: dict) -> dict:
+def registration_error(subject: phantom.Subject, qc: dict) -> dict:
     """The chain's estimated MNI -> scan map against the true pose: displacement over the brain, rotation, scale."""
     if "template_to_scan" not in qc:
         return {}
-    pose = synthetic.draw_acquisition(subject).pose
+    pose = phantom.draw_acquisition(subject).pose
     error = np.linalg.inv(pose) @ np.asarray(qc["template_to_scan"])  # MNI -> MNI; the identity when perfect
     brain = np.argwhere(mni.grid_to_template_mask())
     points = brain @ mni.grid_affine()[:3, :3].T + mni.grid_affine()[:3, 3]
@@ -218,14 +218,14 @@ def summarise(people: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=24, help="people, each at research and at clinical grade")
     parser.add_argument("--seed", type=int, default=11, help="the people (not the training phantom's seed 0)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "fidelity"), help="volumes and chain outputs (cached)")
     parser.add_argument("--workers", type=int, default=2, help="chain processes")
-    parser.add_argument("--skull-strip", default="auto", help="the chain's skull_strip (auto: HD-BET)")
+    parser.add_argument("--skull_strip", default="auto", help="the chain's skull_strip (auto: HD-BET)")
     parser.add_argument("--ckpt", nargs="*", default=[], help="models trained on fast-path slices")
-    parser.add_argument("--image-size", type=int, default=128, help="the models' image_size")
+    parser.add_argument("--image_size", type=int, default=128, help="the models' image_size")
     parser.add_argument(
         "--cohort", default=None, help="take the people and their chain slices from this chain cohort's test lists"
     )
@@ -234,7 +234,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     work = Path(args.work).resolve()
-    results: dict = {"phantom_version": synthetic.PHANTOM_VERSION, "grades": {}, "models": {}}
+    results: dict = {"phantom_version": phantom.PHANTOM_VERSION, "grades": {}, "models": {}}
     datalist: dict[str, list] = {}
     truth: dict[str, dict[str, float]] = {}
     for grade in GRADES:
@@ -242,14 +242,14 @@ def main() -> None:
             chained, people = cohort_slices(Path(args.cohort).resolve(), grade)
         else:
             chained = chain_slices(work, grade, args.n, args.seed, args.workers, args.skull_strip)
-            spec = synthetic.CohortSpec(
+            spec = phantom.CohortSpec(
                 n=args.n, seed=args.seed, grade=grade, n_disease=0, val_fraction=0, test_fraction=0
             )
-            people = {s.subject: s for s in synthetic.sample_cohort(spec)}
+            people = {s.subject: s for s in phantom.sample_cohort(spec)}
         rows, t0 = [], time.perf_counter()
         for subject, chain in sorted(chained.items()):
             person = people[subject]
-            fast = synthetic.render_slice(person)
+            fast = phantom.render_slice(person)
             fast_path = work / grade / "fast" / f"{subject}_slice.nii.gz"
             fast_path.parent.mkdir(parents=True, exist_ok=True)
             slice_nifti(fast).to_filename(fast_path)

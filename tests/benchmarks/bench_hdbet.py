@@ -4,7 +4,7 @@
         [--threads 2] [--seed 5] [--json docs/benchmarks/hdbet.json]
 
 Generates ``--scans`` research-grade and ``--scans`` clinical-grade raw phantom volumes
-(``scripts.synthetic``, ``--mode volumes``: full head with scalp and skull, random pose, voxel size and
+(``scripts.phantom``, ``--mode volumes``: full head with scalp and skull, random pose, voxel size and
 orientation; each with its true brain mask ``truth/<subject>_brainmask.nii.gz`` in the raw scan's
 voxels) and runs each through the real chain of ``configs/preprocess.yaml`` up to skull stripping:
 load, checks, ANTs affine to MNI, resampling to the 130^3 grid, N4. Then ``SkullStripd`` with
@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.data import MetaTensor  # noqa: E402
 
-from scripts import hdbet, preprocess, synthetic  # noqa: E402
+from scripts import cli  # noqa: E402
+from scripts import hdbet, phantom, preprocess  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 from scripts.mni import grid_to_template_mask  # noqa: E402
 from scripts.transforms import ResampleToMNIGridd, SkullStripd  # noqa: E402
@@ -98,7 +99,7 @@ def summarise(rows: list[dict], variants: list[str]) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scans", type=int, default=3, help="raw scans per acquisition grade")
     p.add_argument(
         "--variants",
@@ -143,8 +144,8 @@ def main() -> None:
     rows = {"research": [], "clinical": []}
     with tempfile.TemporaryDirectory() as tmp:
         for grade in rows:
-            spec = synthetic.CohortSpec(n=args.scans, n_disease=0, seed=args.seed, grade=grade)
-            synthetic.generate(spec, Path(tmp) / grade, mode="volumes", progress=False)
+            spec = phantom.CohortSpec(n=args.scans, n_disease=0, seed=args.seed, grade=grade)
+            phantom.generate(spec, Path(tmp) / grade, mode="volumes", progress=False)
             datalist = json.loads((Path(tmp) / grade / "datalist.json").read_text())
             for it in (it for split in datalist.values() for it in split):
                 t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Two parts, on the embedded phantom (docs/latent.md has the tables this writes):
 
-* ``variants``: the latent designs tried, side by side, each trained ``--variant-epochs`` with the same data, seed
+* ``variants``: the latent designs tried, side by side, each trained ``--variant_epochs`` with the same data, seed
   and step budget: the between-subject spread of z relative to |z| at initialisation and after training, the
   wrong-z penalty at every validation (the relative rise in noise MSE at t = 300 when z is swapped between
   subjects), validation MAE, and how far bf16 autocast moves predicted ages on the test split.
@@ -14,7 +14,7 @@ Two parts, on the embedded phantom (docs/latent.md has the tables this writes):
   with the swapped-z control. The longest run also draws the figures.
 
     .venv/bin/python tests/benchmarks/bench_latent.py --part variants curve      # both (about 2 h here)
-    .venv/bin/python tests/benchmarks/bench_latent.py --part curve --epochs 8 --image-size 64
+    .venv/bin/python tests/benchmarks/bench_latent.py --part curve --epochs 8 --image_size 64
     .venv/bin/python tests/benchmarks/bench_latent.py --part last --figures docs/figures   # last-epoch EMA weights
     .venv/bin/python tests/benchmarks/bench_latent.py --help
 
@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))  # the bundle root, which holds `scripts`
 
 from monai.bundle import ConfigWorkflow  # noqa: E402
 
-from scripts import generative, synthetic  # noqa: E402
+from scripts import cli  # noqa: E402
+from scripts import generative, phantom  # noqa: E402
 from scripts.data import embedded_phantom  # noqa: E402
 from scripts.handlers import PreciseBatchNorm, wrong_latent_penalty  # noqa: E402
 from scripts.inference import load_weights  # noqa: E402
@@ -66,7 +67,7 @@ VARIANTS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--part",
         nargs="+",
@@ -75,19 +76,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="last: the latent tests again on the EMA weights of the last epoch of each curve run "
         "(model.pt is the best validation epoch, often an early one)",
     )
-    parser.add_argument("--image-size", type=int, default=64, help="network input side (default 64)")
-    parser.add_argument("--variant-epochs", type=int, default=8, help="epochs per design in `variants`")
+    parser.add_argument("--image_size", type=int, default=64, help="network input side (default 64)")
+    parser.add_argument("--variant_epochs", type=int, default=8, help="epochs per design in `variants`")
     parser.add_argument("--variants", nargs="+", default=None, help="names of VARIANTS to run (default: all)")
     parser.add_argument("--epochs", type=int, nargs="+", default=[8, 16, 32], help="training lengths of `curve`")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dataset-dir", default=str(ROOT / "data" / "phantom"), help="embedded phantom folder")
-    parser.add_argument("--out-dir", default=str(ROOT / "runs" / "bench_latent"), help="runs and checkpoints")
+    parser.add_argument("--dataset_dir", default=str(ROOT / "data" / "phantom"), help="embedded phantom folder")
+    parser.add_argument("--out_dir", default=str(ROOT / "runs" / "bench_latent"), help="runs and checkpoints")
     parser.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "latent.json"), help="results file")
     parser.add_argument("--figures", default=None, help="folder for the longest curve run's figures (docs/figures)")
-    parser.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps of the latent tests")
-    parser.add_argument("--n-generate", type=int, default=32, help="test images decoded from z alone")
-    parser.add_argument("--n-counterfactual", type=int, default=8, help="test subjects aged +/- 20 years")
-    parser.add_argument("--n-interpolate", type=int, default=4, help="young/old test pairs interpolated")
+    parser.add_argument("--ddim_steps", type=int, default=50, help="DDIM steps of the latent tests")
+    parser.add_argument("--n_generate", type=int, default=32, help="test images decoded from z alone")
+    parser.add_argument("--n_counterfactual", type=int, default=8, help="test subjects aged +/- 20 years")
+    parser.add_argument("--n_interpolate", type=int, default=4, help="young/old test pairs interpolated")
     parser.add_argument("--threads", type=int, default=None)
     return parser.parse_args(argv)
 
@@ -214,13 +215,13 @@ def precision_effect(model, images: torch.Tensor) -> dict:
 
 
 def phantom_subjects(dataset_dir: Path) -> dict:
-    spec = synthetic.CohortSpec(**json.loads((dataset_dir / "phantom.json").read_text())["spec"])
-    return {subject.subject: subject for subject in synthetic.sample_cohort(spec)}
+    spec = phantom.CohortSpec(**json.loads((dataset_dir / "phantom.json").read_text())["spec"])
+    return {subject.subject: subject for subject in phantom.sample_cohort(spec)}
 
 
 def true_ageing(subject, start: float, end: float, image_size: int) -> np.ndarray:
     """The phantom's own ageing of this subject from ``start`` to ``end`` brain age, noise-free, at the model size."""
-    frames = [synthetic.render_slice(replace(subject, brain_age=float(age)), acquire=False) for age in (start, end)]
+    frames = [phantom.render_slice(replace(subject, brain_age=float(age)), acquire=False) for age in (start, end)]
     difference = torch.from_numpy(frames[1] - frames[0])[None]
     return F.interpolate(difference, size=(image_size, image_size), mode="area")[0].numpy()
 

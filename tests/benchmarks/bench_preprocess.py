@@ -1,9 +1,9 @@
 """Preprocessing speed and accuracy per raw scan: phantom volumes through configs/preprocess.yaml.
 
-    python tests/benchmarks/bench_preprocess.py --scans 6 [--workers 2] [--pose-deg 0] [--slice-levels 1] [--json OUT.json]
+    python tests/benchmarks/bench_preprocess.py --scans 6 [--workers 2] [--pose_deg 0] [--slice_levels 1] [--json OUT.json]
 
 Generates ``--scans`` research-grade and ``--scans`` clinical-grade raw phantom volumes (with
-``--pose-deg D``, each head is further turned by D degrees about a random axis and moved 30 mm),
+``--pose_deg D``, each head is further turned by D degrees about a random axis and moved 30 mm),
 then
 
 * runs them one after another in this process (all cores), timing every stage of every scan and
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from monai.bundle import ConfigParser  # noqa: E402
 
-from scripts import preprocess, synthetic  # noqa: E402
+from scripts import cli  # noqa: E402
+from scripts import phantom, preprocess  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 
 
@@ -95,19 +96,19 @@ def summary(records: list[dict], walls: list[float], truths: list[str], out: Pat
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scans", type=int, default=6, help="raw scans per acquisition grade")
     p.add_argument("--workers", type=int, default=2, help="worker processes for the batch throughput run")
     p.add_argument(
-        "--skull-strip",
+        "--skull_strip",
         default="template",
         choices=("template", "hdbet", "hdbet1", "auto", "none"),
         help="skull stripping",
     )
-    p.add_argument("--hdbet-weights-dir", help="HD-BET weights for --skull-strip hdbet (default ~/hd-bet_params/...)")
-    p.add_argument("--pose-deg", type=float, default=0.0, help="extra head rotation (degrees) about a random axis")
+    p.add_argument("--hdbet_weights_dir", help="HD-BET weights for --skull_strip hdbet (default ~/hd-bet_params/...)")
+    p.add_argument("--pose_deg", type=float, default=0.0, help="extra head rotation (degrees) about a random axis")
     p.add_argument("--seed", type=int, default=5, help="phantom seed")
-    p.add_argument("--slice-levels", type=int, default=1, help="axial levels per scan (preprocessing slice_levels)")
+    p.add_argument("--slice_levels", type=int, default=1, help="axial levels per scan (preprocessing slice_levels)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     if args.scans < 2:
@@ -125,8 +126,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         items = []
         for grade in ("research", "clinical"):
-            spec = synthetic.CohortSpec(n=args.scans, n_disease=0, seed=args.seed, grade=grade)
-            synthetic.generate(spec, Path(tmp) / grade, mode="volumes", progress=False)
+            spec = phantom.CohortSpec(n=args.scans, n_disease=0, seed=args.seed, grade=grade)
+            phantom.generate(spec, Path(tmp) / grade, mode="volumes", progress=False)
             datalist = preprocess.read_datalist(Path(tmp) / grade / "datalist.json")
             items += [
                 {**it, "grade": grade, "truth_slice": str(Path(tmp) / grade / it["truth_slice"])}

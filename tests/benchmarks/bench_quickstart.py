@@ -14,7 +14,6 @@ its log gives (seconds since the start, validation MAE). With several ``--json``
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from scripts import cli  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Epoch\[(\d+)\] Metrics -- val_mae: ([0-9.]+)")
@@ -100,13 +100,13 @@ def figure(runs: list[dict], out: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--commit", default="HEAD", help="the commit to clone and run")
     parser.add_argument("--label", default="this commit", help="the curve's name in the figure")
     parser.add_argument("--json", default=None, help="write this run here")
     parser.add_argument("--compare", nargs="*", default=[], help="earlier runs' JSON files to draw with it")
     parser.add_argument("--figure", default=None, help="the MAE-against-wall-time figure (PNG)")
-    parser.add_argument("--no-run", action="store_true", help="draw --compare only")
+    parser.add_argument("--no_run", action="store_true", help="draw --compare only")
     parser.add_argument("--keep", default=None, help="copy the trained models/ folder here")
     args, extra = parser.parse_known_args(argv)
     runs = [json.loads(Path(path).read_text()) for path in args.compare]

@@ -1,13 +1,13 @@
 """Prediction intervals and test-retest reliability of trained models: coverage by grade and by age third, ICC.
 
-    python tests/benchmarks/bench_reliability.py --ckpt models/model.pt [--image-size 128] \
+    python tests/benchmarks/bench_reliability.py --ckpt models/model.pt [--image_size 128] \
         [--fresh 300] [--cohort runs/chain_cohort/datalist.json] [--json docs/benchmarks/reliability.json]
 
 Test people, never used in training or calibration, in up to two forms:
 
 * **fast path** (always): the embedded phantom's test split (``CohortSpec(n=600, seed=0)``, 90 people) rendered
   four times, research grade, a research re-scan (``session=1``), clinical grade and a clinical re-scan; and with
-  ``--fresh N`` a fresh cohort of N new people (``--fresh-seed``, 101) at both grades, for coverage by age third;
+  ``--fresh N`` a fresh cohort of N new people (``--fresh_seed``, 101) at both grades, for coverage by age third;
 * **chain** (``--cohort``, ``tests/benchmarks/chain_cohort.py``): the same test people's raw volumes through the
   real chain, research and clinical grade and their re-scans.
 
@@ -28,7 +28,6 @@ re-scan, and research and clinical. With several models the summary gives mean a
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import multiprocessing
@@ -43,7 +42,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from scripts import synthetic  # noqa: E402
+from scripts import cli  # noqa: E402
+from scripts import phantom  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 from scripts.calibration import PredictionInterval, fit_from_predictions, interval_path  # noqa: E402
 from scripts.quality import QUALITY_METRICS  # noqa: E402
@@ -81,10 +81,10 @@ def render_fast(tmp: Path, fresh: int, fresh_seed: int = 101) -> dict[str, tuple
     sets = {}
     jobs = []
     for name, (grade, session) in FAST_SETS.items():  # the test split only (and the validation people, once)
-        spec = synthetic.CohortSpec(n=600, seed=0, n_calibration=120, grade=grade, session=session)
+        spec = phantom.CohortSpec(n=600, seed=0, n_calibration=120, grade=grade, session=session)
         wanted = ("test", "validation") if name == "research" else ("test",)
         lists: dict[str, list] = {split: [] for split in wanted}
-        for subject in synthetic.sample_cohort(spec):
+        for subject in phantom.sample_cohort(spec):
             if subject.split in wanted:
                 image = tmp / name / f"{subject.subject}.nii.gz"
                 lists[subject.split].append({"image": str(image), "subject": subject.subject, "age": subject.age})
@@ -92,12 +92,12 @@ def render_fast(tmp: Path, fresh: int, fresh_seed: int = 101) -> dict[str, tuple
         (tmp / name).mkdir(parents=True, exist_ok=True)
         (tmp / name / "datalist.json").write_text(json.dumps(lists))
         sets[name] = (tmp / name / "datalist.json", "test")
-    synthetic.build_atlas()  # once, before the workers fork
-    with multiprocessing.get_context("fork").Pool(2, initializer=synthetic._one_thread) as pool:
-        pool.starmap(synthetic.write_slice, jobs)
+    phantom.build_atlas()  # once, before the workers fork
+    with multiprocessing.get_context("fork").Pool(2, initializer=phantom._one_thread) as pool:
+        pool.starmap(phantom.write_slice, jobs)
     if fresh:
         for grade in ("research", "clinical"):
-            spec = synthetic.CohortSpec(
+            spec = phantom.CohortSpec(
                 n=fresh,
                 seed=fresh_seed,
                 grade=grade,
@@ -106,10 +106,7 @@ def render_fast(tmp: Path, fresh: int, fresh_seed: int = 101) -> dict[str, tuple
                 val_fraction=0.0,
                 test_fraction=0.0,
             )
-            sets[f"fresh_{grade}"] = (
-                Path(synthetic.ensure_dataset(tmp / f"fresh_{grade}", spec, workers=2)),
-                "training",
-            )
+            sets[f"fresh_{grade}"] = (Path(phantom.ensure_dataset(tmp / f"fresh_{grade}", spec, workers=2)), "training")
     return sets
 
 
@@ -192,12 +189,12 @@ def summarise(models: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", nargs="+", default=[str(ROOT / "models" / "model.pt")], help="trained model(s)")
-    parser.add_argument("--image-size", type=int, default=128, help="the models' image_size")
+    parser.add_argument("--image_size", type=int, default=128, help="the models' image_size")
     parser.add_argument("--coverage", type=float, default=0.9)
     parser.add_argument("--fresh", type=int, default=0, help="also a fresh fast-path cohort of this many people")
-    parser.add_argument("--fresh-seed", type=int, default=101, help="the fresh cohort's seed")
+    parser.add_argument("--fresh_seed", type=int, default=101, help="the fresh cohort's seed")
     parser.add_argument("--cohort", default=None, help="the chain-preprocessed cohort's datalist (chain_cohort.py)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -210,7 +207,7 @@ def main() -> None:
         sets = render_fast(Path(tmp), args.fresh, args.fresh_seed)
         models = [measure(Path(tmp), c, sets, cohort, args.image_size, args.coverage) for c in ckpts]
     results = {"models": models, "summary": summarise(models), "coverage_target": args.coverage}
-    results["phantom_version"] = synthetic.PHANTOM_VERSION
+    results["phantom_version"] = phantom.PHANTOM_VERSION
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["command"] = "python tests/benchmarks/bench_reliability.py " + " ".join(sys.argv[1:])
     print(json.dumps(results["summary"], indent=1))

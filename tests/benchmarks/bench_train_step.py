@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the bundle root,
 
 from monai.networks.schedulers import DDPMScheduler  # noqa: E402
 
+from scripts import cli  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 from scripts.inferers import DiffusionAutoencoderInferer  # noqa: E402
 from scripts.losses import SemiSupervisedLoss  # noqa: E402
@@ -48,21 +49,21 @@ AUTOCAST = {"fp32": None, "bf16": "bfloat16"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=8, help="training batch size (default: 8)")
-    parser.add_argument("--image-size", type=int, default=128, help="slice side length (default: 128)")
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch_size", type=int, default=8, help="training batch size (default: 8)")
+    parser.add_argument("--image_size", type=int, default=128, help="slice side length (default: 128)")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per setting (default: 6)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (oneDNN primitive creation)")
-    parser.add_argument("--labelled-fraction", type=float, default=0.25, help="labelled share of each batch")
+    parser.add_argument("--labelled_fraction", type=float, default=0.25, help="labelled share of each batch")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(AUTOCAST), default=["fp32", "bf16"])
     parser.add_argument(
         "--layouts", nargs="+", choices=["contiguous", "channels_last"], default=["contiguous", "channels_last"]
     )
-    parser.add_argument("--infer-batches", type=int, nargs="*", default=[1, 64], help="inference batch sizes")
-    parser.add_argument("--infer-repeats", type=int, default=20, help="timed inference calls at batch 1")
+    parser.add_argument("--infer_batches", type=int, nargs="*", default=[1, 64], help="inference batch sizes")
+    parser.add_argument("--infer_repeats", type=int, default=20, help="timed inference calls at batch 1")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
-        "--keep-denormals",
+        "--keep_denormals",
         action="store_true",
         help="do not flush denormals (slow: Adam's tiny second moments become denormal on CPU)",
     )
@@ -73,9 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="wall: elapsed time; cpu: this process' CPU time (use with --threads 1)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul of the peak test")
+    parser.add_argument("--matmul_size", type=int, default=2048, help="side of the square matmul of the peak test")
     parser.add_argument("--trainer", action="store_true", help="also time the configured trainer's iterations")
-    parser.add_argument("--trainer-iterations", type=int, default=16, help="timed trainer iterations (after 3)")
+    parser.add_argument("--trainer_iterations", type=int, default=16, help="timed trainer iterations (after 3)")
     parser.add_argument("--profile", type=int, default=0, help="profile this many steps of the trainer and bare step")
     parser.add_argument("--out", default=None, help="also write the JSON report to this file")
     return parser.parse_args(argv)
@@ -176,12 +177,12 @@ def time_trainer(args: argparse.Namespace) -> dict:
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
-    from scripts import synthetic
+    from scripts import phantom
 
     root = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
-        spec = synthetic.CohortSpec(n=300, seed=0, n_disease=0, n_calibration=0)
-        datalist = synthetic.ensure_dataset(Path(tmp) / "phantom", spec, workers=2)
+        spec = phantom.CohortSpec(n=300, seed=0, n_disease=0, n_calibration=0)
+        datalist = phantom.ensure_dataset(Path(tmp) / "phantom", spec, workers=2)
         workflow = ConfigWorkflow(
             config_file=str(root / "configs" / "train.yaml"),
             meta_file=str(root / "configs" / "metadata.json"),

@@ -29,7 +29,6 @@ cost: seconds per scan, measured here). Benchmarks take it with ``--cohort OUT/d
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import sys
@@ -39,7 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from scripts import shards, synthetic  # noqa: E402
+from scripts import cli  # noqa: E402
+from scripts import phantom, shards  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 
 LISTS = {  # list: (split of the phantom, grade, session, size option)
@@ -52,9 +52,9 @@ LISTS = {  # list: (split of the phantom, grade, session, size option)
 }
 
 
-def people(args) -> list[tuple[str, synthetic.Subject]]:
+def people(args) -> list[tuple[str, phantom.Subject]]:
     """(list, subject as acquired for that list), in a fixed order."""
-    cohort = synthetic.sample_cohort(synthetic.CohortSpec(n=600, seed=0, n_calibration=120))
+    cohort = phantom.sample_cohort(phantom.CohortSpec(n=600, seed=0, n_calibration=120))
     out = []
     for name, (split, grade, session, size) in LISTS.items():
         chosen = [s for s in cohort if s.split == split][: getattr(args, size)]
@@ -62,23 +62,23 @@ def people(args) -> list[tuple[str, synthetic.Subject]]:
     return out
 
 
-def volume_path(out: Path, name: str, subject: synthetic.Subject) -> Path:
+def volume_path(out: Path, name: str, subject: phantom.Subject) -> Path:
     return out / "volumes" / name / f"{subject.subject}_T1w.nii.gz"
 
 
 def _write_volume(job) -> str:
     path, subject = job
     if not path.is_file():  # written atomically: a file that exists is complete
-        synthetic.write_volume(subject, path)
+        phantom.write_volume(subject, path)
     return str(path)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "runs" / "chain_cohort"), help="the cohort's folder")
     parser.add_argument("--workers", type=int, default=2, help="processes (each takes cpu_count / workers threads)")
     parser.add_argument("--shard", default=None, help="i/N: only shard i (0-based) of N of the scans")
-    parser.add_argument("--skull-strip", default="auto", help="the chain's skull_strip (auto: HD-BET)")
+    parser.add_argument("--skull_strip", default="auto", help="the chain's skull_strip (auto: HD-BET)")
     for name, default in (("n_test", 90), ("n_rescan", 60), ("n_calibration", 120), ("n_disease", 72)):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=default)
     args = parser.parse_args(argv)
@@ -88,11 +88,11 @@ def main(argv=None) -> int:
     jobs = [(name, subject, volume_path(out, name, subject)) for name, subject in people(args)]
     mine = [job for i, job in enumerate(jobs) if part is None or i % part.count == part.index]
 
-    synthetic.build_atlas()  # once, before the workers fork
+    phantom.build_atlas()  # once, before the workers fork
     todo = [(path, subject) for _, subject, path in mine if not path.is_file()]
     t0 = time.perf_counter()
     if todo:
-        with multiprocessing.get_context("fork").Pool(args.workers, initializer=synthetic._one_thread) as pool:
+        with multiprocessing.get_context("fork").Pool(args.workers, initializer=phantom._one_thread) as pool:
             for done, _ in enumerate(pool.imap_unordered(_write_volume, todo), 1):
                 print(f"\rvolumes {done}/{len(todo)}", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)

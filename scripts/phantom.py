@@ -24,7 +24,7 @@ space, the same format the preprocessing chain writes. Everything is determinist
 subject's anatomy does not depend on the acquisition grade, so ``--grade research`` and
 ``--grade clinical`` with one seed render the same people on two kinds of scanner.
 
-Run ``python -m scripts.synthetic --help``.
+Run ``python -m scripts.phantom --help``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -46,10 +47,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage, stats
+from tqdm import tqdm
 
 from scripts import cli
 from scripts.atomic import write_atomic, write_csv, write_json
-from scripts.mni import GRID_SHAPE, axial_index, field_of_view, grid_affine, level_offsets, load_template, slice_points
+from scripts.figures import save_figure, show_slice
+from scripts.mni import (
+    GRID_SHAPE,
+    axial_index,
+    field_of_view,
+    grid_affine,
+    grid_to_template_mask,
+    level_offsets,
+    load_template,
+    slice_points,
+)
 from scripts.slices import finalise_slice, slice_nifti
 from scripts.transforms import n4_correct
 
@@ -211,7 +223,6 @@ def build_atlas() -> Atlas:
 @lru_cache(maxsize=1)
 def _brain_sample_points() -> np.ndarray:
     """Every 100th point of the template brain on the 130^3 grid (MNI mm), for fitting affine maps of the anatomy."""
-    from scripts.mni import grid_to_template_mask
 
     brain = np.argwhere(grid_to_template_mask())[::100].astype(np.float64)
     return brain @ grid_affine()[:3, :3].T + grid_affine()[:3, 3]
@@ -1113,12 +1124,10 @@ def generate(
     build_atlas()  # once, before any worker forks
     level_offsets(levels, level_spacing, slice_offset)  # one-line error before any work
     jobs = [(s, out, mode, channels, slice_offset, levels, level_spacing) for s in subjects]
-    from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc=f"phantom {mode}", unit="subject", disable=not progress, file=sys.stderr)
     results = []
     if workers > 1:
-        import multiprocessing as mp
 
         with mp.get_context("fork").Pool(workers, initializer=_one_thread) as pool:
             for r in pool.imap(_generate_one, jobs, chunksize=4):
@@ -1204,11 +1213,11 @@ def _bids_age(s: Subject):
 
 def write_bids_extras(out: Path, spec: CohortSpec) -> None:
     """The README and .bidsignore of a BIDS-mode phantom."""
-    ignore = ["# scripts.synthetic's own files: the phantom's datalist and its generator settings", *BIDS_IGNORED]
+    ignore = ["# scripts.phantom's own files: the phantom's datalist and its generator settings", *BIDS_IGNORED]
     write_atomic(out / ".bidsignore", lambda tmp: tmp.write_text("\n".join(ignore) + "\n"))
     readme = f"""# Synthetic ageing-brain phantom (seed {spec.seed})
 
-T1w brains rendered by `scripts/synthetic.py` of the brain-age diffusion autoencoder bundle (phantom version
+T1w brains rendered by `scripts/phantom.py` of the brain-age diffusion autoencoder bundle (phantom version
 {PHANTOM_VERSION}) from nilearn's MNI152 ICBM 2009 template at a known brain age: not data of any person.
 
 - `sub-*/anat/sub-*_T1w.nii.gz`: the raw scans (random pose, voxel size and orientation; research or clinical
@@ -1317,8 +1326,6 @@ def montage(out: str | Path, ages=(20, 30, 40, 50, 60, 70, 80, 90), seed: int = 
     """Medial slices of one phantom subject rendered at increasing brain ages, at both grades (a PNG)."""
     import matplotlib.pyplot as plt
 
-    from scripts.figures import save_figure, show_slice
-
     subject = sample_cohort(CohortSpec(n=max(subject_index + 1, 2), seed=seed))[subject_index]
     grades = list(GRADES)
     fig, axes = plt.subplots(len(grades), len(ages), figsize=(1.9 * len(ages), 2.0 * len(grades) + 0.5), squeeze=False)
@@ -1339,7 +1346,7 @@ def montage(out: str | Path, ages=(20, 30, 40, 50, 60, 70, 80, 90), seed: int = 
 # --------------------------------------------------------------------------------------------
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(
-        prog="python -m scripts.synthetic",
+        prog="python -m scripts.phantom",
         description="Generate a synthetic ageing-brain cohort: raw T1w volumes or preprocessed 128x128 "
         "MNI slices, datalist.json, participants.tsv (true age, brain age, survival) and the "
         "accuracy floor. Deterministic by seed.",
@@ -1369,34 +1376,34 @@ def build_parser() -> cli.ArgumentParser:
         help="acquisition grade of every scan; mixed draws research or clinical per subject",
     )
     p.add_argument(
-        "--clinical-fraction", type=cli.fraction, default=0.5, help="share of clinical scans with --grade mixed"
+        "--clinical_fraction", type=cli.fraction, default=0.5, help="share of clinical scans with --grade mixed"
     )
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same subjects at any grade")
-    p.add_argument("--age-min", type=float, default=18.0, help="youngest chronological age (years)")
-    p.add_argument("--age-max", type=float, default=90.0, help="oldest chronological age (years)")
+    p.add_argument("--age_min", type=float, default=18.0, help="youngest chronological age (years)")
+    p.add_argument("--age_max", type=float, default=90.0, help="oldest chronological age (years)")
     p.add_argument("--sigma", type=float, default=5.0, help="sd of brain age around chronological age (years)")
-    p.add_argument("--n-disease", type=cli.non_negative_int, default=None, help="disease-cohort size (default: n/5)")
+    p.add_argument("--n_disease", type=cli.non_negative_int, default=None, help="disease-cohort size (default: n/5)")
     p.add_argument(
-        "--n-calibration",
+        "--n_calibration",
         type=cli.non_negative_int,
         default=0,
         help="labelled healthy people in a 'calibration' split (the prediction interval is fitted on them)",
     )
     p.add_argument(
-        "--calibration-grade",
+        "--calibration_grade",
         choices=GRADE_CHOICES,
         default="mixed",
-        help="acquisition grade of the calibration split (mixed: --clinical-fraction of them clinical)",
+        help="acquisition grade of the calibration split (mixed: --clinical_fraction of them clinical)",
     )
-    p.add_argument("--disease-shift", type=float, default=8.0, help="mean brain-PAD of the disease cohort (years)")
+    p.add_argument("--disease_shift", type=float, default=8.0, help="mean brain-PAD of the disease cohort (years)")
     p.add_argument(
-        "--unlabelled-fraction",
+        "--unlabelled_fraction",
         type=cli.fraction,
         default=0.25,
         help="share of the training split written without an age (semi-supervised)",
     )
-    p.add_argument("--val-fraction", type=cli.fraction, default=0.15, help="share of healthy subjects for validation")
-    p.add_argument("--test-fraction", type=cli.fraction, default=0.15, help="share of healthy subjects for testing")
+    p.add_argument("--val_fraction", type=cli.fraction, default=0.15, help="share of healthy subjects for validation")
+    p.add_argument("--test_fraction", type=cli.fraction, default=0.15, help="share of healthy subjects for testing")
     p.add_argument(
         "--channels",
         type=cli.positive_int,
@@ -1404,16 +1411,16 @@ def build_parser() -> cli.ArgumentParser:
         help="neighbouring axial slices written as channels (odd numbers centre on the medial slice)",
     )
     p.add_argument(
-        "--slice-offset", type=int, default=0, help="offset of the slice from the medial one (130-grid slices)"
+        "--slice_offset", type=int, default=0, help="offset of the slice from the medial one (130-grid slices)"
     )
     p.add_argument(
-        "--slice-levels",
+        "--slice_levels",
         type=cli.positive_int,
         default=1,
         help="axial levels per image (odd; > 1 writes (128, 128, channels, levels) slices, as preprocessing "
         "slice_levels)",
     )
-    p.add_argument("--slice-level-spacing", type=cli.positive_int, default=4, help="130-grid slices between the levels")
+    p.add_argument("--slice_level_spacing", type=cli.positive_int, default=4, help="130-grid slices between the levels")
     p.add_argument("--workers", type=cli.positive_int, default=1, help="worker processes")
     p.add_argument("--describe", action="store_true", help="print the ageing effects by brain age and exit")
     p.add_argument(

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from skimage.filters import threshold_multiotsu
 
-from scripts import mni, synthetic
+from scripts import mni, phantom
 
 
 def read_participants(folder):
@@ -54,7 +54,7 @@ def test_slice_dataset_files_and_labels(slice_dataset):
     assert data.min() == 0.0 and data.max() == 1.0
     np.testing.assert_allclose(img.affine, mni.slice_affine(), atol=1e-4)
     summary = json.loads((slice_dataset / "phantom.json").read_text())
-    assert summary["accuracy_floor"]["mae"] == pytest.approx(synthetic.accuracy_floor()["mae"])
+    assert summary["accuracy_floor"]["mae"] == pytest.approx(phantom.accuracy_floor()["mae"])
 
 
 def csf_fraction(image: np.ndarray) -> float:
@@ -65,32 +65,32 @@ def csf_fraction(image: np.ndarray) -> float:
 
 
 def test_csf_fraction_tracks_brain_age():
-    subjects = synthetic.sample_cohort(synthetic.CohortSpec(n=80, seed=11, n_disease=0))
-    measure = [csf_fraction(synthetic.render_slice(s)[0]) for s in subjects]
+    subjects = phantom.sample_cohort(phantom.CohortSpec(n=80, seed=11, n_disease=0))
+    measure = [csf_fraction(phantom.render_slice(s)[0]) for s in subjects]
     brain_age = [s.brain_age for s in subjects]
     r = np.corrcoef(measure, brain_age)[0, 1]
     assert r > 0.8, r
 
 
 def test_image_depends_on_brain_age_not_chronological_age():
-    s = synthetic.sample_cohort(synthetic.CohortSpec(n=2, seed=5))[0]
-    base = synthetic.render_slice(s)
-    np.testing.assert_array_equal(base, synthetic.render_slice(replace(s, age=s.age + 30)))
-    older = synthetic.render_slice(replace(s, brain_age=s.brain_age + 30))
+    s = phantom.sample_cohort(phantom.CohortSpec(n=2, seed=5))[0]
+    base = phantom.render_slice(s)
+    np.testing.assert_array_equal(base, phantom.render_slice(replace(s, age=s.age + 30)))
+    older = phantom.render_slice(replace(s, brain_age=s.brain_age + 30))
     assert csf_fraction(older[0]) > csf_fraction(base[0]) + 0.03
 
 
 def test_deterministic_and_grade_independent_anatomy():
-    spec = synthetic.CohortSpec(n=12, seed=2)
-    a, b = synthetic.sample_cohort(spec), synthetic.sample_cohort(spec)
+    spec = phantom.CohortSpec(n=12, seed=2)
+    a, b = phantom.sample_cohort(spec), phantom.sample_cohort(spec)
     assert a == b
-    np.testing.assert_array_equal(synthetic.render_slice(a[0]), synthetic.render_slice(b[0]))
-    other = synthetic.sample_cohort(replace(spec, seed=3))
+    np.testing.assert_array_equal(phantom.render_slice(a[0]), phantom.render_slice(b[0]))
+    other = phantom.sample_cohort(replace(spec, seed=3))
     assert [s.age for s in other] != [s.age for s in a]
-    clinical = synthetic.sample_cohort(replace(spec, grade="clinical"))
+    clinical = phantom.sample_cohort(replace(spec, grade="clinical"))
     assert [(s.age, s.brain_age, s.split) for s in clinical] == [(s.age, s.brain_age, s.split) for s in a]
-    research_img, clinical_img = synthetic.render_slice(a[0])[0], synthetic.render_slice(clinical[0])[0]
-    truth = synthetic.render_slice(a[0], acquire=False)[0]
+    research_img, clinical_img = phantom.render_slice(a[0])[0], phantom.render_slice(clinical[0])[0]
+    truth = phantom.render_slice(a[0], acquire=False)[0]
     # Same person on two scanners: both resemble the truth, the clinical scan less so.
     r_research = np.corrcoef(research_img.ravel(), truth.ravel())[0, 1]
     r_clinical = np.corrcoef(clinical_img.ravel(), truth.ravel())[0, 1]
@@ -98,30 +98,30 @@ def test_deterministic_and_grade_independent_anatomy():
 
 
 def test_a_rescan_is_the_same_person_with_a_fresh_acquisition():
-    spec = synthetic.CohortSpec(n=6, seed=2)
-    first, again = synthetic.sample_cohort(spec), synthetic.sample_cohort(replace(spec, session=1))
+    spec = phantom.CohortSpec(n=6, seed=2)
+    first, again = phantom.sample_cohort(spec), phantom.sample_cohort(replace(spec, session=1))
     assert [(s.age, s.brain_age, s.split, s.seed) for s in again] == [
         (s.age, s.brain_age, s.split, s.seed) for s in first
     ]
-    scan, rescan = synthetic.render_slice(first[0])[0], synthetic.render_slice(again[0])[0]
-    truth = synthetic.render_slice(first[0], acquire=False)[0]
+    scan, rescan = phantom.render_slice(first[0])[0], phantom.render_slice(again[0])[0]
+    truth = phantom.render_slice(first[0], acquire=False)[0]
     assert not np.array_equal(scan, rescan)  # new noise, pose and bias field
     assert np.corrcoef(scan.ravel(), rescan.ravel())[0, 1] > 0.95  # ... of the same brain
     assert np.corrcoef(rescan.ravel(), truth.ravel())[0, 1] > 0.97
     # session 0 is the phantom as before: same images as a spec without the field set
-    np.testing.assert_array_equal(scan, synthetic.render_slice(synthetic.sample_cohort(replace(spec, session=0))[0])[0])
+    np.testing.assert_array_equal(scan, phantom.render_slice(phantom.sample_cohort(replace(spec, session=0))[0])[0])
     with pytest.raises(ValueError, match="session must be >= 0"):
-        synthetic.CohortSpec(session=-1)
+        phantom.CohortSpec(session=-1)
 
 
 def test_bids_mode_writes_a_bids_dataset(tmp_path):
     from scripts import bids
 
-    spec = synthetic.CohortSpec(n=3, seed=4, n_disease=0, unlabelled_fraction=0.5, val_fraction=0.0, test_fraction=0.0)
-    synthetic.generate(spec, tmp_path, mode="bids", progress=False)
+    spec = phantom.CohortSpec(n=3, seed=4, n_disease=0, unlabelled_fraction=0.5, val_fraction=0.0, test_fraction=0.0)
+    phantom.generate(spec, tmp_path, mode="bids", progress=False)
     assert json.loads((tmp_path / "dataset_description.json").read_text())["BIDSVersion"]
     items = bids.bids_items(tmp_path)
-    labelled = {s.subject: s for s in synthetic.sample_cohort(spec) if s.labelled}
+    labelled = {s.subject: s for s in phantom.sample_cohort(spec) if s.labelled}
     assert [it["participant_id"] for it in items] == ["sub-0001", "sub-0002", "sub-0003"]
     for item in items:
         assert Path(item["image"]).relative_to(tmp_path).as_posix() == (
@@ -135,10 +135,10 @@ def test_bids_mode_writes_a_bids_dataset(tmp_path):
 
 
 def test_neighbouring_slices_as_channels():
-    s = synthetic.sample_cohort(synthetic.CohortSpec(n=2, seed=1))[0]
-    stack = synthetic.render_slice(s, channels=3, acquire=False)
+    s = phantom.sample_cohort(phantom.CohortSpec(n=2, seed=1))[0]
+    stack = phantom.render_slice(s, channels=3, acquire=False)
     assert stack.shape == (3, 128, 128)
-    centre = synthetic.render_slice(s, channels=1, acquire=False)[0]
+    centre = phantom.render_slice(s, channels=1, acquire=False)[0]
     np.testing.assert_allclose(stack[1], centre, atol=0.02)
     assert not np.allclose(stack[0], stack[2], atol=0.05)
 
@@ -203,9 +203,9 @@ def test_the_emulated_hdbet_mask_bridges_narrow_notches_as_hdbet_does(monkeypatc
     csf[fissure] = 1.0
     bay = (radius > 55.0) & (np.abs(y - centre[1] - 60.0) < 10.0) & (x > centre[0])  # 20 mm wide, not brain
     brain[bay] = 0.0
-    mask = synthetic._hdbet_mask(brain, csf)
-    monkeypatch.setattr(synthetic, "HDBET_CLOSING_MM", 0.0)
-    trimmed = synthetic._hdbet_mask(brain, csf)
+    mask = phantom._hdbet_mask(brain, csf)
+    monkeypatch.setattr(phantom, "HDBET_CLOSING_MM", 0.0)
+    trimmed = phantom._hdbet_mask(brain, csf)
     mouth = fissure & (brain > 0.5) & ~trimmed  # what the trimming cut: the fissure's outer 2 mm
     assert mouth.sum() >= 2 and (radius[mouth] > 77.0).all()
     assert mask[mouth].all() and (mask >= trimmed).all()
@@ -216,18 +216,18 @@ def test_the_fast_path_reads_the_raw_volumes_own_voxels():
     """The scanner voxels the fast path computes are the raw volume's, noise included (one acquisition, two
     renderings): a ghost-free clinical scan (thick slices, strong noise) agrees voxel for voxel, up to the volume's
     arbitrary scanner units."""
-    people = synthetic.sample_cohort(synthetic.CohortSpec(n=8, seed=5, n_disease=0, grade="clinical"))
-    clinical = next(s for s in people if synthetic.draw_acquisition(s).ghost is None)
-    atlas = synthetic.build_atlas()
-    acquisition, anatomy = synthetic.draw_acquisition(clinical), synthetic.Anatomy.draw(clinical, atlas)
+    people = phantom.sample_cohort(phantom.CohortSpec(n=8, seed=5, n_disease=0, grade="clinical"))
+    clinical = next(s for s in people if phantom.draw_acquisition(s).ghost is None)
+    atlas = phantom.build_atlas()
+    acquisition, anatomy = phantom.draw_acquisition(clinical), phantom.Anatomy.draw(clinical, atlas)
     assert acquisition.thickness > 2.0
-    raw = synthetic.render_volume(clinical, anatomy)
+    raw = phantom.render_volume(clinical, anatomy)
     ras = nib.orientations.apply_orientation(raw.data, nib.orientations.io_orientation(raw.affine))
     assert ras.shape == tuple(acquisition.dims)
     rng = np.random.default_rng(0)
     centre = acquisition.dims // 2
     voxels = np.concatenate([rng.integers(centre - 25, centre + 25, (400, 3)), rng.integers(0, 20, (100, 3))])
-    scanner = synthetic._ScannerVoxels(acquisition, anatomy, atlas, synthetic.GRADES["clinical"])(voxels)
+    scanner = phantom._ScannerVoxels(acquisition, anatomy, atlas, phantom.GRADES["clinical"])(voxels)
     ratio = ras[tuple(voxels.T)] / scanner
     assert scanner.min() > 0 and np.ptp(ratio) < 1e-4 * ratio.mean(), np.ptp(ratio) / ratio.mean()
 
@@ -238,20 +238,20 @@ def test_the_fast_path_reproduces_what_the_real_chain_makes_of_the_same_scans(bu
     from scripts.preprocess import load_chain, preprocess_items
     from scripts.quality import slice_agreement
 
-    spec = synthetic.CohortSpec(n=6, seed=3, n_disease=0, grade="mixed", val_fraction=0.0, test_fraction=0.0)
-    synthetic.generate(spec, tmp_path / "raw", mode="volumes", workers=2, progress=False)
+    spec = phantom.CohortSpec(n=6, seed=3, n_disease=0, grade="mixed", val_fraction=0.0, test_fraction=0.0)
+    phantom.generate(spec, tmp_path / "raw", mode="volumes", workers=2, progress=False)
     items = [
         {**item, "image": str(tmp_path / "raw" / item["image"])}
         for item in json.loads((tmp_path / "raw" / "datalist.json").read_text())["training"]
     ]
     records = preprocess_items(items, tmp_path, load_chain(bundle_root), num_workers=2, progress=False)
-    people = {s.subject: s for s in synthetic.sample_cohort(spec)}
+    people = {s.subject: s for s in phantom.sample_cohort(spec)}
     agreement: dict[str, list] = {"research": [], "clinical": []}
     for item, record in zip(items, records):
         assert record["status"] == "ok" and record["skull_strip"].startswith("hdbet"), record
         chain = np.asarray(nib.load(tmp_path / record["slice"]).dataobj, dtype=np.float32)
         person = people[item["subject"]]
-        agreement[person.grade].append(slice_agreement(chain, synthetic.render_slice(person)[0]))
+        agreement[person.grade].append(slice_agreement(chain, phantom.render_slice(person)[0]))
     assert min(map(len, agreement.values())) >= 2  # both grades, a few people each
     for grade, (mean_r, min_r) in {"research": (0.97, 0.93), "clinical": (0.95, 0.90)}.items():
         rows = agreement[grade]
@@ -262,11 +262,11 @@ def test_the_fast_path_reproduces_what_the_real_chain_makes_of_the_same_scans(bu
 
 
 def test_accuracy_floor():
-    floor = synthetic.accuracy_floor(18, 90, 5)
+    floor = phantom.accuracy_floor(18, 90, 5)
     # Far from the range ends the optimum is sigma * sqrt(2/pi); the bounded prior helps a little.
     assert 3.5 < floor["mae"] < 5 * math.sqrt(2 / math.pi)
-    assert synthetic.accuracy_floor(18, 90, 0)["mae"] == 0.0
-    assert synthetic.accuracy_floor(18, 90, 10)["mae"] > floor["mae"]
+    assert phantom.accuracy_floor(18, 90, 0)["mae"] == 0.0
+    assert phantom.accuracy_floor(18, 90, 10)["mae"] > floor["mae"]
     # Monte Carlo: the posterior-median predictor reaches the computed floor.
     rng = np.random.default_rng(0)
     a = rng.uniform(18, 90, 20000)
@@ -281,42 +281,42 @@ def test_disease_cohort_has_known_survival_association(slice_dataset):
     rows = [r for r in read_participants(slice_dataset) if r["cohort"] == "disease"]
     delta = np.array([float(r["delta"]) for r in rows])
     assert delta.mean() > 3  # accelerated ageing
-    spec = synthetic.CohortSpec()
-    assert synthetic.true_survival_association(spec) < -0.4
-    big = synthetic.sample_cohort(synthetic.CohortSpec(n=5, n_disease=2000, seed=1))
+    spec = phantom.CohortSpec()
+    assert phantom.true_survival_association(spec) < -0.4
+    big = phantom.sample_cohort(phantom.CohortSpec(n=5, n_disease=2000, seed=1))
     sick = [s for s in big if s.cohort == "disease"]
     r = np.corrcoef([s.delta for s in sick], [s.survival_months for s in sick])[0, 1]
-    assert r == pytest.approx(synthetic.true_survival_association(spec), abs=0.05)
+    assert r == pytest.approx(phantom.true_survival_association(spec), abs=0.05)
 
 
 def test_ensure_dataset_generates_once(tmp_path):
-    spec = synthetic.CohortSpec(n=6, n_disease=0, seed=1)
-    path = synthetic.ensure_dataset(tmp_path / "phantom", spec)
+    spec = phantom.CohortSpec(n=6, n_disease=0, seed=1)
+    path = phantom.ensure_dataset(tmp_path / "phantom", spec)
     stamp = (tmp_path / "phantom" / "phantom.json").stat().st_mtime_ns
-    assert synthetic.ensure_dataset(tmp_path / "phantom", spec) == path
+    assert phantom.ensure_dataset(tmp_path / "phantom", spec) == path
     assert (tmp_path / "phantom" / "phantom.json").stat().st_mtime_ns == stamp
     # other settings (or a newer phantom version): the generated folder is replaced, not mixed
-    synthetic.ensure_dataset(tmp_path / "phantom", replace(spec, seed=2))
+    phantom.ensure_dataset(tmp_path / "phantom", replace(spec, seed=2))
     assert json.loads((tmp_path / "phantom" / "phantom.json").read_text())["spec"]["seed"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "scan.nii.gz").write_bytes(b"user data")
     with pytest.raises(FileExistsError, match="not a phantom dataset"):
-        synthetic.ensure_dataset(tmp_path / "mine", spec)
+        phantom.ensure_dataset(tmp_path / "mine", spec)
 
 
 @pytest.mark.parametrize(
     "args, reason",
     [
         (["--n", "0"], "--n: must be a positive integer"),
-        (["--age-min", "90", "--age-max", "18"], "age range is empty or reversed"),
+        (["--age_min", "90", "--age_max", "18"], "age range is empty or reversed"),
         (["--grade", "hospital"], "--grade: invalid choice"),
         (["--mode", "surfaces"], "--mode: invalid choice"),
     ],
 )
 def test_cli_rejects_bad_input(tmp_path, bundle_root, args, reason):
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.synthetic", "--out", str(tmp_path / "x"), *args],
+        [sys.executable, "-m", "scripts.phantom", "--out", str(tmp_path / "x"), *args],
         cwd=bundle_root,
         capture_output=True,
         text=True,
@@ -329,13 +329,9 @@ def test_cli_rejects_bad_input(tmp_path, bundle_root, args, reason):
 
 def test_cli_help_documents_every_option(bundle_root):
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.synthetic", "--help"],
-        cwd=bundle_root,
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, "-m", "scripts.phantom", "--help"], cwd=bundle_root, capture_output=True, text=True, check=True
     )
-    for option in synthetic.build_parser()._option_string_actions:
+    for option in phantom.build_parser()._option_string_actions:
         if option.startswith("--"):
             assert option in proc.stdout
-    assert all(action.help for action in synthetic.build_parser()._actions)
+    assert all(action.help for action in phantom.build_parser()._actions)
