@@ -109,6 +109,10 @@ def test_every_flag_is_spelt_as_the_setting_it_sets_and_a_hyphenated_spelling_st
         if "-" in flag[2:]
     ]
     assert hyphenated == []
+    built = [
+        name for name in python_files if re.search(r"add_argument\(\s*f\"--\{[^}]*replace\(", (ROOT / name).read_text())
+    ]
+    assert built == []  # a flag name built from a setting keeps its spelling
     parser = cli.ArgumentParser(prog="tool")
     parser.add_argument("--n_disease", type=int, default=0)
     parser.add_argument("--image_size", type=int)

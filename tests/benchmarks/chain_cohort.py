@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shard", default=None, help="i/N: only shard i (0-based) of N of the scans")
     parser.add_argument("--skull_strip", default="auto", help="the chain's skull_strip (auto: HD-BET)")
     for name, default in (("n_test", 90), ("n_rescan", 60), ("n_calibration", 120), ("n_disease", 72)):
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=default)
+        parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args(argv)
     part = shards.parse_shard(args.shard)
     out = Path(args.out)
