@@ -139,7 +139,6 @@ def _run_metrics(args) -> None:
 
 
 def _run_association(args) -> None:
-
     result = pad_outcome_association(read_predictions(args.predictions), args.outcome, args.pad, args.split)
     print(format_association(result))
     print(f"wrote {write_json(Path(args.out) / 'association.json', {**result, 'predictions': args.predictions})}")
@@ -167,7 +166,6 @@ def _run_ks(args) -> None:
 
 
 def _cohort(args, default_n: int | None = None) -> list[dict]:
-
     if len(args.n) not in (1, len(args.input)):
         raise ValueError(f"--n gives {len(args.n)} counts for {len(args.input)} inputs; give one or one per input")
     counts = args.n * len(args.input) if len(args.n) == 1 else args.n
@@ -241,7 +239,6 @@ def _run_reconstruct(args) -> None:
 
 
 def _run_generate(args) -> None:
-
     items = _cohort(args)
     if len(items) < 2:
         raise ValueError("generation from z needs at least 2 images; raise --n")
@@ -360,7 +357,6 @@ def _run_interpolate(args) -> None:
 
 
 def _run_counterfactual(args) -> None:
-
     cohort = resolve_inputs(args.datalist or args.reference, [args.split]) if (args.datalist or args.reference) else []
     if args.datalist:
         items = _spread_by_age(cohort, 1)

@@ -363,7 +363,6 @@ class CalibrationFitter:
         self._quality: list[torch.Tensor] = []
 
     def attach(self, engine) -> None:
-
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._fit)
@@ -522,7 +521,6 @@ def _known_reference(ckpt_path, rows: list[dict], number) -> AcquisitionReferenc
 
 
 def main(argv: list[str] | None = None) -> int:
-
     parser = cli.ArgumentParser(
         prog="python -m scripts.calibration",
         description="Refit a model's prediction interval (Mondrian split-conformal, typical and atypical acquisitions) and "

@@ -323,7 +323,6 @@ def _write_planes(
 
 
 def main(argv: list[str] | None = None) -> int:
-
     parser = cli.ArgumentParser(prog="python -m scripts.dicom", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("list", help="list the DICOM series of a folder and the one the bundle would read")

@@ -132,7 +132,6 @@ class PreciseBatchNorm:
         self.age_key = age_key
 
     def attach(self, engine) -> None:
-
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
     def batches(self, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -271,7 +270,6 @@ class WrongLatentPenalty:
         self._images: list[torch.Tensor] = []
 
     def attach(self, engine) -> None:
-
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)

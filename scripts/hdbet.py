@@ -461,7 +461,6 @@ def predict_brain_mask_v1(
 
 
 def main(argv: list[str] | None = None) -> int:
-
     parser = cli.ArgumentParser(
         prog="python -m scripts.hdbet",
         description="Check an offline HD-BET 2.x weights folder: the files the bundle needs, that its checkpoint "

@@ -248,7 +248,6 @@ class PredictionWriter:
         derivatives_dir: str | Path | None = None,
         generator: dict | None = None,
     ) -> None:
-
         self.output_dir = Path(output_dir)
         self.ready = list(ready)
         self.failed = list(failed or [])

@@ -180,7 +180,6 @@ class SamplerEpoch:
         self.sampler = sampler
 
     def attach(self, engine) -> None:
-
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine) -> None:

@@ -84,7 +84,6 @@ class LoadScand(MapTransform):
         super().__init__(keys, allow_missing_keys)
 
     def __call__(self, data):
-
         d = dict(data)
         for key in self.key_iterator(d):
             path = str(d[key])
