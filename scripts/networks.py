@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
+from scripts.cli import BundleError
+
 __all__ = [
     "AgeHead",
     "AgePredictor",
@@ -743,8 +745,9 @@ def _set_batchnorm_statistics(module: nn.Module, inputs: torch.Tensor) -> None:
 ARCHITECTURE_RECORD_BYTES = 1024
 
 
-class ArchitectureMismatchError(ValueError):
-    """Weights trained with other architecture settings than the network configured to load them."""
+class ArchitectureMismatchError(BundleError, ValueError):
+    """Weights trained with other architecture settings than the network configured to load them (a user's
+    setting, so a one-line error wherever it surfaces)."""
 
 
 def _architecture(**arguments) -> dict:
