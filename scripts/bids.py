@@ -67,8 +67,18 @@ COLUMN_DESCRIPTIONS = {
     "predicted_age_upper": {"Description": "upper end of the prediction interval", "Units": "year"},
     "age": {"Description": "chronological age (participants.tsv or sessions.tsv)", "Units": "year"},
     "brain_pad": {"Description": "brain-predicted age difference: predicted_age - age", "Units": "year"},
+    "brain_pad_lower": {"Description": "lower end of the prediction interval minus age", "Units": "year"},
+    "brain_pad_upper": {"Description": "upper end of the prediction interval minus age", "Units": "year"},
     "brain_pad_corrected": {
         "Description": "brain-PAD after the age-bias correction fitted on the model's validation data",
+        "Units": "year",
+    },
+    "brain_pad_corrected_lower": {
+        "Description": "lower end of the age-conditional interval of brain_pad_corrected",
+        "Units": "year",
+    },
+    "brain_pad_corrected_upper": {
+        "Description": "upper end of the age-conditional interval of brain_pad_corrected",
         "Units": "year",
     },
     "slice_levels": {"Description": "axial levels predicted; predicted_age is the median of their ages"},

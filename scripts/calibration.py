@@ -5,7 +5,7 @@ Brain-PAD (predicted age difference) = predicted age - chronological age. Regres
 correlate negatively with age; the corrections here remove that dependence with a fit made on the best model's
 validation predictions (:class:`CalibrationFitter`), never on the data being analysed, as the field requires.
 The prediction interval is fitted on a calibration split of its own, separately for scans whose image quality is like
-the model's own scans' and for the others. Accuracy is always
+the model's own scans' and for the others; its age-conditional form bounds the corrected brain-PAD. Accuracy is always
 reported on the uncorrected predictions.
 """
 
@@ -103,6 +103,10 @@ class BiasCorrection:
             return (pred - self.intercept) / self.slope - age
         return pred - age
 
+    def key(self) -> dict:
+        """What makes two corrections the same correction (an interval records the one it was fitted with)."""
+        return {"method": self.method, "slope": self.slope, "intercept": self.intercept}
+
     def save(self, path: str | Path) -> None:
         """Write as JSON, atomically."""
         write_json(path, asdict(self))
@@ -144,6 +148,12 @@ class PredictionInterval:
     residuals keep it honest where the model is biased (regression to the mean, or a younger reading of clinical
     scans). It says nothing for scans unlike every calibration scan; a band with fewer than ``2/a - 1`` scans is
     unbounded (``inf``), as the method says it must be. A scan without metrics gets the widest band's interval.
+
+    The interval of predicted age is marginal over age: regression to the mean over-predicts young brains and
+    under-predicts old ones, so it under-covers the ends of the age range. Fitted with a :class:`BiasCorrection`
+    (``correction``), each band also holds the split-conformal quantiles of the calibration scans' corrected PADs,
+    which no longer depend on age linearly: :meth:`corrected_pad_bounds` bounds a scan's corrected brain-PAD given
+    its chronological age, the interval to use when asking whether one person's brain looks older than their age.
     """
 
     coverage: float
@@ -153,6 +163,9 @@ class PredictionInterval:
     reference: AcquisitionReference | None = None  # what ``atypicality`` is measured from
     fitted_for: dict = field(default_factory=dict)
     method: str = METHOD
+    correction: dict = field(default_factory=dict)  # BiasCorrection.key() of the corrected bands; {}: none
+    corrected_lower: tuple[float, ...] = ()
+    corrected_upper: tuple[float, ...] = ()
 
     @classmethod
     def fit(
@@ -164,11 +177,13 @@ class PredictionInterval:
         coverage: float = 0.9,
         min_group: int = MIN_GROUP,
         fitted_for: dict | None = None,
+        correction: BiasCorrection | None = None,
     ) -> "PredictionInterval":
         """Args:
         predicted_age, age: of the calibration scans.
         quality: their :data:`scripts.quality.QUALITY_METRICS`, ``(N, 3)``; None: one band.
         reference: the acquisitions the model knows; None: one band.
+        correction: the model's age-bias correction (fitted on other scans); None: no age-conditional bands.
         """
         if not 0 < coverage < 1:
             raise ValueError(f"interval coverage {coverage} must be between 0 and 1 (e.g. 0.9)")
@@ -182,7 +197,13 @@ class PredictionInterval:
             distance = reference.atypicality(quality)[keep]
             if np.isfinite(distance).all() and np.bincount(distance > ATYPICAL, minlength=2).min() >= min_group:
                 band = (distance > ATYPICAL).astype(int)
-        bands = [_split_conformal(pred[band == g] - age[band == g], coverage) for g in range(band.max() + 1)]
+        groups = range(band.max() + 1)
+        bands = [_split_conformal(pred[band == g] - age[band == g], coverage) for g in groups]
+        corrected = (
+            [_split_conformal(correction.corrected_pad(pred[band == g], age[band == g]), coverage) for g in groups]
+            if correction is not None and correction.method != "none"
+            else []
+        )
         return cls(
             float(coverage),
             tuple(b[0] for b in bands),
@@ -190,6 +211,9 @@ class PredictionInterval:
             tuple(b[2] for b in bands),
             reference,
             dict(fitted_for or {}),
+            correction=correction.key() if corrected else {},
+            corrected_lower=tuple(b[0] for b in corrected),
+            corrected_upper=tuple(b[1] for b in corrected),
         )
 
     def atypicality(self, quality=None) -> np.ndarray:
@@ -212,6 +236,19 @@ class PredictionInterval:
         band = self.group(quality) if quality is not None else np.full(len(pred), self.group(None)[0])
         band = np.broadcast_to(band, pred.shape)
         return pred - np.asarray(self.upper)[band], pred - np.asarray(self.lower)[band]
+
+    def corrected_pad_bounds(
+        self, predicted_age, age, correction: BiasCorrection, quality=None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(lower, upper) ends of the interval of each corrected brain-PAD given chronological ``age``; for a healthy
+        scan exchangeable with its band's calibration scans it holds 0 with probability ``coverage``, at every age
+        the correction makes the PAD independent of. None when this interval was not fitted with ``correction``."""
+        if not self.corrected_lower or self.correction != correction.key():
+            return None
+        pad = correction.corrected_pad(predicted_age, age)
+        band = self.group(quality) if quality is not None else np.full(len(pad), self.group(None)[0])
+        band = np.broadcast_to(band, pad.shape)
+        return pad - np.asarray(self.corrected_upper)[band], pad - np.asarray(self.corrected_lower)[band]
 
     def save(self, path: str | Path) -> None:
         write_json(path, asdict(self))
@@ -238,6 +275,9 @@ class PredictionInterval:
                 else None
             ),
             dict(data.get("fitted_for", {})),
+            correction=dict(data.get("correction", {})),
+            corrected_lower=tuple(float(v) for v in data.get("corrected_lower", ())),
+            corrected_upper=tuple(float(v) for v in data.get("corrected_upper", ())),
         )
 
 
@@ -322,8 +362,9 @@ class CalibrationFitter:
     best-model checkpoint holds), it fits
 
     * the :class:`BiasCorrection` on that epoch's validation predictions, written to ``path``;
-    * the interval on the ``calibration`` split (``data_loader``): predicted there with the same network, inferer
-      and batch preparation, so on scans that did not choose the checkpoint, which the coverage guarantee needs.
+    * the interval, with its age-conditional bands for that correction, on the ``calibration`` split
+      (``data_loader``): predicted there with the same network, inferer and batch preparation, so on scans that did
+      not choose the checkpoint, which the coverage guarantee needs.
       Without a calibration split it falls back to the validation predictions, says so in the log and records
       ``split: validation`` in the file: the validation split chose the checkpoint, so coverage may fall short.
 
@@ -392,34 +433,34 @@ class CalibrationFitter:
             return
         network = unwrap(engine.network)
         record = partial(fitted_for, network.state_dict(), self.slice_levels, self.image_size)
-        if self.interval_path is not None:  # the interval of the checkpoint's model
-            reference = _reference(quality.numpy())  # the validation split: scans drawn like the training ones
-            if self.data_loader is not None:
-                cal_pred, cal_age, cal_quality = predict_split(engine, self.data_loader, self.quality_key)
-                interval = PredictionInterval.fit(
-                    cal_pred, cal_age, cal_quality, reference, self.interval_coverage, fitted_for=record("calibration")
-                )
-            else:
-                logger.warning(
-                    "no calibration split: the prediction interval is fitted on the validation split, which also "
-                    "chose the checkpoint, so its coverage may fall short; add a 'calibration' list to the datalist"
-                )
-                interval = PredictionInterval.fit(
-                    pred, age, quality, reference, self.interval_coverage, fitted_for=record("validation")
-                )
-            interval.save(self.interval_path)
-        try:
+        try:  # first, so the interval's age-conditional bands are fitted with the correction the model keeps
             correction = BiasCorrection.fit(pred, age, self.method, fitted_for=record("validation"))
+            correction.save(self.path)
         except ValueError as err:
             # e.g. cole on an early model whose predictions barely vary with age: refuse, do not stop training;
             # a correction fitted for an earlier best model no longer belongs to the checkpoint, so it goes too
+            correction = None
             Path(self.path).unlink(missing_ok=True)
             logger.warning(
                 f"epoch {engine.state.epoch}: age-bias correction not fitted ({err}); "
                 f"brain_pad_corrected stays empty until a later best epoch fits one"
             )
+        if self.interval_path is None:
             return
-        correction.save(self.path)
+        reference = _reference(quality.numpy())  # the validation split: scans drawn like the training ones
+        fit = partial(
+            PredictionInterval.fit, reference=reference, coverage=self.interval_coverage, correction=correction
+        )
+        if self.data_loader is not None:  # the interval of the checkpoint's model
+            cal_pred, cal_age, cal_quality = predict_split(engine, self.data_loader, self.quality_key)
+            interval = fit(cal_pred, cal_age, cal_quality, fitted_for=record("calibration"))
+        else:
+            logger.warning(
+                "no calibration split: the prediction interval is fitted on the validation split, which also "
+                "chose the checkpoint, so its coverage may fall short; add a 'calibration' list to the datalist"
+            )
+            interval = fit(pred, age, quality, fitted_for=record("validation"))
+        interval.save(self.interval_path)
 
 
 def _quality(batch, key: str, n: int) -> torch.Tensor:
@@ -467,7 +508,8 @@ def fit_from_predictions(
 ) -> list[Path]:
     """Refit a model's calibration from its predictions (a predictions.csv of ``run inference``): the interval on
     the rows of ``interval_split``, the bias correction on those of ``correction_split`` (``"all"``: every row;
-    None: leave that file alone); write them beside ``ckpt_path``, recording what they were fitted for.
+    None: leave that file alone); write them beside ``ckpt_path``, recording what they were fitted for. The
+    interval's age-conditional bands use the correction refitted here, else the one beside the model.
 
     For a model trained before the calibration split existed, to refit at another coverage or ``slice_levels``, or
     to calibrate the interval on labelled scans of your own scanner (e.g. healthy controls): the interval then
@@ -486,8 +528,9 @@ def fit_from_predictions(
         raise CalibrationError(f"{predictions_csv}: rows predicted with different slice_levels ({sorted(levels)})")
     weights = read_model_weights(ckpt_path)
     reference = _known_reference(ckpt_path, rows, number)
+    correction = _known_correction(ckpt_path)
     written = []
-    for kind, split in (("interval", interval_split), ("correction", correction_split)):
+    for kind, split in (("correction", correction_split), ("interval", interval_split)):  # the interval uses both
         if split is None:
             continue
         chosen = [r for r in rows if split == "all" or r.get("split") == split]
@@ -500,12 +543,23 @@ def fit_from_predictions(
         levels = {str(record["slice_levels"])}
         if kind == "interval":
             path = interval_path(ckpt_path)
-            PredictionInterval.fit(pred, age, quality, reference, coverage, fitted_for=record).save(path)
+            PredictionInterval.fit(
+                pred, age, quality, reference, coverage, fitted_for=record, correction=correction
+            ).save(path)
         else:
             path = bias_correction_path(ckpt_path)
-            BiasCorrection.fit(pred, age, method, fitted_for=record).save(path)
+            correction = BiasCorrection.fit(pred, age, method, fitted_for=record)
+            correction.save(path)
         written.append(path)
     return written
+
+
+def _known_correction(ckpt_path) -> BiasCorrection | None:
+    """The age-bias correction already beside a model (None where there is none or it cannot be read)."""
+    try:
+        return BiasCorrection.load(bias_correction_path(ckpt_path))
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _known_reference(ckpt_path, rows: list[dict], number) -> AcquisitionReference | None:

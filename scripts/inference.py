@@ -48,6 +48,8 @@ PREDICTION_COLUMNS = (
     "brain_pad_lower",
     "brain_pad_upper",
     "brain_pad_corrected",
+    "brain_pad_corrected_lower",
+    "brain_pad_corrected_upper",
     "slice_levels",
     "level_sd",
     "quality",
@@ -300,6 +302,13 @@ class PredictionWriter:
             raise RuntimeError(f"{len(ages)} predictions for {len(self.ready)} inputs: the evaluator must not shuffle")
         correction = self.correction() if self.ready else None
         interval = self.interval() if self.ready else None
+        if interval is not None and interval.correction and correction is not None:
+            if interval.correction != correction.key():
+                logger.warning(
+                    f"{self.interval_path}: fitted with another age-bias correction than {self.bias_correction_path}; "
+                    "brain_pad_corrected_lower/upper left empty; refit both: python -m scripts.calibration "
+                    "CALIBRATION_PREDICTIONS.csv --ckpt_path MODEL"
+                )
         levels = _level_columns(self.level_ages, len(ages))
         qualities = (
             np.concatenate(self.qualities) if self.qualities else np.full((len(ages), len(QUALITY_METRICS)), np.nan)
@@ -454,6 +463,11 @@ def _row(
     bounded = interval is not None and math.isfinite(predicted)
     quality = np.full(len(QUALITY_METRICS), np.nan) if quality is None else np.asarray(quality, np.float64)
     lower, upper = (float(v[0]) for v in interval.bounds([predicted], quality)) if bounded else (math.nan, math.nan)
+    corrected = (
+        interval.corrected_pad_bounds([predicted], [age], correction, quality)
+        if known and bounded and correction is not None
+        else None
+    )
     atypicality = float(interval.atypicality(quality)[0]) if interval is not None else math.nan
 
     def number(value: float) -> float | str:
@@ -472,6 +486,8 @@ def _row(
         "brain_pad_corrected": (
             round(float(correction.corrected_pad([predicted], [age])[0]), 3) if known and correction else ""
         ),
+        "brain_pad_corrected_lower": number(float(corrected[0][0])) if corrected else "",
+        "brain_pad_corrected_upper": number(float(corrected[1][0])) if corrected else "",
         **{
             name: float(f"{value:.5g}") if math.isfinite(value) else "" for name, value in zip(QUALITY_METRICS, quality)
         },

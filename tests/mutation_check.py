@@ -296,6 +296,17 @@ MUTANTS = [
         ("tests/test_intervals.py::test_interval_ranks_by_hand_and_bands_need_enough_scans",),
     ),
     Mutant(
+        "interval-age-conditional-on-raw-pads",
+        "the age-conditional interval's bands are fitted on raw PADs, so regression to the mean stays in them",
+        "scripts/calibration.py",
+        "[_split_conformal(correction.corrected_pad(pred[band == g], age[band == g]), coverage) for g in groups]",
+        "[_split_conformal(pred[band == g] - age[band == g], coverage) for g in groups]",
+        (
+            "tests/test_intervals.py::"
+            "test_the_age_conditional_interval_covers_each_age_third_where_the_marginal_one_misses_the_ends",
+        ),
+    ),
+    Mutant(
         "levels-combined-by-mean",
         "several axial levels are combined by their mean, which one bad level can move, not the median",
         "scripts/inferers.py",

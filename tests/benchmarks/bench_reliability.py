@@ -22,8 +22,10 @@ is scored with up to three intervals:
   calibrates on scans of their own chain and scanner.
 
 Per set: MAE, bias, each interval's coverage and mean width, overall and in each third of the age range
-(18-42, 42-66, 66-90 years). ICC(2,1), ICC(3,1) and Bland-Altman between research and its re-scan, clinical and its
-re-scan, and research and clinical. With several models the summary gives mean and sd over them.
+(18-42, 42-66, 66-90 years), and the same for the age-conditional interval of the corrected brain-PAD where the
+interval has one (``model_age_conditional``, ``chain_age_conditional``: how often it holds 0). ICC(2,1), ICC(3,1)
+and Bland-Altman between research and its re-scan, clinical and its re-scan, and research and clinical. With
+several models the summary gives mean and sd over them.
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ sys.path.insert(0, str(ROOT))
 from scripts import cli  # noqa: E402
 from scripts import phantom  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
-from scripts.calibration import PredictionInterval, fit_from_predictions, interval_path  # noqa: E402
+from scripts.calibration import (  # noqa: E402
+    BiasCorrection,
+    PredictionInterval,
+    bias_correction_path,
+    fit_from_predictions,
+    interval_path,
+)
 from scripts.quality import QUALITY_METRICS  # noqa: E402
 from scripts.statistics import bland_altman, icc, interval_metrics  # noqa: E402
 
@@ -110,22 +118,31 @@ def render_fast(tmp: Path, fresh: int, fresh_seed: int = 101) -> dict[str, tuple
     return sets
 
 
-def score(rows: list[dict], intervals: dict[str, PredictionInterval]) -> dict:
-    """MAE, bias, and each interval's coverage and width, overall and by age third."""
+def score(rows: list[dict], intervals: dict[str, PredictionInterval], correction: BiasCorrection | None) -> dict:
+    """MAE, bias, and each interval's coverage and width, overall and by age third; for an interval with
+    age-conditional bands, also theirs (``<name>_age_conditional``: how often the corrected PAD's interval holds 0)."""
     p = np.array([float(r["predicted_age"]) for r in rows])
     a = np.array([float(r["age"]) for r in rows])
     q = np.array([[float(r[m]) if r.get(m) else np.nan for m in QUALITY_METRICS] for r in rows]).reshape(-1, 3)
     result = {"n": len(rows), "mae": float(np.abs(p - a).mean()), "bias": float((p - a).mean()), "intervals": {}}
     for name, interval in intervals.items():
         lower, upper = interval.bounds(p, q)
-        entry = interval_metrics(lower, upper, a)
-        for low, high in AGE_THIRDS:
-            third = (a >= low) & (a < high)
-            entry[f"coverage_{low:.0f}_{high:.0f}"] = (
-                float(np.mean((lower[third] <= a[third]) & (a[third] <= upper[third]))) if third.any() else None
-            )
-        result["intervals"][name] = entry
+        result["intervals"][name] = {**interval_metrics(lower, upper, a), **by_third((lower <= a) & (a <= upper), a)}
+        bounds = interval.corrected_pad_bounds(p, a, correction, q) if correction is not None else None
+        if bounds is not None:
+            held = (bounds[0] <= 0) & (0 <= bounds[1])
+            result["intervals"][f"{name}_age_conditional"] = {
+                "interval_coverage": float(held.mean()),
+                "interval_width": float(np.mean(bounds[1] - bounds[0])),
+                **by_third(held, a),
+            }
     return result
+
+
+def by_third(covered: np.ndarray, age: np.ndarray) -> dict:
+    """Coverage in each third of the age range (None for a third without scans)."""
+    thirds = ((low, high, (age >= low) & (age < high)) for low, high in AGE_THIRDS)
+    return {f"coverage_{low:.0f}_{high:.0f}": float(covered[t].mean()) if t.any() else None for low, high, t in thirds}
 
 
 def measure(tmp: Path, ckpt: Path, sets: dict, cohort: Path | None, image_size: int, coverage: float) -> dict:
@@ -136,6 +153,7 @@ def measure(tmp: Path, ckpt: Path, sets: dict, cohort: Path | None, image_size: 
     for file in ckpt.parent.glob(f"{ckpt.stem}*"):
         shutil.copy(file, model.parent / file.name.replace(ckpt.stem, "model", 1))
     intervals = {"model": PredictionInterval.load(interval_path(model))}
+    correction = BiasCorrection.load(bias_correction_path(model)) if bias_correction_path(model).exists() else None
     validation = predict(sets["research"][0], ["validation"], work / "val", model, image_size)
     pred = [float(r["predicted_age"]) for r in validation]
     intervals["validation"] = PredictionInterval.fit(pred, [float(r["age"]) for r in validation], coverage=coverage)
@@ -144,7 +162,7 @@ def measure(tmp: Path, ckpt: Path, sets: dict, cohort: Path | None, image_size: 
     for name, (datalist, split) in sets.items():
         rows = predict(datalist, [split], work / f"out_{name}", model, image_size)
         predictions[name] = {r["subject"]: r for r in rows}
-        results["sets"][name] = score(rows, intervals)
+        results["sets"][name] = score(rows, intervals, correction)
     if cohort is not None:
         calibration = work / "chain_model" / "model.pt"
         shutil.copytree(model.parent, calibration.parent)
@@ -157,7 +175,7 @@ def measure(tmp: Path, ckpt: Path, sets: dict, cohort: Path | None, image_size: 
         for name, split in CHAIN_SETS.items():
             rows = predict(cohort, [split], work / f"out_{name}", calibration, image_size)
             predictions[name] = {r["subject"]: r for r in rows}
-            results["sets"][name] = score(rows, chain_intervals)
+            results["sets"][name] = score(rows, chain_intervals, correction)
     for prefix in ("", "chain_") if cohort is not None else ("",):
         for first, second in PAIRS:
             a, b = predictions[prefix + first], predictions[prefix + second]
