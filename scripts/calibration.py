@@ -201,7 +201,7 @@ class PredictionInterval:
         bands = [_split_conformal(pred[band == g] - age[band == g], coverage) for g in groups]
         corrected = (
             [_split_conformal(correction.corrected_pad(pred[band == g], age[band == g]), coverage) for g in groups]
-            if correction is not None and correction.method != "none"
+            if correction is not None
             else []
         )
         return cls(
@@ -233,9 +233,13 @@ class PredictionInterval:
     def bounds(self, predicted_age, quality=None) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) ends of the interval of each predicted age, in the band of its metrics."""
         pred = as_array(predicted_age)
-        band = self.group(quality) if quality is not None else np.full(len(pred), self.group(None)[0])
-        band = np.broadcast_to(band, pred.shape)
+        band = self._bands(quality, len(pred))
         return pred - np.asarray(self.upper)[band], pred - np.asarray(self.lower)[band]
+
+    def _bands(self, quality, n: int) -> np.ndarray:
+        """The band of each of ``n`` scans: by its metrics, or the widest band for all without metrics."""
+        band = self.group(quality) if quality is not None else np.full(n, self.group(None)[0])
+        return np.broadcast_to(band, (n,))
 
     def corrected_pad_bounds(
         self, predicted_age, age, correction: BiasCorrection, quality=None
@@ -246,8 +250,7 @@ class PredictionInterval:
         if not self.corrected_lower or self.correction != correction.key():
             return None
         pad = correction.corrected_pad(predicted_age, age)
-        band = self.group(quality) if quality is not None else np.full(len(pad), self.group(None)[0])
-        band = np.broadcast_to(band, pad.shape)
+        band = self._bands(quality, len(pad))
         return pad - np.asarray(self.corrected_upper)[band], pad - np.asarray(self.corrected_lower)[band]
 
     def save(self, path: str | Path) -> None:
