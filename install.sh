@@ -26,6 +26,16 @@ elif ! npm ls --prefix .venv/node "$BIDS_VALIDATOR_SPEC" >/dev/null 2>&1; then
     npm install --prefix .venv/node --no-audit --no-fund --loglevel=error "$BIDS_VALIDATOR_SPEC" >/dev/null ||
         echo "npm install $BIDS_VALIDATOR_SPEC failed: the BIDS validator is not installed (its tests skip)"
 fi
+# Debian's chromium, for tests/test_report.py's headless-browser checks of report.html (driven by playwright from
+# requirements-dev.txt, which downloads no browser); without it those tests skip.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 ||
+            echo "apt-get install chromium failed: the report's browser tests in tests/test_report.py skip"
+    else
+        echo "chromium not on PATH (as root, apt-get install chromium): the report's browser tests skip"
+    fi
+fi
 # HD-BET's prediction path: its module, and the nnU-Net trainer module that rebuilds its network.
 .venv/bin/python -c "import torch, monai, ants, SimpleITK, HD_BET.hd_bet_prediction, nnunetv2.training.nnUNetTrainer.nnUNetTrainer; print(f'ok: torch {torch.__version__}, monai {monai.__version__}')"
 # HD-BET 1.x's shipped weights: all five folds against their pinned SHA-256 (scripts/hdbet.py; never downloads).

@@ -316,13 +316,17 @@ def generated_by(bundle_root: str | Path) -> dict:
     }
 
 
+#: The cohort report (``scripts.report``), in the output folder and in the derivatives.
+REPORT_NAME = "report.html"
 #: What the derivatives' ``.bidsignore`` lists: outputs the BIDS specification has no file rule for (the BIDS
 #: validator would report them as NOT_INCLUDED), as fMRIPrep lists its ``figures/``.
 DERIVATIVES_BIDSIGNORE = (
-    "# outputs of this bundle that BIDS has no file rules for: the group table and its sidecar, the QC figures",
+    "# outputs of this bundle that BIDS has no file rules for: the group table and its sidecar, the QC figures,",
+    "# the cohort report",
     f"/{DERIVATIVES_TABLE}",
     f"/{DERIVATIVES_TABLE.replace('.tsv', '.json')}",
     "figures/",
+    f"/{REPORT_NAME}",
 )
 
 
@@ -335,7 +339,9 @@ def _derivatives_readme(generator: dict, source_root: Path) -> str:
         "chronological age, brain-PAD, QC image and error; `n/a` where a value is absent); "
         f"`{DERIVATIVES_TABLE.replace('.tsv', '.json')}` describes its columns and units.\n"
         "- `sub-<label>/[ses-<label>/]figures/<entities>_desc-brainage_T1w.png`: the QC image of each scan that was "
-        "preprocessed (the slice predicted, with its brain-mask outline).\n\n"
+        "preprocessed (the slice predicted, with its brain-mask outline).\n"
+        f"- `{REPORT_NAME}`: the cohort report (one self-contained HTML page: every scan's QC picture, age, "
+        "interval, brain-PAD and flags).\n\n"
         "`.bidsignore` lists these outputs, which the BIDS specification has no file rules for.\n"
     )
 

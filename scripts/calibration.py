@@ -166,6 +166,7 @@ class PredictionInterval:
     correction: dict = field(default_factory=dict)  # BiasCorrection.key() of the corrected bands; {}: none
     corrected_lower: tuple[float, ...] = ()
     corrected_upper: tuple[float, ...] = ()
+    age_range: tuple[float, ...] = ()  # (youngest, oldest) calibration age: where the guarantee was checked
 
     @classmethod
     def fit(
@@ -214,6 +215,7 @@ class PredictionInterval:
             correction=correction.key() if corrected else {},
             corrected_lower=tuple(b[0] for b in corrected),
             corrected_upper=tuple(b[1] for b in corrected),
+            age_range=(float(age.min()), float(age.max())),
         )
 
     def atypicality(self, quality=None) -> np.ndarray:
@@ -281,6 +283,7 @@ class PredictionInterval:
             correction=dict(data.get("correction", {})),
             corrected_lower=tuple(float(v) for v in data.get("corrected_lower", ())),
             corrected_upper=tuple(float(v) for v in data.get("corrected_upper", ())),
+            age_range=tuple(float(v) for v in data.get("age_range", ())),
         )
 
 

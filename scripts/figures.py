@@ -6,6 +6,7 @@ compute what is drawn (preprocess, statistics, generative, phantom) call these, 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -318,6 +319,84 @@ def save_figure(fig, out: str | Path) -> Path:
         return write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110))
     finally:
         plt.close(fig)
+
+
+def figure_png(fig) -> bytes:
+    """A figure as PNG bytes (for a page that inlines its images), and close it."""
+    try:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90)
+        return buffer.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def cohort_figures(predicted, age, groupings: dict | None = None, association: dict | None = None) -> list:
+    """The report's cohort panels as ``(caption, PNG bytes)``: predicted against chronological age and Bland-Altman,
+    coloured by the first of ``groupings`` (``{column: one label per scan}``), the brain-PAD distribution split by
+    each grouping, and with ``association`` (``outcome`` per scan, NaN where unknown, and its ``r``, ``p``, ``n``)
+    the brain-PAD against the outcome."""
+    predicted, age = np.asarray(predicted, dtype=float), np.asarray(age, dtype=float)
+    pad = predicted - age
+    groupings = {name: np.asarray(labels, dtype=str) for name, labels in (groupings or {}).items()}
+    colour_by, colours = next(iter(groupings.items()), ("", np.full(len(pad), "")))
+    panels = []
+
+    def panel(caption: str, draw) -> None:
+        fig, ax = plt.subplots(figsize=(4.6, 3.8))
+        draw(ax)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, title=colour_by, title_fontsize=7)
+        fig.tight_layout()
+        panels.append((caption, figure_png(fig)))
+
+    def coloured(ax, x, y) -> None:
+        for name in sorted(set(colours.tolist())):
+            ax.scatter(x[colours == name], y[colours == name], s=10, alpha=0.7, label=name or None)
+
+    def scatter(ax) -> None:
+        coloured(ax, age, predicted)
+        low, high = float(min(age.min(), predicted.min())) - 2, float(max(age.max(), predicted.max())) + 2
+        ax.plot([low, high], [low, high], color="0.4", lw=1, ls="--")
+        ax.set(xlabel="chronological age (years)", ylabel="predicted brain age (years)", xlim=(low, high))
+
+    bias, limits = float(pad.mean()), 1.96 * float(pad.std(ddof=1))
+
+    def bland_altman(ax) -> None:
+        coloured(ax, (predicted + age) / 2, pad)
+        for value, style in ((bias, "-"), (bias - limits, "--"), (bias + limits, "--")):
+            ax.axhline(value, color="0.4", lw=1, ls=style)
+        ax.set(xlabel="mean of predicted and chronological age (years)", ylabel="brain-PAD (years)")
+
+    def distribution(name: str, labels: np.ndarray):
+        values = sorted(set(labels.tolist()))
+
+        def draw(ax) -> None:
+            ax.boxplot([pad[labels == value] for value in values], showmeans=True)
+            ax.set_xticks(range(1, len(values) + 1), [f"{v or 'none'} (n {(labels == v).sum()})" for v in values])
+            ax.tick_params(axis="x", labelsize=8)
+            ax.axhline(0, color="0.6", lw=1)
+            ax.set(ylabel="brain-PAD (years)", xlabel=name)
+
+        return draw
+
+    panel(f"Predicted against chronological age (n {len(pad)}, MAE {np.abs(pad).mean():.2f} years)", scatter)
+    panel(f"Bland-Altman: bias {bias:+.2f} years, limits of agreement {bias:+.2f} ± {limits:.2f}", bland_altman)
+    for name, labels in (groupings or {"": np.full(len(pad), "all")}).items():
+        panel("Brain-PAD distribution" + (f" by {name}" if name else ""), distribution(name, labels))
+    if association is not None:
+        outcome = np.asarray(association["outcome"], dtype=float)
+        known = np.isfinite(outcome)
+
+        def against_outcome(ax) -> None:
+            ax.scatter(pad[known], outcome[known], s=10, alpha=0.7)
+            ax.set(xlabel="brain-PAD (years)", ylabel="survival (months)")
+
+        panel(
+            f"Brain-PAD against survival: r {association['r']:.2f}, p {association['p']:.2g}, n {association['n']}",
+            against_outcome,
+        )
+    return panels
 
 
 def bland_altman_plot(first, second, out: str | Path, stats: dict, labels=("first", "second")) -> Path:

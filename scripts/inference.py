@@ -234,7 +234,8 @@ class PredictionWriter:
 
     For a BIDS input (``bids_root``) it also writes a BIDS-derivatives dataset to ``derivatives_dir``
     (``scripts.bids.write_derivatives``, ``generator`` naming the bundle). With ``shard`` ``"i/N"`` the table
-    goes to ``OUT/shards/`` with a completion record instead, for ``python -m scripts.merge OUT``.
+    goes to ``OUT/shards/`` with a completion record instead, for ``python -m scripts.merge OUT``; the record
+    keeps ``ckpt_path``, which the merged set's report describes.
     """
 
     def __init__(
@@ -249,6 +250,7 @@ class PredictionWriter:
         bids_root: str | Path | None = None,
         derivatives_dir: str | Path | None = None,
         generator: dict | None = None,
+        ckpt_path: str | Path | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.ready = list(ready)
@@ -260,6 +262,7 @@ class PredictionWriter:
         self.bids_root = bids_root
         self.derivatives_dir = Path(derivatives_dir) if derivatives_dir else self.output_dir / "derivatives"
         self.generator = generator
+        self.ckpt_path = ckpt_path
         self.ages: list[np.ndarray] = []
         self.latents: list[np.ndarray] = []
         self.level_ages: list[np.ndarray] = []
@@ -329,7 +332,9 @@ class PredictionWriter:
                 if self.bids_root
                 else {}
             )
-            shards.write_record(self.output_dir, self.shard, "inference", len(rows), **bids)
+            shards.write_record(
+                self.output_dir, self.shard, "inference", len(rows), ckpt_path=_text(self.ckpt_path), **bids
+            )
         else:
             path = self.output_dir / "predictions.csv"
             _write_csv(path, rows)
@@ -357,6 +362,10 @@ def write_bids_derivatives(
     out = bids.write_derivatives(rows, bids_root, derivatives_dir, generator)
     logger.info(f"inference: BIDS derivatives -> {out}")
     return out
+
+
+def _text(path: str | Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def merge_shards(output_dir: str | Path, records: list[dict]) -> Path:

@@ -4,8 +4,8 @@
 
 Refuses, in one line and with exit status 2, a set with a shard that has not finished, a shard twice, shards
 of different counts, a short shard table or an input in two shards; otherwise writes what one unsharded run
-writes: ``manifest.csv``, ``datalist.json`` and ``qc_montage.png`` (preprocess), or ``predictions.csv`` and,
-for a BIDS input, the BIDS derivatives (inference).
+writes: ``manifest.csv``, ``datalist.json`` and ``qc_montage.png`` (preprocess), or ``predictions.csv``,
+``report.html`` and, for a BIDS input, the BIDS derivatives (inference).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from scripts import cli, shards
 from scripts.inference import merge_shards as merge_inference
 from scripts.preprocess import merge_shards as merge_preprocess
+from scripts.report import report_after_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         written = merge(args.output_dir, records)
     except shards.ShardError as err:
         parser.error(str(err))
+    if records[0]["kind"] == "inference":  # the whole set's report, of the model the shards recorded
+        derivatives = records[0]["derivatives_dir"] if records[0].get("bids_root") else None
+        report_after_run(args.output_dir, records[0].get("ckpt_path"), derivatives)
     print(f"merged {len(records)} shards -> {written}")
     return 0
 

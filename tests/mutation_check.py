@@ -667,6 +667,41 @@ MUTANTS += [
         "[]",
         ("tests/test_bundle.py::test_training_and_inference_configs_define_the_same_network_and_slice_loading",),
     ),
+    Mutant(
+        "report-registration-flag-inverted",
+        "the report flags a good registration as doubtful and passes a doubtful one",
+        "scripts/report.py",
+        "    if correlation < DOUBTFUL_CORRELATION:",
+        "    if correlation > DOUBTFUL_CORRELATION:",
+        ("tests/test_report.py::test_the_report_flags_what_a_person_should_look_at",),
+    ),
+    Mutant(
+        "report-drops-failure-reason",
+        "the report marks a failed scan but does not say why",
+        "scripts/report.py",
+        '        flags += f\'<div class="reason">{html.escape(row["error"])}</div>\'',
+        "        pass",
+        (
+            "tests/test_report.py::test_inference_writes_a_self_contained_report_of_every_scan",
+            "tests/test_report.py::test_the_report_in_headless_chromium",
+        ),
+    ),
+    Mutant(
+        "report-links-a-stylesheet",
+        "the report links a style sheet from a CDN (no longer opens offline)",
+        "scripts/report.py",
+        "<style>{STYLE}</style></head>",
+        "<style>{STYLE}</style><link rel='stylesheet' href='https://cdn.example.org/table.css'></head>",
+        ("tests/test_report.py::test_the_report_makes_no_network_request",),
+    ),
+    Mutant(
+        "report-picture-not-inline",
+        "the report links each scan's QC picture by path instead of inlining it (no longer opens from a USB stick)",
+        "scripts/report.py",
+        "    return _data_uri(buffer.getvalue())",
+        "    return str(path) + '.png'",
+        ("tests/test_report.py::test_the_report_in_headless_chromium",),
+    ),
 ]
 
 

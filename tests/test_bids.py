@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -323,7 +324,10 @@ def test_inference_on_a_bids_root_writes_predictions_and_derivatives(bids_infere
     header = list(read_tsv(derivatives / "brainage.tsv")[0])
     assert list(sidecar) == header and sidecar["predicted_age"]["Units"] == "year"
     assert (derivatives / "README.md").is_file()
-    assert (derivatives / ".bidsignore").read_text().splitlines()[1:] == ["/brainage.tsv", "/brainage.json", "figures/"]
+    ignored = [line for line in (derivatives / ".bidsignore").read_text().splitlines() if not line.startswith("#")]
+    assert ignored == ["/brainage.tsv", "/brainage.json", "figures/", "/report.html"]
+    # the cohort report goes into the derivatives too, byte for byte the one in OUT
+    assert (derivatives / "report.html").read_bytes() == (out / "report.html").read_bytes()
 
 
 def test_the_bids_derivatives_pass_the_bids_validator(bids_validator, bids_inference):
@@ -391,6 +395,7 @@ def test_sharded_bids_inference_merges_into_the_derivatives(run_workflow, traine
             shard=f"{i}/2",
         )
     assert not derivatives.exists()  # shards write no derivatives; the merge does, where they were asked for
+    assert not (tmp_path / "out" / "report.html").exists()  # nor a report of their part
     merged = subprocess.run(
         [sys.executable, "-m", "scripts.merge", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True
     )
@@ -404,3 +409,8 @@ def test_sharded_bids_inference_merges_into_the_derivatives(run_workflow, traine
         ("sub-03", "n/a", "n/a"),
     ]
     assert json.loads((derivatives / "dataset_description.json").read_text())["DatasetType"] == "derivative"
+    page = (derivatives / "report.html").read_text()
+    assert (
+        "Brain-age report: 5 scans" in page
+        and f"sha256 {hashlib.sha256(trained_model['ckpt_path'].read_bytes()).hexdigest()[:16]}" in page
+    )

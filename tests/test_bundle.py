@@ -236,6 +236,7 @@ LAYERS = [
     {"inference"},  # predictions.csv writer, checkpoint checks
     {"statistics"},  # accuracy, associations, KS
     {"generative"},  # DDIM maps, reconstructions, generation, interpolation, counterfactuals
+    {"report"},  # the cohort's HTML page (from predictions.csv, the chain's records and the model's calibration)
     {"analysis", "merge"},  # the command lines of the analyses and of the shard merge
 ]
 

@@ -302,6 +302,10 @@ def test_evaluate_overlay_writes_metrics_table_and_scatter(run_workflow, trained
         assert png.width > 400 and png.height > 400
     printed = capsys.readouterr().out
     assert "MAE (years)" in printed and "corr(corrected PAD, age)" in printed
+    # the report is written once metrics.json exists, and shows it
+    page = (out / "report.html").read_text()
+    assert f"<h1>Brain-age report: {len(test)} scans</h1>" in page and "<h2>Accuracy (metrics.json)</h2>" in page
+    assert f"<dt>mae</dt><dd>{metrics['mae']:.3g}</dd>" in page
 
 
 def test_checkpoint_loading_is_weights_only(tmp_path, trained_model):

@@ -68,7 +68,7 @@ def test_sharded_inference_merges_into_the_unsharded_predictions(run_workflow, t
     sharded = tmp_path / "sharded"
     for i in range(3):
         run_workflow("inference.yaml", "inference", output_dir=str(sharded), shard=f"{i}/3", **settings)
-    assert not (sharded / "predictions.csv").exists()
+    assert not (sharded / "predictions.csv").exists() and not (sharded / "report.html").exists()
     records = sorted(p.name for p in (sharded / "shards").glob("*.json"))
     assert records == [f"shard-000{i}-of-0003.json" for i in range(3)]
 
@@ -81,6 +81,10 @@ def test_sharded_inference_merges_into_the_unsharded_predictions(run_workflow, t
 
     result = merge(sharded)
     assert result.returncode == 0, result.stderr
+    # the merge writes the whole set's report, describing the model the shards used
+    page = (sharded / "report.html").read_text()
+    assert f"Brain-age report: {len(read_csv(sharded / 'predictions.csv'))} scans" in page
+    assert str(trained_model["ckpt_path"]) in page
     whole = {r["subject"]: r for r in read_csv(tmp_path / "whole" / "predictions.csv")}
     merged = {r["subject"]: r for r in read_csv(sharded / "predictions.csv")}
     assert set(merged) == set(whole) and len(merged) == len(read_csv(sharded / "predictions.csv"))
