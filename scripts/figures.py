@@ -1,7 +1,8 @@
 """Plots and image grids for the docs, QC and the paper's figures.
 
-Every function writes a PNG and returns its path; matplotlib runs headless (Agg). Drawing only: the modules that
-compute what is drawn (preprocess, statistics, generative, phantom) call these, never the other way round.
+Every function writes a PNG and returns its path (the plots return the PNG's bytes instead when ``out`` is None, for
+a page that inlines its images); matplotlib runs headless (Agg). Drawing only: the modules that compute what is
+drawn (preprocess, statistics, generative, phantom, report) call these, never the other way round.
 """
 
 from __future__ import annotations
@@ -63,8 +64,21 @@ def paired_slices(rows: list[tuple[str, np.ndarray, np.ndarray]], out: str | Pat
     return save_figure(fig, out)
 
 
-def prediction_scatter(predicted, age, out: str | Path, metrics: dict | None = None, title: str | None = None) -> Path:
-    """Predicted against chronological age with the identity line and the accuracy in the legend."""
+def _scatter_by_group(ax, x, y, groups=None, **style) -> None:
+    """``ax.scatter`` of ``x, y``, one colour per value of ``groups`` (labels per point) and a legend entry each."""
+    if groups is None:
+        ax.scatter(x, y, **style)
+        return
+    groups = np.asarray(groups, dtype=str)
+    for name in sorted(set(groups.tolist())):
+        ax.scatter(x[groups == name], y[groups == name], **{**style, "label": name})
+
+
+def prediction_scatter(
+    predicted, age, out: str | Path | None = None, metrics: dict | None = None, title: str | None = None, groups=None
+) -> Path | bytes:
+    """Predicted against chronological age with the identity line and the accuracy in the legend; ``groups`` (a
+    label per scan, e.g. the grade) colours the points."""
     predicted, age = np.asarray(predicted, dtype=float), np.asarray(age, dtype=float)
     fig, ax = plt.subplots(figsize=(5.2, 5.0))
     label = None
@@ -72,7 +86,7 @@ def prediction_scatter(predicted, age, out: str | Path, metrics: dict | None = N
         label = (
             f"r = {metrics['r']:.2f}, MAE = {metrics['mae']:.1f} y, R$^2$ = {metrics['r2']:.2f} (n = {metrics['n']})"
         )
-    ax.scatter(age, predicted, s=14, alpha=0.7, label=label)
+    _scatter_by_group(ax, age, predicted, groups, s=14, alpha=0.7, label=label)
     low = float(min(age.min(), predicted.min())) - 2
     high = float(max(age.max(), predicted.max())) + 2
     ax.plot([low, high], [low, high], color="0.4", lw=1, ls="--", label="predicted = chronological")
@@ -86,10 +100,12 @@ def prediction_scatter(predicted, age, out: str | Path, metrics: dict | None = N
     ax.set_aspect("equal")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, out)
+    return _output(fig, out)
 
 
-def pad_boxplot(pads: dict, out: str | Path, stats: dict | None = None, title: str | None = None) -> Path:
+def pad_boxplot(
+    pads: dict, out: str | Path | None = None, stats: dict | None = None, title: str | None = None
+) -> Path | bytes:
     """Brain-PAD distribution per model (paper Figure 2): a box per model, every subject as a point.
 
     ``stats``: per-model results of ``scripts.statistics.compare_pad_distributions``, printed under the names.
@@ -113,7 +129,7 @@ def pad_boxplot(pads: dict, out: str | Path, stats: dict | None = None, title: s
     ax.set_ylabel("brain-PAD (years)")
     ax.set_title(title or "Brain-PAD by model", fontsize=9)
     fig.tight_layout()
-    return save_figure(fig, out)
+    return _output(fig, out)
 
 
 def reconstruction_grid(
@@ -321,8 +337,10 @@ def save_figure(fig, out: str | Path) -> Path:
         plt.close(fig)
 
 
-def figure_png(fig) -> bytes:
-    """A figure as PNG bytes (for a page that inlines its images), and close it."""
+def _output(fig, out: str | Path | None) -> Path | bytes:
+    """:func:`save_figure` to ``out``, or the figure as PNG bytes when ``out`` is None; the figure is closed."""
+    if out is not None:
+        return save_figure(fig, out)
     try:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=90)
@@ -331,80 +349,26 @@ def figure_png(fig) -> bytes:
         plt.close(fig)
 
 
-def cohort_figures(predicted, age, groupings: dict | None = None, association: dict | None = None) -> list:
-    """The report's cohort panels as ``(caption, PNG bytes)``: predicted against chronological age and Bland-Altman,
-    coloured by the first of ``groupings`` (``{column: one label per scan}``), the brain-PAD distribution split by
-    each grouping, and with ``association`` (``outcome`` per scan, NaN where unknown, and its ``r``, ``p``, ``n``)
-    the brain-PAD against the outcome."""
-    predicted, age = np.asarray(predicted, dtype=float), np.asarray(age, dtype=float)
-    pad = predicted - age
-    groupings = {name: np.asarray(labels, dtype=str) for name, labels in (groupings or {}).items()}
-    colour_by, colours = next(iter(groupings.items()), ("", np.full(len(pad), "")))
-    panels = []
-
-    def panel(caption: str, draw) -> None:
-        fig, ax = plt.subplots(figsize=(4.6, 3.8))
-        draw(ax)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, title=colour_by, title_fontsize=7)
-        fig.tight_layout()
-        panels.append((caption, figure_png(fig)))
-
-    def coloured(ax, x, y) -> None:
-        for name in sorted(set(colours.tolist())):
-            ax.scatter(x[colours == name], y[colours == name], s=10, alpha=0.7, label=name or None)
-
-    def scatter(ax) -> None:
-        coloured(ax, age, predicted)
-        low, high = float(min(age.min(), predicted.min())) - 2, float(max(age.max(), predicted.max())) + 2
-        ax.plot([low, high], [low, high], color="0.4", lw=1, ls="--")
-        ax.set(xlabel="chronological age (years)", ylabel="predicted brain age (years)", xlim=(low, high))
-
-    bias, limits = float(pad.mean()), 1.96 * float(pad.std(ddof=1))
-
-    def bland_altman(ax) -> None:
-        coloured(ax, (predicted + age) / 2, pad)
-        for value, style in ((bias, "-"), (bias - limits, "--"), (bias + limits, "--")):
-            ax.axhline(value, color="0.4", lw=1, ls=style)
-        ax.set(xlabel="mean of predicted and chronological age (years)", ylabel="brain-PAD (years)")
-
-    def distribution(name: str, labels: np.ndarray):
-        values = sorted(set(labels.tolist()))
-
-        def draw(ax) -> None:
-            ax.boxplot([pad[labels == value] for value in values], showmeans=True)
-            ax.set_xticks(range(1, len(values) + 1), [f"{v or 'none'} (n {(labels == v).sum()})" for v in values])
-            ax.tick_params(axis="x", labelsize=8)
-            ax.axhline(0, color="0.6", lw=1)
-            ax.set(ylabel="brain-PAD (years)", xlabel=name)
-
-        return draw
-
-    panel(f"Predicted against chronological age (n {len(pad)}, MAE {np.abs(pad).mean():.2f} years)", scatter)
-    panel(f"Bland-Altman: bias {bias:+.2f} years, limits of agreement {bias:+.2f} ± {limits:.2f}", bland_altman)
-    for name, labels in (groupings or {"": np.full(len(pad), "all")}).items():
-        panel("Brain-PAD distribution" + (f" by {name}" if name else ""), distribution(name, labels))
-    if association is not None:
-        outcome = np.asarray(association["outcome"], dtype=float)
-        known = np.isfinite(outcome)
-
-        def against_outcome(ax) -> None:
-            ax.scatter(pad[known], outcome[known], s=10, alpha=0.7)
-            ax.set(xlabel="brain-PAD (years)", ylabel="survival (months)")
-
-        panel(
-            f"Brain-PAD against survival: r {association['r']:.2f}, p {association['p']:.2g}, n {association['n']}",
-            against_outcome,
-        )
-    return panels
+def pad_outcome_scatter(pad, outcome, association: dict, out: str | Path | None = None) -> Path | bytes:
+    """Brain-PAD against an outcome (e.g. survival in months), with ``association``'s Pearson r, p and n."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    ax.scatter(np.asarray(pad, dtype=float), np.asarray(outcome, dtype=float), s=12, alpha=0.7)
+    ax.set(xlabel="brain-PAD (years)", ylabel="survival (months)")
+    ax.set_title(f"r {association['r']:.2f}, p {association['p']:.2g}, n = {association['n']}", fontsize=9)
+    fig.tight_layout()
+    return _output(fig, out)
 
 
-def bland_altman_plot(first, second, out: str | Path, stats: dict, labels=("first", "second")) -> Path:
-    """Bland-Altman plot: difference against mean of two measurements, with the bias and limits of agreement."""
+def bland_altman_plot(
+    first, second, out: str | Path | None, stats: dict, labels=("first", "second"), groups=None
+) -> Path | bytes:
+    """Bland-Altman plot: difference against mean of two measurements, with the bias and limits of agreement
+    (``stats``: :func:`scripts.statistics.bland_altman`, with ICC in the title where it holds ``icc_2_1``);
+    ``groups`` colours the points."""
     a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
     mean, difference = (a + b) / 2, b - a
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
-    ax.scatter(mean, difference, s=12, alpha=0.7)
+    _scatter_by_group(ax, mean, difference, groups, s=12, alpha=0.7)
     for value, style, name in (
         (stats["bias"], "-", f"bias {stats['bias']:+.2f}"),
         (stats["loa_lower"], "--", f"-1.96 sd {stats['loa_lower']:+.2f}"),
@@ -414,5 +378,9 @@ def bland_altman_plot(first, second, out: str | Path, stats: dict, labels=("firs
         ax.annotate(name, (1.0, value), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=7)
     ax.set_xlabel(f"mean of {labels[0]} and {labels[1]} (years)")
     ax.set_ylabel(f"{labels[1]} - {labels[0]} (years)")
-    ax.set_title(f"ICC(2,1) {stats['icc_2_1']:.3f}, ICC(3,1) {stats['icc_3_1']:.3f}, n = {stats['n']}", fontsize=9)
-    return save_figure(fig, out)
+    if "icc_2_1" in stats:
+        ax.set_title(f"ICC(2,1) {stats['icc_2_1']:.3f}, ICC(3,1) {stats['icc_3_1']:.3f}, n = {stats['n']}", fontsize=9)
+    if groups is not None:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _output(fig, out)

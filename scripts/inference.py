@@ -333,7 +333,12 @@ class PredictionWriter:
                 else {}
             )
             shards.write_record(
-                self.output_dir, self.shard, "inference", len(rows), ckpt_path=_text(self.ckpt_path), **bids
+                self.output_dir,
+                self.shard,
+                "inference",
+                len(rows),
+                ckpt_path=str(self.ckpt_path) if self.ckpt_path else None,
+                **bids,
             )
         else:
             path = self.output_dir / "predictions.csv"
@@ -362,10 +367,6 @@ def write_bids_derivatives(
     out = bids.write_derivatives(rows, bids_root, derivatives_dir, generator)
     logger.info(f"inference: BIDS derivatives -> {out}")
     return out
-
-
-def _text(path: str | Path | None) -> str | None:
-    return None if path is None else str(path)
 
 
 def merge_shards(output_dir: str | Path, records: list[dict]) -> Path:

@@ -322,25 +322,52 @@ def _groupings(scans: list[dict]) -> dict[str, list[str]]:
 
 
 def _cohort_figures(scans: list[dict]) -> list[tuple[str, str]]:
-    """(caption, PNG data URI) of the cohort figures (:func:`scripts.figures.cohort_figures`); none without
-    at least three labelled predictions."""
+    """(caption, PNG data URI) of the cohort figures, drawn by :mod:`scripts.figures` from the measures of
+    :mod:`scripts.statistics`; none without at least three labelled predictions."""
     labelled = [s for s in scans if math.isfinite(s["predicted"]) and math.isfinite(s["age"])]
     if len(labelled) < 3:
         return []
-    from scripts.figures import cohort_figures  # matplotlib only when there is something to draw
-    from scripts.statistics import pearson_with_p
+    from scripts import figures, statistics  # matplotlib only when there is something to draw
 
     predicted = np.array([s["predicted"] for s in labelled])
     age = np.array([s["age"] for s in labelled])
-    outcome = np.array([_number(s["row"].get("survival_months")) for s in labelled])
-    keep = np.isfinite(outcome)
-    association = None
-    if keep.sum() >= 3:
-        r, p = pearson_with_p((predicted - age)[keep], outcome[keep])
-        association = {"outcome": outcome, "r": r, "p": p, "n": int(keep.sum())}
-    return [
-        (caption, _data_uri(png)) for caption, png in cohort_figures(predicted, age, _groupings(labelled), association)
+    pad = predicted - age
+    groupings = _groupings(labelled)
+    colours = next(iter(groupings.values()), None)
+    metrics = statistics.regression_metrics(predicted, age)
+    agreement = statistics.bland_altman(age, predicted)
+    panels = [
+        (
+            f"Predicted against chronological age (n {metrics['n']}, MAE {metrics['mae']:.2f} years)",
+            figures.prediction_scatter(predicted, age, None, metrics, groups=colours),
+        ),
+        (
+            f"Bland-Altman: bias {agreement['bias']:+.2f} years, limits of agreement {agreement['loa_lower']:+.2f} "
+            f"to {agreement['loa_upper']:+.2f}",
+            figures.bland_altman_plot(age, predicted, None, agreement, ("age", "predicted age"), groups=colours),
+        ),
     ]
+    for column, values in (groupings or {"": [""] * len(labelled)}).items():
+        labels = np.asarray(values)
+        pads = {value or "all": pad[labels == value] for value in sorted(set(values))}
+        caption = "Brain-PAD distribution" + (f" by {column}" if column else "")
+        panels.append((caption, figures.pad_boxplot(pads, None, title=caption)))
+    rows = [{"brain_pad": float(p), "survival_months": s["row"].get("survival_months")} for p, s in zip(pad, labelled)]
+    try:
+        association = statistics.pad_outcome_association(rows)
+    except ValueError as err:  # a survival column that is not a number: the other figures still stand
+        logger.warning(f"report: no brain-PAD-survival figure ({err})")
+        association = {"n": 0}
+    if association["n"] >= 3:
+        outcome = np.array([_number(row["survival_months"]) for row in rows])
+        panels.append(
+            (
+                f"Brain-PAD against survival: r {association['r']:.2f}, p {association['p']:.2g}, "
+                f"n {association['n']}",
+                figures.pad_outcome_scatter(pad, outcome, association),
+            )
+        )
+    return [(caption, _data_uri(png)) for caption, png in panels]
 
 
 # -- the page ------------------------------------------------------------------------------------------------------
