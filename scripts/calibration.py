@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Events
 from monai.utils import evenly_divisible_all_gather
+from scipy import stats
 from torch import nn
 
 from scripts import cli
@@ -255,6 +256,31 @@ class PredictionInterval:
         band = self._bands(quality, len(pad))
         return pad - np.asarray(self.corrected_upper)[band], pad - np.asarray(self.corrected_lower)[band]
 
+    def coverage_spread(self, probability: float = 0.95) -> tuple[tuple[float, float], ...]:
+        """Per band, the range in which this interval's coverage of new scans like its calibration scans lies with
+        ``probability`` over the draw of those n scans: the guarantee is an average over calibration sets, and one
+        set's coverage is Beta(k, n + 1 - k) for the k residual ranks between its ends (Vovk 2012, "Conditional
+        validity of inductive conformal predictors"). About 100 scans give 85-96 % for a 90 % interval; ~1,000,
+        88-92 %."""
+        spread = []
+        for n in self.n:
+            k_low, k_high = _ranks(n, self.coverage)
+            k = k_high - k_low
+            if n < 1 or k > n:  # unbounded on a side with every residual inside: it always covers
+                spread.append((1.0, 1.0))
+                continue
+            tail = (1.0 - probability) / 2
+            spread.append(tuple(float(v) for v in stats.beta.ppf([tail, 1.0 - tail], k, n + 1 - k)))
+        return tuple(spread)
+
+    def describe(self) -> str:
+        """One line per band: its residual range, n and :meth:`coverage_spread`, for logs and the report."""
+        return "; ".join(
+            f"{'typical' if i == 0 else 'atypical'} acquisitions: {lo:+.1f} to {u:+.1f} years of residual, n {n}, "
+            f"coverage {100 * a:.0f}-{100 * b:.0f} % for 95 % of calibration sets of this size"
+            for i, (lo, u, n, (a, b)) in enumerate(zip(self.lower, self.upper, self.n, self.coverage_spread()))
+        )
+
     def save(self, path: str | Path) -> None:
         write_json(path, asdict(self))
 
@@ -287,12 +313,17 @@ class PredictionInterval:
         )
 
 
+def _ranks(n: int, coverage: float) -> tuple[int, int]:
+    """The 1-based ranks of the lower and upper residual among n (0: below every one; n + 1: above every one)."""
+    alpha = 1.0 - coverage
+    return int(np.floor((n + 1) * alpha / 2)), min(int(np.ceil((n + 1) * (1 - alpha / 2))), n + 1)
+
+
 def _split_conformal(residual: np.ndarray, coverage: float) -> tuple[float, float, int]:
     """The (lower, upper) residual quantiles of split-conformal prediction at ``coverage``, and n."""
     residual = np.sort(residual)
-    n, alpha = len(residual), 1.0 - coverage
-    k_low = int(np.floor((n + 1) * alpha / 2))  # 1-based rank; 0 means "below every residual"
-    k_high = int(np.ceil((n + 1) * (1 - alpha / 2)))
+    n = len(residual)
+    k_low, k_high = _ranks(n, coverage)
     lower = float(residual[k_low - 1]) if k_low >= 1 else -math.inf
     upper = float(residual[k_high - 1]) if k_high <= n else math.inf
     return lower, upper, n
@@ -467,6 +498,7 @@ class CalibrationFitter:
             )
             interval = fit(pred, age, quality, fitted_for=record("validation"))
         interval.save(self.interval_path)
+        logger.info(f"epoch {engine.state.epoch}: prediction interval {interval.describe()}")
 
 
 def _quality(batch, key: str, n: int) -> torch.Tensor:
@@ -549,9 +581,11 @@ def fit_from_predictions(
         levels = {str(record["slice_levels"])}
         if kind == "interval":
             path = interval_path(ckpt_path)
-            PredictionInterval.fit(
+            interval = PredictionInterval.fit(
                 pred, age, quality, reference, coverage, fitted_for=record, correction=correction
-            ).save(path)
+            )
+            interval.save(path)
+            logger.info(f"prediction interval {interval.describe()}")
         else:
             path = bias_correction_path(ckpt_path)
             correction = BiasCorrection.fit(pred, age, method, fitted_for=record)

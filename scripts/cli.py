@@ -81,6 +81,24 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+FLAG_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def flag(value, key: str) -> bool:
+    """A config's on/off setting ``key`` as a bool, however the command line spelt it.
+
+    ``python -m monai.bundle run`` hands ``--use_ema false`` over as the string ``'false'``, which Python reads as
+    true; every reference to an on/off key in the configs goes through here, so that ``false``, ``no``, ``off`` and
+    ``0`` turn it off, and any other word is a one-line error instead of a silent "on".
+    """
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word not in FLAG_WORDS:
+        raise BundleError(f"--{key} {value!r}: expected true or false")
+    return FLAG_WORDS[word]
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:

@@ -276,16 +276,12 @@ def _model(ckpt_path, interval: PredictionInterval | None, correction: BiasCorre
     else:
         model["checkpoint"] = "not given (python -m scripts.report OUT --ckpt_path MODEL describes it)"
     if interval is not None:
-        bands = ", ".join(
-            f"{'typical' if i == 0 else 'atypical'} acquisitions: {lo:+.1f} to {u:+.1f} years of residual, n {n}"
-            for i, (lo, u, n) in enumerate(zip(interval.lower, interval.upper, interval.n))
-        )
         ages = (
             f"; calibration ages {interval.age_range[0]:.0f}-{interval.age_range[1]:.0f}" if interval.age_range else ""
         )
         model["interval"] = (
             f"{100 * interval.coverage:.0f} % split-conformal interval fitted on the "
-            f"{interval.fitted_for.get('split', '?')} split ({bands}{ages}). It covers the true age with that "
+            f"{interval.fitted_for.get('split', '?')} split ({interval.describe()}{ages}). It covers the true age with that "
             "probability on average over scans like the calibration scans of the same band; not for each person, "
             "and not for scans unlike them (see the flags)."
         )

@@ -702,6 +702,30 @@ MUTANTS += [
         "    return str(path) + '.png'",
         ("tests/test_report.py::test_the_report_in_headless_chromium",),
     ),
+    Mutant(
+        "interval-spread-off-by-one",
+        "the stated coverage spread counts one residual rank too many inside the interval",
+        "scripts/calibration.py",
+        "stats.beta.ppf([tail, 1.0 - tail], k, n + 1 - k)",
+        "stats.beta.ppf([tail, 1.0 - tail], k + 1, n - k)",
+        ("tests/test_intervals.py::test_the_stated_coverage_spread_is_where_single_calibration_sets_land",),
+    ),
+    Mutant(
+        "flag-read-raw",
+        "training reads use_ema as given, so `--use_ema false` (the string 'false') keeps the EMA model",
+        "configs/train.yaml",
+        "eval_network: \"$@ema.ema_model if scripts.cli.flag(@use_ema, 'use_ema') else @network\"",
+        'eval_network: "$@ema.ema_model if @use_ema else @network"',
+        ("tests/test_bundle.py::test_every_on_off_setting_reads_false_from_the_command_line_as_off",),
+    ),
+    Mutant(
+        "flag-accepts-any-word",
+        "an on/off setting spelt wrongly is read as on instead of refused",
+        "scripts/cli.py",
+        '        raise BundleError(f"--{key} {value!r}: expected true or false")\n    return FLAG_WORDS[word]',
+        "        return True\n    return FLAG_WORDS[word]",
+        ("tests/test_bundle.py::test_every_on_off_setting_reads_false_from_the_command_line_as_off",),
+    ),
 ]
 
 

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from scripts import cli
+
 ARCHITECTURE_KEYS = (
     "image_size",
     "in_channels",
@@ -261,3 +263,27 @@ def test_modules_import_only_from_the_layers_below_them(bundle_root):
     for name in sorted(modules):
         for imported in scripts_imports(bundle_root / "scripts" / f"{name}.py"):
             assert layer_of[imported] < layer_of[name], f"scripts.{name} imports scripts.{imported} from above"
+
+
+def test_every_on_off_setting_reads_false_from_the_command_line_as_off(bundle_root):
+    """``python -m monai.bundle run ... --use_ema false`` passes the string 'false', which Python reads as true: every
+    reference to a true/false top-level key must go through ``scripts.cli.flag`` (static check of all configs), and
+    training's EMA model must then be off."""
+    for path in sorted((bundle_root / "configs").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        for key in (k for k, v in config.items() if isinstance(v, bool) and "#" not in k):
+            for match in re.finditer(rf"@{key}\b", text):
+                wrapped = text[max(0, match.start() - len("scripts.cli.flag(")) : match.end() + len(f", '{key}')")]
+                assert wrapped == f"scripts.cli.flag(@{key}, '{key}')", f"{path.name}: @{key} is read without cli.flag"
+
+    for spelt, averaged in (("false", False), ("0", False), ("no", False), ("true", True), (True, True)):
+        parser = ConfigParser()
+        parser.read_config(bundle_root / "configs" / "train.yaml")
+        parser.update({"bundle_root": str(bundle_root), "use_ema": spelt, "network": "$torch.nn.Linear(2, 2)"})
+        network, evaluated = parser.get_parsed_content("network"), parser.get_parsed_content("eval_network")
+        assert (evaluated is not network) == averaged, spelt  # the EMA copy is validated and saved only when on
+    parser["use_ema"] = "flase"
+    with pytest.raises(Exception) as error:
+        parser.get_parsed_content("eval_network", lazy=False)
+    assert "--use_ema 'flase': expected true or false" in str(cli.root_cause(error.value))

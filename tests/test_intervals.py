@@ -34,6 +34,26 @@ def test_coverage_on_exchangeable_data_meets_the_guarantee_on_average_not_for_ev
     assert 0.2 < np.mean(np.array(coverages) < 0.9) < 0.6
 
 
+@pytest.mark.parametrize("n", [19, 108, 1000])
+def test_the_stated_coverage_spread_is_where_single_calibration_sets_land(n):
+    """Exact coverage (normal residuals, known CDF) of 3,000 calibration sets of n scans: 95 % of them inside
+    ``coverage_spread()``, 2.5 % on either side (within sampling error); and the spread narrows as n grows."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(n)
+    covered = []
+    for _ in range(3000):
+        interval = PredictionInterval.fit(rng.normal(0, 5, n), np.zeros(n), coverage=0.9)
+        covered.append(norm.cdf(interval.upper[0], scale=5) - norm.cdf(interval.lower[0], scale=5))
+    (low, high), covered = PredictionInterval.fit(np.zeros(n), np.zeros(n)).coverage_spread()[0], np.array(covered)
+    assert abs(np.mean(covered < low) - 0.025) < 0.012 and abs(np.mean(covered > high) - 0.025) < 0.012
+    assert {19: (0.82, 1.0), 108: (0.85, 0.95), 1000: (0.88, 0.92)}[n] == (round(low, 2), round(high, 2))
+    assert (
+        "coverage 85-95 % for 95 % of calibration sets"
+        in PredictionInterval.fit(np.zeros(108), np.zeros(108)).describe()
+    )
+
+
 def draw_scans(rng, n, clinical_share=0.5):
     """Residuals and quality metrics of research scans (tight metrics, residual sd 3, unbiased) and clinical ones
     (metrics spread on both sides of the research ones, CJV overlapping theirs; residual sd 9, 10 y too young)."""

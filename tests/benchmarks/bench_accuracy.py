@@ -20,6 +20,8 @@ Every model is trained and evaluated through the bundle's own commands (``monai.
      them clinical grade: the paper's situation of plenty of unlabelled low-quality scans. Batch 16 with 8
      labelled, so every step sees as many labelled images as ``sup25``;
    * ``sup25``: the same 25 % labelled scans alone, batch 8;
+   * ``semi10-clinical``: 10 % of the training subjects labelled (research grade) + every other one's clinical-grade
+     scan unlabelled (9x the labelled set, the target domain), batch 16 with 8 labelled; ``sup10``: those labels alone;
    * ``full``: ours with every training label (research grade), batch 8;
    * ``densenet``: the DenseNet121 baseline (``configs/baseline_densenet.yaml``) with every label;
    * ``full-aug``: ``full`` with acquisition augmentation (``configs/augment_clinical.yaml``);
@@ -76,6 +78,14 @@ from scripts.statistics import pad_outcome_association  # noqa: E402
 MODELS = {  # name: (description, training datalist, config overlays, batch size, labelled ratio)
     "semi-mixed": ("ours, 25 % labels + 75 % unlabelled (half clinical grade)", "semi_mixed", [], 16, 0.5),
     "sup25": ("ours, the same 25 % labels alone", "sup25", [], 8, 1.0),
+    "semi10-clinical": (
+        "ours, 10 % labels + the other 90 % unlabelled, all clinical grade (9x the labels)",
+        "semi_clinical10",
+        [],
+        16,
+        0.5,
+    ),
+    "sup10": ("ours, the same 10 % labels alone", "sup10", [], 8, 1.0),
     "full": ("ours, 100 % labels", "full", [], 8, 1.0),
     "densenet": ("DenseNet121 baseline, 100 % labels", "full", ["configs/baseline_densenet.yaml"], 8, 1.0),
     "full-aug": ("ours, 100 % labels, acquisition augmentation", "full", ["configs/augment_clinical.yaml"], 8, 1.0),
@@ -107,6 +117,7 @@ LEVELS = {
 }
 PAIRS = [
     ("semi-mixed", "sup25"),
+    ("semi10-clinical", "sup10"),
     ("full", "densenet"),
     ("full-aug", "full"),
     ("full-levels", "full"),
@@ -205,6 +216,24 @@ def make_data(args, out: Path) -> dict:
         lists = {
             "semi_mixed": {**full, "training": semi},
             "sup25": {**full, "training": [item for i, item in enumerate(training) if i in keep]},
+        }
+        # 10 % of the labels; every other training person's scan unlabelled and clinical grade (issue 25's regime)
+        keep10 = set(
+            np.random.default_rng([seed, 10]).choice(len(training), round(0.1 * len(training)), False).tolist()
+        )
+        lists["sup10"] = {**full, "training": [item for i, item in enumerate(training) if i in keep10]}
+        lists["semi_clinical10"] = {
+            **full,
+            "training": [
+                (
+                    item
+                    if i in keep10
+                    else {
+                        k: v for k, v in clinical_by_subject[item["subject"]].items() if k not in ("age", "brain_age")
+                    }
+                )
+                for i, item in enumerate(training)
+            ],
         }
         for name, datalist in lists.items():
             paths[f"{name}_{seed}"] = out / f"datalist_{name}_seed{seed}.json"
